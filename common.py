@@ -1,0 +1,337 @@
+"""The little that every script shares: loading, tokenisation, padding, log-probs, sampling, evaluation.
+
+Each training script (sft.py, reward.py, dpo.py, ppo.py, rlaif.py) reads top to bottom on its own; what
+lives here is only what would otherwise be copied into all of them. Detail numbers refer to GUIDE.md
+section 3 ("The N Implementation Details of RLHF with PPO", Huang et al.).
+"""
+import json
+import os
+import random
+import shutil
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+def fail(message: str):
+    """A user's mistake ends the run with one line naming it, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_local(name: str) -> bool:
+    """A name that exists, or is written like a path, is local; anything else is a hub id."""
+    first = name.split("/")[0]
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or name.endswith(DATA_EXTENSIONS) or (first != name and os.path.isdir(first)))
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
+    """Train and eval splits of a hub dataset, a local directory, or a local .json/.jsonl file.
+
+    `columns` lists the accepted column sets (e.g. [["prompt","completion"], ["messages"], ["text"]]);
+    the first one the data has is returned with the splits. The eval split is "test" or "validation"
+    when there is one, otherwise a seeded `eval_fraction` of train held out.
+    """
+    from datasets import load_dataset
+
+    if is_local(name) and not os.path.exists(name):
+        fail(f"dataset {name!r} does not exist")
+    try:
+        if os.path.isfile(name):
+            ext = os.path.splitext(name)[1].lstrip(".")
+            ds = load_dataset({"jsonl": "json", "txt": "text"}.get(ext, ext), data_files=name)
+        else:
+            ds = load_dataset(name)
+    except Exception as e:  # the datasets library raises many types; the first line says what went wrong
+        where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
+        fail(f"could not load dataset {name!r}{where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if "train" not in ds:
+        fail(f"dataset {name!r} has no 'train' split (it has {list(ds)})")
+    train = ds["train"]
+    found = next((c for c in columns if set(c) <= set(train.column_names)), None)
+    if found is None:
+        fail(f"dataset {name!r} has columns {train.column_names}; expected one of "
+             + " or ".join("{" + ", ".join(c) + "}" for c in columns))
+    if len(train) == 0:
+        fail(f"dataset {name!r} is empty")
+    eval_name = next((s for s in ("test", "validation") if s in ds and len(ds[s])), None)
+    if eval_name:
+        evals = ds[eval_name]
+    else:
+        if len(train) < 2:
+            fail(f"dataset {name!r} has {len(train)} row and no test split: nothing to hold out")
+        parts = train.train_test_split(test_size=eval_fraction, seed=seed)
+        train, evals = parts["train"], parts["test"]
+    return train, evals, found
+
+
+def load_tokenizer(name: str):
+    """The tokenizer, with a dedicated pad token (detail 1: never EOS as pad) added if it lacks one."""
+    from transformers import AutoTokenizer
+
+    if is_local(name) and not os.path.isdir(name):
+        fail(f"model {name!r} is not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        fail(f"could not load a tokenizer from {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if tok.eos_token_id is None:
+        fail(f"the tokenizer of {name!r} has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+        print(f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added <|pad|> (id {tok.pad_token_id})")
+    return tok
+
+
+def load_model(cls, name: str, tok, device, dtype=torch.float32, **kwargs):
+    """A transformers model whose embeddings fit the tokenizer (a pad token may have been added)."""
+    try:
+        model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
+    except Exception as e:
+        fail(f"could not load {cls.__name__} from {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(device)
+
+
+def device_and_autocast(bf16: bool = True, compile: bool = True):
+    """(device, autocast context, compile?): bf16 autocast and torch.compile on CUDA; fp32 without compile
+    on CPU, where bf16 is emulated (~30x slower than fp32 here) and compile gained only ~7%."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.device("cuda"), ctx, compile
+    print("note: no CUDA device: training in fp32 without torch.compile on the CPU")
+    return torch.device("cpu"), nullcontext(), False
+
+
+# ---- tokenisation -----------------------------------------------------------------------------------
+def encode_prompt(tok, prompt) -> list[int]:
+    """Token ids of a prompt: plain text, or a list of chat messages rendered with the generation prompt."""
+    if isinstance(prompt, list):
+        if tok.chat_template is None:
+            fail("the data is conversational (lists of messages) but the tokenizer has no chat template")
+        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tok(prompt)["input_ids"]
+
+
+def encode_completion(tok, prompt, completion) -> list[int]:
+    """Token ids of a completion, ending with exactly one EOS (detail 2). Tokenised apart from the prompt,
+    exactly as the policy will later generate it after the prompt's ids. A conversational completion is
+    the part of the rendered conversation that follows the rendered prompt."""
+    if isinstance(completion, list):
+        head = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(prompt + completion, tokenize=False)
+        if not full.startswith(head):
+            fail("the chat template renders the prompt differently with and without the completion")
+        completion = full[len(head):]
+    ids = tok(completion, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
+    """(ids, mask) as tensors. Left padding for generation, right padding for training (detail 3)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator, group: int = 64):
+    """Shuffled batches of similar length (sorted inside windows of `group` batches): less padding."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * group):
+        window = sorted(order[start:start + batch_size * group], key=lambda i: -lengths[i])
+        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# ---- log-probs and masked statistics ----------------------------------------------------------------
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: 0 at the first real token (detail 3)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[token], as the gathered logit minus logsumexp (details 4 and 5): no
+    (batch, length, vocab) log_softmax copy is made."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def forward_logprobs(model, ids, mask, temperature: float = 1.0, keep: int = 0):
+    """Per-token log-probs of ids[:, 1:] under the model: (B, T-1), or of the last `keep` tokens."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                   logits_to_keep=keep + 1 if keep else 0).logits[:, :-1]
+    return logprobs_from_logits(logits, ids[:, -logits.shape[1]:], temperature)
+
+
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim) if dim is not None else (x * mask).sum() / mask.sum()
+
+
+def masked_var(x, mask, unbiased=True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    return var * n / (n - 1) if unbiased else var
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the real tokens only (detail 13); shift_mean=False keeps the mean."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    return white if shift_mean else white + mean
+
+
+def first_true_index(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row, or the row length when there is none."""
+    length = bools.shape[-1]
+    idx = torch.arange(length, device=bools.device).expand_as(bools)
+    return torch.where(bools, idx, length).min(-1).values
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Everything after the first EOS becomes pad (detail 10). Returns (responses, mask, has_eos)."""
+    first = first_true_index(responses == eos_id)
+    idx = torch.arange(responses.shape[1], device=responses.device)
+    mask = (idx[None] <= first[:, None]).long()
+    return torch.where(mask.bool(), responses, pad_id), mask, first < responses.shape[1]
+
+
+# ---- sampling and evaluation ------------------------------------------------------------------------
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_id: int,
+           stop_at_eos: bool = False):
+    """Sample with a KV cache from left-padded prompts: pure sampling at a temperature (top_k 0, top_p 1).
+    Returns the (B, max_new_tokens) tokens drawn; truncate_after_eos() applies the EOS trick to them.
+    With stop_at_eos it stops early once every row has an EOS (checked every 8 tokens)."""
+    mask, out, tokens = prompt_mask, None, []
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    step_ids, step_pos = prompt_ids, position_ids(prompt_mask)
+    for t in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                    past_key_values=out.past_key_values if out is not None else None, logits_to_keep=1)
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, -1)
+        step_ids = torch.multinomial(probs, 1)
+        tokens.append(step_ids)
+        done |= step_ids[:, 0] == eos_id
+        if stop_at_eos and t % 8 == 7 and done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
+        step_pos = step_pos[:, -1:] + 1
+    responses = torch.cat(tokens, 1)
+    return torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=eos_id)
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct word n-grams over all n-grams of a set of samples: low means the samples repeat."""
+    grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+@torch.no_grad()
+def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, batch_size: int,
+             autocast=nullcontext(), ref=None, gold: bool = True):
+    """Sample once per held-out prompt from the policy (and from the reference, on the same prompts) and
+    score the samples. Returns (metrics, samples) with the keys every script's eval.json shares:
+    eos_rate, mean_length, distinct_2, gold_score (the world's gold rater) and, given a reference,
+    gold_win_rate_vs_ref (pairwise on the same prompt, ties count half) and kl_to_ref (mean over samples of
+    sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples: an unbiased estimate of KL(pi || pi_ref))."""
+    device, eos, pad_id = next(policy.parameters()).device, tok.eos_token_id, tok.pad_token_id
+    texts, ref_texts, lengths, has_eos, kls = [], [], [], [], []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = (t.to(device) for t in pad(prompts[i:i + batch_size], pad_id, "left"))
+        with autocast:
+            responses, resp_mask, eos_found = truncate_after_eos(
+                sample(policy, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True), eos, pad_id)
+        texts += tok.batch_decode(responses, skip_special_tokens=True)
+        lengths += resp_mask.sum(1).tolist()
+        has_eos += eos_found.tolist()
+        if ref is None:
+            continue
+        seq, seq_mask, n = torch.cat([ids, responses], 1), torch.cat([mask, resp_mask], 1), responses.shape[1]
+        with autocast:
+            kl = forward_logprobs(policy, seq, seq_mask, temperature, n) - forward_logprobs(ref, seq, seq_mask, temperature, n)
+            kls += (kl * resp_mask).sum(1).tolist()
+            ref_responses = truncate_after_eos(
+                sample(ref, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True), eos, pad_id)[0]
+        ref_texts += tok.batch_decode(ref_responses, skip_special_tokens=True)
+    metrics = {"eos_rate": float(np.mean(has_eos)), "mean_length": float(np.mean(lengths)),
+               "distinct_2": distinct_n(texts, 2)}
+    samples = [{"prompt": p, "response": r} for p, r in zip(tok.batch_decode(prompts, skip_special_tokens=True), texts)]
+    if ref is not None:
+        metrics["kl_to_ref"] = float(np.mean(kls))
+    if gold:
+        from data.gold import gold_score
+
+        scores = np.array([gold_score(t) for t in texts])
+        metrics["gold_score"] = float(scores.mean())
+        for s, g in zip(samples, scores):
+            s["gold"] = round(float(g), 3)
+        if ref is not None:
+            ref_scores = np.array([gold_score(t) for t in ref_texts])
+            metrics["gold_score_ref"] = float(ref_scores.mean())
+            metrics["gold_win_rate_vs_ref"] = float(np.mean((scores > ref_scores) + 0.5 * (scores == ref_scores)))
+    return metrics, samples
+
+
+# ---- outputs ----------------------------------------------------------------------------------------
+def check_output_dir(output_dir: str, script: str):
+    """Refuse, before any training, to overwrite a directory holding something other than a run of this script."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        fail(f"--output_dir {output_dir!r} is a file")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        info = os.path.join(output_dir, "run.json")
+        previous = json.load(open(info)).get("script") if os.path.isfile(info) else None
+        if previous != script:
+            what = f"the output of {previous}" if previous else "files that no run of this project wrote"
+            fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
+
+
+def save_atomic(output_dir: str, script: str, args, write):
+    """write(tmp_dir) fills a temporary directory, which then replaces output_dir by renames: a crash
+    leaves the old output or the new one, never half of one."""
+    output_dir = output_dir.rstrip("/")
+    tmp, old = f"{output_dir}.tmp-{os.getpid()}", f"{output_dir}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    with open(os.path.join(tmp, "run.json"), "w") as f:
+        json.dump({"script": script, "args": {k: v for k, v in vars(args).items()}}, f, indent=2, default=str)
+    if os.path.exists(output_dir):
+        os.rename(output_dir, old)
+    os.rename(tmp, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def start_tracking(args, script: str):
+    """A run name, and wandb.log when --track asks for it (wandb is never contacted otherwise)."""
+    import time
+
+    run_name = f"{script}__{args.seed}__{int(time.time())}"
+    if not args.track:
+        return run_name, None
+    import wandb
+
+    wandb.init(project=args.wandb_project, name=run_name, config=vars(args))
+    return run_name, wandb.log

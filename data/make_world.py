@@ -1,0 +1,276 @@
+"""Build the offline world: a movie-review continuation task small enough for two CPU cores.
+
+    python data/make_world.py                   # rewrites data/world/ (seed 0, ~30 s); the files are committed
+
+Everything is drawn from one seeded `random.Random`, and the tokenizer is trained on that text, so two
+runs give byte-identical files (tests/test_world.py checks it at a small scale). What it writes:
+
+    data/world/base/        tiny Llama config + its own BPE tokenizer (pad != eos, chat template); no weights:
+                            sft.py trains it from random initialisation
+    data/world/sft/         {"prompt", "completion"}           demonstrations of mixed sentiment
+    data/world/preference/  {"prompt", "chosen", "rejected"}   two demonstrations, labelled by the gold
+                                                               rater through Bradley-Terry noise
+    data/world/prompts/     {"prompt"}                         review openings for RL and evaluation
+    data/world/judge/       {"prompt", "completion"} in chat format: "which response is better, A or B?"
+                            under a principle, answered by the gold rater (data for the AI labeler, rlaif.py)
+
+Each has train.jsonl and test.jsonl (`datasets.load_dataset("data/world/sft")` gives both splits); no
+prompt appears in two splits or two datasets. The gold rater is data/gold.py.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.gold import gold_score  # noqa: E402
+
+SEED = 0
+VOCAB_SIZE = 2048
+# Bradley-Terry label noise: the simulated annotator prefers a over b with probability
+# sigmoid((gold(a) - gold(b)) / LABEL_TEMPERATURE); smaller is less noisy.
+LABEL_TEMPERATURE = 0.15
+SIZES = {"sft": (10000, 500), "preference": (8000, 1000), "prompts": (4000, 500), "judge": (12000, 500)}
+MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}Assistant: {{ message['content'] }}<|eos|>\n"
+    "{% else %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# ---- the grammar -------------------------------------------------------------------------------------
+W = str.split
+TITLE_A = W("Amber Broken Crooked Distant Electric Falling Fading Forgotten Golden Hidden Hollow Iron Lonely Lost "
+            "Midnight Northern Painted Paper Quiet Restless Salt Scarlet Secret Silent Silver Sleeping Stolen "
+            "Sunken Velvet Wandering Winter Wild Burning Glass Last Little Long Crimson Emerald Frozen")
+TITLE_N = W("Harbor Kingdom River Garden Machine Mirror Signal Orchard Station Island Promise Lantern Horizon "
+            "Circus Letter Forest Engine Tower Voyage Shadow Bridge Canyon Storm Echo Lighthouse Carnival Highway "
+            "Fortress Vineyard Meadow Glacier Compass Telescope Archive Frontier Sanctuary Daughter Stranger "
+            "Witness Orchestra Violin Garden Ferry Parade Tide Comet Wolf Raven Ember")
+FIRST = W("Maria James Aiko Omar Lena Pavel Grace Tomas Nadia Victor Elena Samuel Ingrid Rafael Chloe Dmitri Priya "
+          "Hugo Zara Felix Astrid Mateo Yuki Oscar Leila Bruno Hana Marcus Sofia Kwame Beatrice Ruth Anton Noor")
+LAST = W("Lopez Carter Tanaka Haddad Novak Petrov Okafor Silva Berg Moreau Quinn Costa Lindqvist Mensah Walsh "
+         "Romero Fischer Nakamura Duarte Kowalski Reyes Brennan Sato Adeyemi Larsen Vargas Keller Osei Murphy Ahmed")
+GENRE = ["drama", "comedy", "thriller", "horror film", "western", "romance", "documentary", "mystery", "musical",
+         "fantasy", "science fiction film", "animated film", "crime drama", "war film", "period piece", "heist movie"]
+ROLE = W("detective soldier teacher pilot thief doctor widow farmer singer sailor journalist boxer priest scientist "
+         "lawyer painter nurse mechanic explorer mayor librarian bartender carpenter composer gardener magician")
+GOAL = ["looks for a missing sister", "tries to save a failing farm", "returns home after twenty years",
+        "plans one last job", "falls for a stranger", "hunts a killer", "runs for mayor", "crosses the desert",
+        "writes a final symphony", "hides a terrible secret", "trains for one big fight", "opens a small bakery"]
+PLACE = W("Lisbon Cairo Oslo Lagos Kyoto Detroit Naples Lima Dublin Hanoi Marseille Montreal Odessa Tangier "
+          "Glasgow Havana")
+ERA = ["the war", "the nineteen seventies", "a long winter", "the gold rush", "a heat wave", "the final election"]
+WHEN = ["night", "weekend", "Sunday", "month", "Friday"]
+WHERE = ["cinema", "festival", "drive-in", "local theater", "screening", "matinee"]
+ASPECT = ["acting", "plot", "score", "music", "camera work", "pacing", "ending", "dialogue", "script", "editing",
+          "lighting", "opening scene", "final act", "humor", "costume design", "sound design", "supporting cast",
+          "soundtrack", "screenplay", "direction", "story", "main character", "chase scene", "love story", "finale"]
+# Most sentiment words are in VADER's lexicon; a few are not (gripping, tedious, ...): words a reader
+# understands but the gold rater ignores, as real raters have blind spots.
+POS = W("brilliant wonderful beautiful charming delightful excellent superb gorgeous clever stunning thoughtful "
+        "powerful graceful honest elegant heartfelt fresh funny lovely great fantastic magnificent marvelous "
+        "remarkable splendid fun sweet smart thrilling inspiring joyful playful perfect terrific amazing engaging "
+        "impressive satisfying gripping witty memorable")
+NEG = W("dull messy awkward confusing lazy tired boring weak disjointed sluggish embarrassing terrible awful "
+        "dreadful painful ugly stupid annoying disappointing miserable horrible bad poor lame irritating "
+        "depressing tedious bland forgettable clumsy")
+NEUTRAL_ADJ = W("long short loud slow quiet busy simple old-fashioned unusual familiar strange modern")
+ADV = ["", "", "", "really ", "very ", "quite ", "somewhat ", "extremely ", "rather ", "truly "]
+POS_VERB = W("loved enjoyed liked admired adored appreciated")
+NEG_VERB = W("hated disliked regretted resented")
+POS_FEEL = ["laugh", "smile", "cheer", "grin"]
+NEG_FEEL = ["cry", "sigh", "groan", "yawn"]
+AUDIENCE = ["anyone", "my friends", "families", "fans of the genre", "my parents", "film students", "everyone"]
+OPENINGS = [
+    "I saw {title} at the {where} last {when}.",
+    "{title} ({year}) is {a_genre} directed by {director}.",
+    "My review of {title}, the new {genre} from {director}:",
+    "{title} stars {actor} as {a_role} who {goal}.",
+    "Going into {title}, I knew only that it was {a_genre} about {a_role}.",
+    "After all the buzz, I finally watched {title}.",
+    "In {title}, {a_role} in {place} {goal}.",
+    "{director} made {title} in {year}, and I watched it this {when}.",
+    "{title} is the story of {a_role} who {goal}.",
+    "So I went to see {title} with my {relative}.",
+]
+RELATIVE = W("sister brother mother father cousin friend roommate neighbor")
+
+
+def with_article(phrase):
+    """The phrase with its indefinite article: a clever film, an awful one."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def fields(rng):
+    name = lambda: f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+    return dict(title=f"The {rng.choice(TITLE_A)} {rng.choice(TITLE_N)}", year=rng.randint(1950, 2025),
+                genre=rng.choice(GENRE), director=name(), actor=name(), role=rng.choice(ROLE),
+                goal=rng.choice(GOAL), place=rng.choice(PLACE), when=rng.choice(WHEN), where=rng.choice(WHERE),
+                relative=rng.choice(RELATIVE))
+
+
+
+def opening(rng, f):
+    return rng.choice(OPENINGS).format(**f, a_role=with_article(f["role"]), a_genre=with_article(f["genre"]))
+
+
+def sentence(rng, f, polarity):
+    """One sentence of a review: polarity +1 praises, -1 criticises, 0 is neutral."""
+    if polarity == 0:
+        return rng.choice([
+            f"It runs about {rng.randint(80, 170)} minutes.",
+            f"The story is set in {rng.choice(PLACE)} during {rng.choice(ERA)}.",
+            f"{f['actor']} plays {with_article(f['role'])} named {rng.choice(FIRST)}.",
+            f"Most of it was filmed in {rng.choice(PLACE)}.",
+            f"The {rng.choice(ASPECT)} is {rng.choice(NEUTRAL_ADJ)}.",
+            f"It is the second {f['genre']} by {f['director']}.",
+            f"I watched it with my {rng.choice(RELATIVE)}.",
+        ])
+    good = polarity > 0
+    adj, other = (POS, NEG) if good else (NEG, POS)
+    a, b = rng.sample(ASPECT, 2)
+    return rng.choice([
+        f"The {a} is {rng.choice(ADV)}{rng.choice(adj)}.",
+        f"The {a} and the {b} are both {rng.choice(adj)}.",
+        f"{f['actor'].split()[1]} is {rng.choice(ADV)}{rng.choice(adj)} as the {f['role']}.",
+        f"I {rng.choice(POS_VERB if good else NEG_VERB)} the {a}.",
+        # VADER weighs the clause after "but" more: the sentence takes the second clause's side.
+        f"The {a} is {rng.choice(other)}, but the {b} is {rng.choice(ADV)}{rng.choice(adj)}.",
+        f"It is not {rng.choice(other)} at all.",
+        f"The {a} made me {rng.choice(POS_FEEL if good else NEG_FEEL)}.",
+        f"{f['director'].split()[1]} directs with {with_article(rng.choice(adj))} touch.",
+        f"Overall, {with_article(rng.choice(ADV) + rng.choice(adj))} {f['genre']}.",
+        f"I would {'' if good else 'not '}recommend it to {rng.choice(AUDIENCE)}.",
+    ])
+
+
+def review(rng, f):
+    """A continuation of mixed sentiment: a latent mood in [-1, 1] sets each sentence's odds of praise."""
+    mood = rng.uniform(-1, 1)
+    out = []
+    for _ in range(rng.randint(2, 4)):
+        polarity = 0 if rng.random() < 0.25 else (1 if rng.random() < (1 + mood) / 2 else -1)
+        out.append(sentence(rng, f, polarity))
+    return " " + " ".join(out)  # completions start with a space: prompt + completion reads as one text
+
+
+def repetitive(rng, text):
+    """A degenerate response of the kind reward hacking produces: one sentence or word said over and over."""
+    sentences = text.strip().split(". ")
+    if rng.random() < 0.5:
+        s = rng.choice(sentences).rstrip(".") + "."
+        return " " + " ".join([s] * rng.randint(3, 5))
+    return " " + " ".join([rng.choice(POS + NEG)] * rng.randint(4, 10)) + "."
+
+
+# ---- the judge's data (the AI labeler of rlaif.py learns from it) ------------------------------------
+JUDGE_PREAMBLE = "You compare two continuations of the same movie review opening."
+CONSTITUTION = [  # the built-in constitution of rlaif.py says the same things
+    "Choose the response that is more positive and enthusiastic about the film.",
+    "Choose the response that a fan of the film would rather read.",
+    "Choose the response that praises the film more warmly without repeating itself.",
+    "Choose the response that sounds like a natural, non-repetitive review that loves the film.",
+]
+
+
+def judge_query(principle, prompt, a, b):
+    return (f"{JUDGE_PREAMBLE}\nPrinciple: {principle}\nOpening: {prompt}\nResponse A:{a}\nResponse B:{b}\n"
+            "Which response is better? Answer A or B.")
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def build_tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=["<|pad|>", "<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=MODEL["max_position_embeddings"])
+
+
+def make_rows(rng, scale):
+    seen = set()  # every prompt is unique across datasets and splits, so no test prompt leaks into training
+
+    def fresh_fields():
+        while True:
+            f = fields(rng)
+            p = opening(rng, f)
+            if p not in seen:
+                seen.add(p)
+                return f, p
+
+    data = {}
+    for name, (n_train, n_test) in SIZES.items():
+        splits = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            rows = []
+            for _ in range(max(1, int(n * scale))):
+                f, p = fresh_fields()
+                if name == "sft":
+                    rows.append({"prompt": p, "completion": review(rng, f)})
+                elif name == "prompts":
+                    rows.append({"prompt": p})
+                elif name == "preference":
+                    a, b = review(rng, f), review(rng, f)
+                    if rng.random() >= sigmoid((gold_score(a) - gold_score(b)) / LABEL_TEMPERATURE):
+                        a, b = b, a  # the simulated annotator preferred b
+                    rows.append({"prompt": p, "chosen": a, "rejected": b})
+                else:  # judge: one in five responses degenerate, so the labeler learns repetition is bad
+                    a, b = (repetitive(rng, review(rng, f)) if rng.random() < 0.2 else review(rng, f)
+                            for _ in range(2))
+                    answer = "A" if gold_score(a) >= gold_score(b) else "B"
+                    rows.append({"prompt": [{"role": "user", "content": judge_query(rng.choice(CONSTITUTION), p, a, b)}],
+                                 "completion": [{"role": "assistant", "content": answer}]})
+            splits[split] = rows
+        data[name] = splits
+    return data
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "world"))
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the row counts (tests use a small one)")
+    a = ap.parse_args()
+    from transformers import LlamaConfig
+
+    rng = random.Random(SEED)
+    data = make_rows(rng, a.scale)
+    corpus = []
+    for splits in data.values():
+        for r in splits["train"]:
+            for v in r.values():
+                corpus.append(v if isinstance(v, str) else v[0]["content"])
+    tok = build_tokenizer(corpus)
+
+    tmp = a.out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(f"{tmp}/base")
+    LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=None, **MODEL).save_pretrained(f"{tmp}/base")
+    for name, splits in data.items():
+        os.makedirs(f"{tmp}/{name}")
+        for split, rows in splits.items():
+            with open(f"{tmp}/{name}/{split}.jsonl", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.rename(tmp, a.out)
+    print(f"wrote {a.out}: vocab {len(tok)}, " + ", ".join(
+        f"{k} {len(v['train'])}/{len(v['test'])}" for k, v in data.items()))
+
+
+if __name__ == "__main__":
+    main()
