@@ -22,6 +22,12 @@ def fail(message: str):
     sys.exit(f"error: {message}")
 
 
+def describe(e: Exception) -> str:
+    """An exception in one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -47,6 +53,8 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
 
     if is_local(name) and not os.path.exists(name):
         fail(f"dataset {name!r} does not exist")
+    if os.path.isfile(name) and os.path.getsize(name) == 0:
+        fail(f"dataset {name!r} is empty")
     try:
         if os.path.isfile(name):
             ext = os.path.splitext(name)[1].lstrip(".")
@@ -55,7 +63,7 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
             ds = load_dataset(name)
     except Exception as e:  # the datasets library raises many types; the first line says what went wrong
         where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
-        fail(f"could not load dataset {name!r}{where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        fail(f"could not load dataset {name!r}{where}: {describe(e)}")
     if "train" not in ds:
         fail(f"dataset {name!r} has no 'train' split (it has {list(ds)})")
     train = ds["train"]
@@ -81,11 +89,11 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     if is_local(name) and not os.path.isdir(name):
-        fail(f"model {name!r} is not a directory")
+        fail(f"model {name!r} " + ("is not a directory" if os.path.exists(name) else "does not exist"))
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
-        fail(f"could not load a tokenizer from {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        fail(f"could not load a tokenizer from {name!r}: {describe(e)}")
     if tok.eos_token_id is None:
         fail(f"the tokenizer of {name!r} has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -99,7 +107,7 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, **kwargs):
     try:
         model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
     except Exception as e:
-        fail(f"could not load {cls.__name__} from {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        fail(f"could not load {cls.__name__} from {name!r}: {describe(e)}")
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id

@@ -73,7 +73,7 @@ class Args:
     """wandb project name"""
 
 
-def tokenize(tok, rows, fmt: list[str], max_length: int):
+def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
     """(prompt_ids, completion_ids) per row. Rows whose prompt leaves no room for a completion are dropped,
     over-long completions are cut (losing their EOS); both are counted and said."""
     out, dropped, cut = [], 0, 0
@@ -93,9 +93,9 @@ def tokenize(tok, rows, fmt: list[str], max_length: int):
             c, cut = c[: max_length - len(p)], cut + 1
         out.append((p, c))
     if dropped or cut:
-        print(f"note: {dropped} rows dropped (prompt >= max_length {max_length}), {cut} completions cut to fit")
+        print(f"note: {split}: {dropped} rows dropped (prompt >= max_length {max_length}), {cut} completions cut to fit")
     if not out:
-        common.fail(f"no row fits in max_length {max_length}")
+        common.fail(f"no {split} row fits in max_length {max_length}")
     return out
 
 
@@ -113,7 +113,7 @@ def nll_sum(model, ids, mask, loss_mask):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, use_underscores=True)
     common.seed_everything(args.seed)
     common.check_output_dir(args.output_dir, "sft.py")
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
@@ -124,7 +124,7 @@ if __name__ == "__main__":
     train_rows, eval_rows, fmt = common.load_splits(
         args.dataset_name, [["prompt", "completion"], ["messages"], ["text"]], seed=args.seed)
     train = tokenize(tok, train_rows, fmt, args.max_length)
-    evals = tokenize(tok, eval_rows, fmt, args.max_length)
+    evals = tokenize(tok, eval_rows, fmt, args.max_length, "eval")
     path = args.model_name_or_path
     if os.path.isdir(path) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
         print(f"note: {path} holds a config but no weights: initialising the model at random (seed {args.seed})")
@@ -163,7 +163,8 @@ if __name__ == "__main__":
 
     def generate_samples(n):
         model.eval()
-        metrics, samples = common.evaluate(model, tok, [p for p, _ in evals[:n]], args.max_new_tokens,
+        prompts = [p or c[:8] for p, c in evals[:n]]  # {"text"} rows have no prompt: start from their first tokens
+        metrics, samples = common.evaluate(model, tok, prompts, args.max_new_tokens,
                                            args.temperature, 64, autocast, gold=args.gold_eval)
         model.train()
         return metrics, samples

@@ -1,0 +1,130 @@
+"""common.py against plain, independent formulas."""
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import common
+from conftest import WORLD
+
+PAD, EOS = 0, 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def reference_logprobs(model, seq):
+    """log p(seq[t] | seq[:t]) from an unpadded forward and a full log_softmax."""
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0, :-1]
+    return torch.log_softmax(logits, -1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logprobs_of_padded_batch_equal_unpadded(tiny, side):
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+    ids, mask = common.pad(seqs, PAD, side)
+    with torch.no_grad():
+        logp = common.forward_logprobs(tiny, ids, mask)
+    for i, s in enumerate(seqs):  # right padding: the real predictions come first; left: they come last
+        got = logp[i, : len(s) - 1] if side == "right" else logp[i, -(len(s) - 1):]
+        torch.testing.assert_close(got, reference_logprobs(tiny, s), atol=1e-5, rtol=1e-4)
+
+
+def test_logprobs_keep_last_tokens(tiny):
+    ids, mask = common.pad([[5, 6, 7, 8, 9], [10, 11, 12]], PAD, "left")
+    with torch.no_grad():
+        full = common.forward_logprobs(tiny, ids, mask)
+        last = common.forward_logprobs(tiny, ids, mask, keep=2)
+    torch.testing.assert_close(last, full[:, -2:])
+
+
+def test_logprobs_from_logits_with_temperature():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    for t in (1.0, 0.7):
+        want = torch.log_softmax(logits / t, -1).gather(-1, tokens[..., None])[..., 0]
+        torch.testing.assert_close(common.logprobs_from_logits(logits, tokens, t), want)
+
+
+def test_masked_statistics_match_numpy():
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 9), (torch.rand(4, 9) > 0.4).float()
+    real = x[mask.bool()].numpy()
+    assert common.masked_mean(x, mask).item() == pytest.approx(real.mean(), abs=1e-6)
+    assert common.masked_var(x, mask).item() == pytest.approx(real.var(ddof=1), rel=1e-5)
+    assert common.masked_var(x, mask, unbiased=False).item() == pytest.approx(real.var(), rel=1e-5)
+    white = common.masked_whiten(x, mask)[mask.bool()].numpy()
+    np.testing.assert_allclose(white, (real - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8), rtol=1e-4, atol=1e-5)
+    kept = common.masked_whiten(x, mask, shift_mean=False)[mask.bool()].numpy()
+    np.testing.assert_allclose(kept, white + real.mean(), rtol=1e-4, atol=1e-5)
+    # per-row means, as the losses use them
+    np.testing.assert_allclose(common.masked_mean(x, mask, 1).numpy(),
+                               [x[i, mask[i].bool()].mean().item() for i in range(4)], rtol=1e-5)
+
+
+def test_pad_sides():
+    ids, mask = common.pad([[3, 4, 5], [6]], PAD, "left")
+    assert ids.tolist() == [[3, 4, 5], [PAD, PAD, 6]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = common.pad([[3, 4, 5], [6]], PAD, "right")
+    assert ids.tolist() == [[3, 4, 5], [6, PAD, PAD]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert common.position_ids(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_first_true_index_and_truncate_after_eos():
+    responses = torch.tensor([[4, EOS, 5, EOS], [4, 5, 6, 7], [EOS, 4, 4, 4]])
+    assert common.first_true_index(responses == EOS).tolist() == [1, 4, 0]
+    out, mask, has_eos = common.truncate_after_eos(responses, EOS, PAD)
+    assert out.tolist() == [[4, EOS, PAD, PAD], [4, 5, 6, 7], [EOS, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_length_grouped_batches_cover_every_row_once():
+    rng = np.random.default_rng(0)
+    lengths = list(rng.integers(1, 100, size=1000))
+    batches = common.length_grouped_batches(lengths, 16, rng, group=8)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    # inside a batch the lengths are close: far less spread than random batches would have
+    spread = np.mean([np.ptp([lengths[i] for i in b]) for b in batches if len(b) == 16])
+    assert spread < 20
+
+
+def test_sample_with_kv_cache_matches_full_recompute(tiny):
+    """At a tiny temperature sampling is greedy: the KV-cache loop over left-padded prompts must pick the same
+    tokens as recomputing every prefix without padding or cache."""
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    ids, mask = common.pad(prompts, PAD, "left")
+    torch.manual_seed(0)
+    out = common.sample(tiny, ids, mask, 6, temperature=1e-4, eos_id=EOS)
+    for i, p in enumerate(prompts):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(int(tiny(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert out[i].tolist() == seq[len(p):]
+
+
+def test_encode_completion_ends_with_one_eos():
+    tok = AutoTokenizer.from_pretrained(f"{WORLD}/base")
+    ids = common.encode_completion(tok, "The film.", " It is great.")
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    assert tok.decode(ids[:-1]) == " It is great."
+    # conversational: the completion is what follows the rendered prompt, cut after the template's EOS
+    prompt = [{"role": "user", "content": "Review The Film."}]
+    ids = common.encode_completion(tok, prompt, [{"role": "assistant", "content": "It is great."}])
+    assert tok.decode(ids) == " It is great.<|eos|>"
+    head = common.encode_prompt(tok, prompt)
+    assert tok.decode(head).endswith("Assistant:")
+
+
+def test_distinct_n():
+    assert common.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert common.distinct_n(["x x x x"], 2) == pytest.approx(1 / 3)

@@ -1,0 +1,148 @@
+"""sft.py from the command line: end to end, the data formats, learning, and a user's mistakes."""
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+import sft
+from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
+
+QUICK = ["--max_steps", 4, "--batch_size", 8, "--micro_batch_size", 4, "--num_eval_samples", 8,
+         "--max_new_tokens", 16, "--eval_every", 2]
+
+
+def test_sft_end_to_end_writes_a_model_plain_transformers_loads(tmp_path):
+    out = tmp_path / "sft"
+    proc = run("sft.py", "--output_dir", out, *QUICK)
+    assert "step 2: eval_loss" in proc.stdout  # held-out loss and sample generations during training
+    results = json.load(open(out / "eval.json"))
+    assert {"eval_loss", "eos_rate", "gold_score"} <= set(results)
+    assert json.load(open(out / "run.json"))["script"] == "sft.py"
+    assert sorted(os.listdir(tmp_path)) == ["sft"]  # no temporary directory left behind
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("I saw The Silent Harbor at the cinema last night.", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_sft_learns_to_write_reviews_that_end(sft_model):
+    """The session's 300-step SFT (trained from random init) stops by itself and models the held-out text."""
+    results = json.load(open(os.path.join(sft_model, "eval.json")))
+    assert results["eos_rate"] >= 0.9
+    assert results["eval_loss"] < 1.7  # a random model starts at ln(vocab) = 7.6
+    samples = read_jsonl(os.path.join(sft_model, "samples.jsonl"))
+    assert sum(s["response"].strip().endswith(".") for s in samples) > 0.8 * len(samples)
+
+
+def test_completion_only_loss_mask():
+    tok = common.load_tokenizer(f"{WORLD}/base")
+    rows = [{"prompt": "I saw The Film.", "completion": " It is great."}]
+    (p, c), = sft.tokenize(tok, rows, ["prompt", "completion"], 256)
+    ids, mask, loss_mask = sft.collate([(p, c), (p, c[:2])], tok.pad_token_id)
+    assert tok.decode(c) == " It is great.<|eos|>"
+    assert loss_mask[0].tolist() == [0] * len(p) + [1] * len(c)
+    assert loss_mask[1].tolist() == [0] * len(p) + [1, 1] + [0] * (len(c) - 2)
+    assert (ids[1, len(p) + 2:] == tok.pad_token_id).all()
+
+
+def test_conversational_formats(tmp_path):
+    tok = common.load_tokenizer(f"{WORLD}/base")
+    rows = read_jsonl(f"{WORLD}/sft/train.jsonl")[:64]
+    user = lambda r: [{"role": "user", "content": r["prompt"]}]
+    assistant = lambda r: [{"role": "assistant", "content": r["completion"].strip()}]
+    messages = [{"messages": user(r) + assistant(r)} for r in rows]
+    pairs = [{"prompt": user(r), "completion": assistant(r)} for r in rows]
+    # both render the same tokens: the chat-templated prompt, and the assistant's answer + EOS
+    (p1, c1), = sft.tokenize(tok, messages[:1], ["messages"], 256)
+    (p2, c2), = sft.tokenize(tok, pairs[:1], ["prompt", "completion"], 256)
+    assert (p1, c1) == (p2, c2)
+    assert tok.decode(p1).startswith("User: ") and tok.decode(p1).endswith("Assistant:")
+    assert tok.decode(c1) == " " + rows[0]["completion"].strip() + "<|eos|>"
+    for name, data in (("messages", messages), ("pairs", pairs)):
+        out = tmp_path / name
+        run("sft.py", "--dataset_name", write_jsonl(tmp_path / f"{name}.jsonl", data), "--output_dir", out, *QUICK)
+        assert json.load(open(out / "eval.json"))["eos_rate"] >= 0
+
+
+def test_text_format(tmp_path):
+    rows = [{"text": r["prompt"] + r["completion"]} for r in read_jsonl(f"{WORLD}/sft/train.jsonl")[:64]]
+    run("sft.py", "--dataset_name", write_jsonl(tmp_path / "text.jsonl", rows), "--output_dir", tmp_path / "out", *QUICK)
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+# ---- a user's mistakes: one line naming the problem, nothing written --------------------------------
+def test_missing_path(tmp_path):
+    one_line_error(run("sft.py", "--dataset_name", tmp_path / "nope.jsonl", "--output_dir", tmp_path / "o", ok=False),
+                   "nope.jsonl", "does not exist")
+    one_line_error(run("sft.py", "--model_name_or_path", tmp_path / "no_model", "--output_dir", tmp_path / "o", ok=False),
+                   "no_model")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_missing_column(tmp_path):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}] * 4)
+    one_line_error(run("sft.py", "--dataset_name", data, "--output_dir", tmp_path / "o", ok=False),
+                   "response", "completion")
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = run("sft.py", "--dataset_name", tmp_path / "empty.jsonl", "--output_dir", tmp_path / "o", ok=False)
+    one_line_error(proc, "empty.jsonl")
+
+
+def test_prompts_over_the_length_limit(tmp_path):
+    rows = read_jsonl(f"{WORLD}/sft/train.jsonl")[:40]
+    long = [{"prompt": r["prompt"] * 20, "completion": r["completion"]} for r in rows]
+    one_line_error(run("sft.py", "--dataset_name", write_jsonl(tmp_path / "long.jsonl", long),
+                       "--output_dir", tmp_path / "o", "--max_length", 64, ok=False), "max_length 64")
+    # some too long: dropped, and the count is said
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", long[:10] + rows[10:])
+    proc = run("sft.py", "--dataset_name", mixed, "--output_dir", tmp_path / "o", "--max_length", 64, *QUICK)
+    said = re.findall(r"note: (train|eval): (\d+) rows dropped \(prompt >= max_length 64\)", proc.stdout)
+    assert sum(int(n) for _, n in said) == 10
+
+
+def test_tokenizer_without_a_pad_token_gets_one(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(f"{WORLD}/base", base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.eos_token  # the habit the GUIDE warns against: pad = EOS
+    tok.save_pretrained(base)
+    proc = run("sft.py", "--model_name_or_path", base, "--output_dir", tmp_path / "o", *QUICK)
+    assert "had no pad token distinct from EOS" in proc.stdout
+    saved = AutoTokenizer.from_pretrained(tmp_path / "o")
+    assert saved.pad_token_id is not None and saved.pad_token_id != saved.eos_token_id
+
+
+def test_load_model_resizes_embeddings_for_an_added_pad_token(tmp_path):
+    tok = AutoTokenizer.from_pretrained(f"{WORLD}/base")
+    model = AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.from_pretrained(f"{WORLD}/base"))
+    model.save_pretrained(tmp_path / "m")
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    loaded = common.load_model(AutoModelForCausalLM, str(tmp_path / "m"), tok, torch.device("cpu"))
+    assert loaded.get_input_embeddings().num_embeddings == len(tok)
+
+
+def test_output_dir_of_something_else_is_never_overwritten(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("do not delete")
+    one_line_error(run("sft.py", "--output_dir", out, *QUICK, ok=False), "precious", "already holds")
+    assert (out / "thesis.txt").read_text() == "do not delete"
+
+
+def test_a_failed_run_keeps_the_previous_output(tmp_path):
+    out = tmp_path / "sft"
+    run("sft.py", "--output_dir", out, *QUICK)
+    before = open(out / "model.safetensors", "rb").read()
+    (tmp_path / "empty.jsonl").write_text("")
+    one_line_error(run("sft.py", "--dataset_name", tmp_path / "empty.jsonl", "--output_dir", out, ok=False))
+    assert open(out / "model.safetensors", "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl", "sft"]
