@@ -102,11 +102,19 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(cls, name: str, tok, device, dtype=torch.float32, **kwargs):
-    """A transformers model whose embeddings fit the tokenizer (a pad token may have been added)."""
+def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head: bool = False, **kwargs):
+    """A transformers model whose embeddings fit the tokenizer (a pad token may have been added). Weights
+    come from safetensors only, and no code from the hub runs (trust_remote_code stays off). The checkpoint
+    must have the head `cls` asks for (a causal LM, a sequence classifier), unless `new_head` allows one."""
+    from transformers import AutoConfig
+
     try:
+        architectures = AutoConfig.from_pretrained(name).architectures or []
+        kind = "ForCausalLM" if "CausalLM" in cls.__name__ else "ForSequenceClassification"
+        if architectures and not new_head and not any(a.endswith(kind) for a in architectures):
+            fail(f"{name!r} holds a {architectures[0]}, not a model ending in {kind}")
         model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
-    except Exception as e:
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         fail(f"could not load {cls.__name__} from {name!r}: {describe(e)}")
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
@@ -137,6 +145,18 @@ def encode_prompt(tok, prompt) -> list[int]:
     return tok(prompt)["input_ids"]
 
 
+def encode_prompts(tok, rows, max_length: int, split: str = "train"):
+    """(token ids, row indices) of the prompts that fit in max_length tokens; the others are dropped and
+    the count is said."""
+    ids = [encode_prompt(tok, r["prompt"]) for r in rows]
+    kept = [i for i, x in enumerate(ids) if len(x) <= max_length]
+    if len(kept) < len(ids):
+        print(f"note: {split}: {len(ids) - len(kept)} of {len(ids)} prompts longer than {max_length} tokens dropped")
+    if not kept:
+        fail(f"no {split} prompt fits in {max_length} tokens")
+    return [ids[i] for i in kept], kept
+
+
 def encode_completion(tok, prompt, completion) -> list[int]:
     """Token ids of a completion, ending with exactly one EOS (detail 2). Tokenised apart from the prompt,
     exactly as the policy will later generate it after the prompt's ids. A conversational completion is
@@ -152,6 +172,22 @@ def encode_completion(tok, prompt, completion) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
 
 
+def tokenize_pairs(tok, rows, max_length: int, extra_columns=()):
+    """(prompt_ids, chosen_ids, rejected_ids, extras, row index) per preference pair; each response ends
+    with EOS. Pairs with prompt + response over max_length are dropped, and the count is said."""
+    out = []
+    for i, row in enumerate(rows):
+        p = encode_prompt(tok, row["prompt"])
+        c, r = (encode_completion(tok, row["prompt"], row[k]) for k in ("chosen", "rejected"))
+        if len(p) + max(len(c), len(r)) <= max_length:
+            out.append((p, c, r, [float(row[k]) for k in extra_columns], i))
+    if len(out) < len(rows):
+        print(f"note: {len(rows) - len(out)} of {len(rows)} pairs longer than max_length {max_length} dropped")
+    if not out:
+        fail(f"no pair fits in max_length {max_length}")
+    return out
+
+
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
     """(ids, mask) as tensors. Left padding for generation, right padding for training (detail 3)."""
     width = max(len(s) for s in seqs)
@@ -161,6 +197,13 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
         sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
         ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
     return ids, mask
+
+
+def pad_completions(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """Right-padded prompt + completion ids, attention mask, and the mask of completion tokens."""
+    ids, mask = pad([p + c for p, c in zip(prompts, completions)], pad_id)
+    completion_mask, _ = pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0)
+    return ids, mask, completion_mask
 
 
 def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator, group: int = 64):
@@ -188,9 +231,16 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 def forward_logprobs(model, ids, mask, temperature: float = 1.0, keep: int = 0):
     """Per-token log-probs of ids[:, 1:] under the model: (B, T-1), or of the last `keep` tokens."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
                    logits_to_keep=keep + 1 if keep else 0).logits[:, :-1]
     return logprobs_from_logits(logits, ids[:, -logits.shape[1]:], temperature)
+
+
+def completion_logps(model, prompts, completions, pad_id: int, device):
+    """Summed log-probs of each completion given its prompt, and its number of tokens: (B,), (B,)."""
+    ids, mask, completion_mask = (t.to(device) for t in pad_completions(prompts, completions, pad_id))
+    logp = forward_logprobs(model, ids, mask)  # logits at t predict token t + 1
+    return (logp * completion_mask[:, 1:]).sum(1), completion_mask[:, 1:].sum(1)
 
 
 def masked_mean(x, mask, dim=None):
@@ -259,14 +309,15 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
 
 @torch.no_grad()
 def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, batch_size: int,
-             autocast=nullcontext(), ref=None, gold: bool = True):
+             autocast=nullcontext(), ref=None, gold: bool = True, reward_model=None):
     """Sample once per held-out prompt from the policy (and from the reference, on the same prompts) and
     score the samples. Returns (metrics, samples) with the keys every script's eval.json shares:
     eos_rate, mean_length, distinct_2, gold_score (the world's gold rater) and, given a reference,
     gold_win_rate_vs_ref (pairwise on the same prompt, ties count half) and kl_to_ref (mean over samples of
-    sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples: an unbiased estimate of KL(pi || pi_ref))."""
+    sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples: an unbiased estimate of KL(pi || pi_ref)),
+    and given a reward model, rm_score (its mean score of the policy's samples)."""
     device, eos, pad_id = next(policy.parameters()).device, tok.eos_token_id, tok.pad_token_id
-    texts, ref_texts, lengths, has_eos, kls = [], [], [], [], []
+    texts, ref_texts, lengths, has_eos, kls, rm_scores = [], [], [], [], [], []
     for i in range(0, len(prompts), batch_size):
         ids, mask = (t.to(device) for t in pad(prompts[i:i + batch_size], pad_id, "left"))
         with autocast:
@@ -275,9 +326,13 @@ def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, tempera
         texts += tok.batch_decode(responses, skip_special_tokens=True)
         lengths += resp_mask.sum(1).tolist()
         has_eos += eos_found.tolist()
+        seq, seq_mask, n = torch.cat([ids, responses], 1), torch.cat([mask, resp_mask], 1), responses.shape[1]
+        if reward_model is not None:
+            with autocast:
+                rm_scores += reward_model(input_ids=seq, attention_mask=seq_mask, position_ids=position_ids(seq_mask),
+                                          use_cache=False).logits[:, 0].float().tolist()
         if ref is None:
             continue
-        seq, seq_mask, n = torch.cat([ids, responses], 1), torch.cat([mask, resp_mask], 1), responses.shape[1]
         with autocast:
             kl = forward_logprobs(policy, seq, seq_mask, temperature, n) - forward_logprobs(ref, seq, seq_mask, temperature, n)
             kls += (kl * resp_mask).sum(1).tolist()
@@ -289,6 +344,8 @@ def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, tempera
     samples = [{"prompt": p, "response": r} for p, r in zip(tok.batch_decode(prompts, skip_special_tokens=True), texts)]
     if ref is not None:
         metrics["kl_to_ref"] = float(np.mean(kls))
+    if reward_model is not None:
+        metrics["rm_score"] = float(np.mean(rm_scores))
     if gold:
         from data.gold import gold_score
 
@@ -303,43 +360,118 @@ def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, tempera
     return metrics, samples
 
 
-# ---- outputs ----------------------------------------------------------------------------------------
-def check_output_dir(output_dir: str, script: str):
-    """Refuse, before any training, to overwrite a directory holding something other than a run of this script."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        fail(f"--output_dir {output_dir!r} is a file")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        info = os.path.join(output_dir, "run.json")
-        previous = json.load(open(info)).get("script") if os.path.isfile(info) else None
-        if previous != script:
-            what = f"the output of {previous}" if previous else "files that no run of this project wrote"
-            fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
+# ---- outputs, checkpoints and logs ------------------------------------------------------------------
+CHECKPOINT = "checkpoint"
 
 
-def save_atomic(output_dir: str, script: str, args, write):
-    """write(tmp_dir) fills a temporary directory, which then replaces output_dir by renames: a crash
-    leaves the old output or the new one, never half of one."""
-    output_dir = output_dir.rstrip("/")
-    tmp, old = f"{output_dir}.tmp-{os.getpid()}", f"{output_dir}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    with open(os.path.join(tmp, "run.json"), "w") as f:
-        json.dump({"script": script, "args": {k: v for k, v in vars(args).items()}}, f, indent=2, default=str)
-    if os.path.exists(output_dir):
-        os.rename(output_dir, old)
-    os.rename(tmp, output_dir)
+def replace_dir(tmp: str, target: str):
+    """Put directory tmp in target's place by renames: a crash leaves the old one or the new one, never half."""
+    old = f"{target}.old-{os.getpid()}"
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_run_info(directory: str, script: str, args):
+    with open(os.path.join(directory, "run.json"), "w") as f:
+        json.dump({"script": script, "args": vars(args)}, f, indent=2, default=str)
+
+
+def check_output_dir(output_dir: str, script: str, resume: bool = False):
+    """Refuse, before any training, to overwrite a directory holding anything but a run of this script;
+    with resume, require its checkpoint."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        fail(f"--output_dir {output_dir!r} is a file")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        infos = [os.path.join(output_dir, "run.json"), os.path.join(output_dir, CHECKPOINT, "run.json")]
+        previous = next((json.load(open(i)).get("script") for i in infos if os.path.isfile(i)), None)
+        if previous != script:
+            what = f"the output of {previous}" if previous else "files that no run of this project wrote"
+            fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
+    if resume and not os.path.isfile(os.path.join(output_dir, CHECKPOINT, "state.pt")):
+        fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
+
+
+def save_atomic(output_dir: str, script: str, args, write):
+    """write(tmp_dir) fills a temporary directory, which then replaces output_dir (and its checkpoint)."""
+    output_dir = output_dir.rstrip("/")
+    tmp = f"{output_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    write_run_info(tmp, script, args)
+    replace_dir(tmp, output_dir)
+
+
+def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer, scheduler, state: dict):
+    """All a run needs to continue exactly as if never stopped: weights (safetensors), optimizer, scheduler,
+    the RNGs and the script's own `state` (data position, ...), written atomically to output_dir/checkpoint."""
+    from safetensors.torch import save_model
+
+    target = os.path.join(output_dir, CHECKPOINT)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, model in models.items():
+        save_model(model, os.path.join(tmp, f"{name}.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **state},
+               os.path.join(tmp, "state.pt"))
+    write_run_info(tmp, script, args)
+    replace_dir(tmp, target)
+
+
+def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict:
+    """Restore what save_checkpoint wrote; returns the script's own state. Tensors only (weights_only=True)."""
+    from safetensors.torch import load_model
+
+    path = os.path.join(output_dir, CHECKPOINT)
+    for name, model in models.items():
+        load_model(model, os.path.join(path, f"{name}.safetensors"))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler_state = state.pop("scheduler")
+    if scheduler is not None:
+        scheduler.load_state_dict(scheduler_state)
+    torch.set_rng_state(state.pop("torch_rng"))
+    random.setstate(state.pop("python_rng"))
+    print(f"resumed from {path} at step {state.get('step')}")
+    return state
+
+
+def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> bool:
+    """True when `value` is finite. Otherwise the run stops with a message naming the step, before anything
+    more is saved (the last checkpoint and output stay intact), or, with skip, the caller skips the batch."""
+    if bool(torch.isfinite(value).all()):
+        return True
+    if skip:
+        print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
+        return False
+    fail(f"non-finite {what} at step {step}; stopped before saving anything more "
+         "(the last checkpoint and output are intact; --skip_nonfinite skips such batches)")
+
+
 def start_tracking(args, script: str):
-    """A run name, and wandb.log when --track asks for it (wandb is never contacted otherwise)."""
+    """(run name, log, history): log(metrics, step) appends the numbers to history (saved as metrics.jsonl)
+    and sends everything to wandb when --track asks for it (wandb is never contacted otherwise)."""
     import time
 
     run_name = f"{script}__{args.seed}__{int(time.time())}"
-    if not args.track:
-        return run_name, None
-    import wandb
+    history, wandb = [], None
+    if args.track:
+        import wandb
 
-    wandb.init(project=args.wandb_project, name=run_name, config=vars(args))
-    return run_name, wandb.log
+        wandb.init(project=args.wandb_project, name=run_name, config=vars(args))
+
+    def log(metrics: dict, step: int):
+        history.append({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        if wandb is not None:
+            wandb.log(metrics, step=step)
+
+    return run_name, log, history
+
+
+def write_jsonl(path: str, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)

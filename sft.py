@@ -63,6 +63,12 @@ class Args:
     """sampling temperature of the evaluation samples"""
     gold_eval: bool = True
     """score samples with the offline world's gold rater (data/gold.py); turn off for other tasks"""
+    save_every: int = 0
+    """write a checkpoint (model, optimizer, scheduler, RNG, data position) every this many steps; 0: never"""
+    resume: bool = False
+    """continue from the checkpoint in --output_dir"""
+    skip_nonfinite: bool = False
+    """skip a batch whose loss is not finite instead of stopping"""
     bf16: bool = True
     """bf16 autocast on CUDA (the CPU always runs fp32)"""
     compile: bool = True
@@ -99,25 +105,12 @@ def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
     return out
 
 
-def collate(pairs, pad_id):
-    """Right-padded prompt+completion ids, attention mask, and the mask of completion tokens (the loss)."""
-    ids, mask = common.pad([p + c for p, c in pairs], pad_id)
-    loss_mask, _ = common.pad([[0] * len(p) + [1] * len(c) for p, c in pairs], 0)
-    return ids, mask, loss_mask
-
-
-def nll_sum(model, ids, mask, loss_mask):
-    """Summed negative log-likelihood of the completion tokens: logits at t predict token t+1."""
-    logp = common.forward_logprobs(model, ids, mask)
-    return -(logp * loss_mask[:, 1:]).sum()
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     common.seed_everything(args.seed)
-    common.check_output_dir(args.output_dir, "sft.py")
+    common.check_output_dir(args.output_dir, "sft.py", args.resume)
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
-    run_name, log = common.start_tracking(args, "sft")
+    run_name, log, history = common.start_tracking(args, "sft")
 
     # ---- data and model --------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
@@ -154,10 +147,10 @@ if __name__ == "__main__":
         model.eval()
         total, count = 0.0, 0
         for i in range(0, len(evals), args.micro_batch_size):
-            ids, mask, loss_mask = (t.to(device) for t in collate(evals[i:i + args.micro_batch_size], tok.pad_token_id))
+            batch = evals[i:i + args.micro_batch_size]
             with autocast:
-                total += nll_sum(forward_model, ids, mask, loss_mask).item()
-            count += int(loss_mask[:, 1:].sum())
+                logps, n = common.completion_logps(forward_model, *zip(*batch), tok.pad_token_id, device)
+            total, count = total - logps.sum().item(), count + int(n.sum())
         model.train()
         return total / count
 
@@ -172,41 +165,49 @@ if __name__ == "__main__":
     # ---- training ---------------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
     lengths = [len(p) + len(c) for p, c in train]
-    batches, step, start = [], 0, time.time()
+    batches, step, elapsed = [], 0, 0.0
+    if args.resume:
+        state = common.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
+        step, batches, elapsed, history[:] = state["step"], state["batches"], state["elapsed"], state["history"]
+        rng.bit_generator.state = state["numpy_rng"]
+    start = time.time() - elapsed
     model.train()
-    progress = tqdm(total=total_steps, desc="sft", mininterval=5)
+    progress = tqdm(total=total_steps, initial=step, desc="sft", mininterval=5)
     while step < total_steps:
         if not batches:  # a new epoch: shuffled batches of similar lengths (less padding)
-            batches = [b for b in common.length_grouped_batches(lengths, args.batch_size, rng)
+            batches = [[int(i) for i in b] for b in common.length_grouped_batches(lengths, args.batch_size, rng)
                        if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
         n_tokens = sum(len(c) for _, c in batch)  # loss = mean NLL over every completion token of the step
         loss_sum = 0.0
         for m in range(0, len(batch), len(batch) // accumulation):
-            ids, mask, loss_mask = (t.to(device) for t in collate(batch[m:m + len(batch) // accumulation], tok.pad_token_id))
+            micro = batch[m:m + len(batch) // accumulation]
             with autocast:
-                loss = nll_sum(forward_model, ids, mask, loss_mask) / n_tokens
+                loss = -common.completion_logps(forward_model, *zip(*micro), tok.pad_token_id, device)[0].sum() / n_tokens
             loss.backward()
             loss_sum += loss.detach()
+        step += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
+        if common.finite_or_stop(loss_sum + grad_norm, "loss", step, args.skip_nonfinite):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
         progress.update()
         if step % 20 == 0 or step == total_steps:
             metrics = {"train/loss": float(loss_sum), "train/grad_norm": float(grad_norm),
                        "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch}
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            if log:
-                log(metrics, step=step)
+            log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
             loss_value = eval_loss()
             metrics, samples = generate_samples(64)
             tqdm.write(f"step {step}: eval_loss {loss_value:.4f} eos_rate {metrics['eos_rate']:.2f}"
                        + "".join(f"\n  {s['prompt']} ->{s['response']}" for s in samples[:2]))
-            if log:
-                log({"eval/loss": loss_value, **{f"eval/{k}": v for k, v in metrics.items()}}, step=step)
+            log({"eval/loss": loss_value, **{f"eval/{k}": v for k, v in metrics.items()}}, step)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            common.save_checkpoint(args.output_dir, "sft.py", args, {"model": model}, optimizer, scheduler,
+                                   {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
+                                    "elapsed": time.time() - start, "history": history})
     progress.close()
     train_seconds = time.time() - start
 
@@ -217,8 +218,7 @@ if __name__ == "__main__":
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))
-    if log:
-        log({f"eval/{k}": v for k, v in results.items()}, step=step)
+    log({f"eval/{k}": v for k, v in results.items()}, step)
 
     # ---- saving -----------------------------------------------------------------------------------
     def write(tmp):
@@ -226,8 +226,8 @@ if __name__ == "__main__":
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
-        with open(os.path.join(tmp, "samples.jsonl"), "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples)
+        common.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)
+        common.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
 
     common.save_atomic(args.output_dir, "sft.py", args, write)
     print(f"saved {args.output_dir}")

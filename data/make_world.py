@@ -33,7 +33,7 @@ VOCAB_SIZE = 2048
 # Bradley-Terry label noise: the simulated annotator prefers a over b with probability
 # sigmoid((gold(a) - gold(b)) / LABEL_TEMPERATURE); smaller is less noisy.
 LABEL_TEMPERATURE = 0.15
-SIZES = {"sft": (10000, 500), "preference": (8000, 1000), "prompts": (4000, 500), "judge": (12000, 500)}
+SIZES = {"sft": (10000, 500), "preference": (16000, 1000), "prompts": (4000, 500), "judge": (20000, 500)}
 MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
 CHAT_TEMPLATE = (
@@ -169,19 +169,9 @@ def repetitive(rng, text):
     return " " + " ".join([rng.choice(POS + NEG)] * rng.randint(4, 10)) + "."
 
 
-# ---- the judge's data (the AI labeler of rlaif.py learns from it) ------------------------------------
-JUDGE_PREAMBLE = "You compare two continuations of the same movie review opening."
-CONSTITUTION = [  # the built-in constitution of rlaif.py says the same things
-    "Choose the response that is more positive and enthusiastic about the film.",
-    "Choose the response that a fan of the film would rather read.",
-    "Choose the response that praises the film more warmly without repeating itself.",
-    "Choose the response that sounds like a natural, non-repetitive review that loves the film.",
-]
-
-
-def judge_query(principle, prompt, a, b):
-    return (f"{JUDGE_PREAMBLE}\nPrinciple: {principle}\nOpening: {prompt}\nResponse A:{a}\nResponse B:{b}\n"
-            "Which response is better? Answer A or B.")
+# ---- the judge's data (the AI labeller of rlaif.py learns from it) -----------------------------------
+# The questions are rlaif.py's own, word for word: the labeller is trained on what it will be asked.
+from rlaif import CONSTITUTION, PREAMBLE, judge_query  # noqa: E402
 
 
 def sigmoid(x):
@@ -233,7 +223,8 @@ def make_rows(rng, scale):
                     a, b = (repetitive(rng, review(rng, f)) if rng.random() < 0.2 else review(rng, f)
                             for _ in range(2))
                     answer = "A" if gold_score(a) >= gold_score(b) else "B"
-                    rows.append({"prompt": [{"role": "user", "content": judge_query(rng.choice(CONSTITUTION), p, a, b)}],
+                    question = judge_query(PREAMBLE, rng.choice(CONSTITUTION), p, a, b)
+                    rows.append({"prompt": [{"role": "user", "content": question}],
                                  "completion": [{"role": "assistant", "content": answer}]})
             splits[split] = rows
         data[name] = splits

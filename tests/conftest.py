@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
+# offline, before any hub library is imported (they read these once): a hub name fails at once
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = os.path.join(ROOT, "data", "world")
 sys.path.insert(0, ROOT)
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-           WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def run(script, *args, ok=True, timeout=600):

@@ -44,7 +44,7 @@ def test_completion_only_loss_mask():
     tok = common.load_tokenizer(f"{WORLD}/base")
     rows = [{"prompt": "I saw The Film.", "completion": " It is great."}]
     (p, c), = sft.tokenize(tok, rows, ["prompt", "completion"], 256)
-    ids, mask, loss_mask = sft.collate([(p, c), (p, c[:2])], tok.pad_token_id)
+    ids, mask, loss_mask = common.pad_completions([p, p], [c, c[:2]], tok.pad_token_id)
     assert tok.decode(c) == " It is great.<|eos|>"
     assert loss_mask[0].tolist() == [0] * len(p) + [1] * len(c)
     assert loss_mask[1].tolist() == [0] * len(p) + [1, 1] + [0] * (len(c) - 2)

@@ -41,7 +41,7 @@ def test_every_split_is_disjoint_by_prompt():
             rows = read_jsonl(f"{WORLD}/{name}/{split}.jsonl")
             assert len(rows) > 0
             for r in rows:
-                p = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][0]["content"].split("Opening: ")[1].split("\n")[0]
+                p = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][0]["content"].split("Prompt: ")[1].split("\n")[0]
                 assert p not in seen, f"{p!r} in {name}/{split} and {seen[p]}"
                 seen[p] = f"{name}/{split}"
 

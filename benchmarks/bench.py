@@ -1,0 +1,221 @@
+"""Throughput and peak memory of the training steps of sft.py, reward.py, dpo.py and ppo.py on fixed shapes,
+optionally side by side with TRL (the peer harness in ../shared/peers), alternating, median of --runs.
+
+    python ../shared/peers/make_world.py /tmp/peers/world       # the peer world: tokenizer, tiny Llama, data
+    bash ../shared/peers/setup_venvs.sh                          # TRL's two venvs (only needed for --peers)
+    python benchmarks/bench.py --runs 3 --peers                  # JSON lines, then the table of medians and ratios
+
+Each measurement runs one script, unchanged, in a fresh process (benchmarks/bench.py --child NAME): the
+script is executed as __main__ with the shapes below as its arguments, and torch's global hooks take a
+timestamp after every optimizer step and count the real (non-pad) tokens of every training forward.
+As in the peer harness: steps 3..32 are timed (rollouts 3..12 for PPO), examples are sequences (SFT),
+pairs (reward, DPO) or episodes (PPO), and peak memory is the process's max RSS (CPU) or
+max_memory_allocated (CUDA). On CUDA, MFU = 6 * parameters * tokens/s / the device's bf16 peak.
+"""
+import json
+import os
+import resource
+import runpy
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(os.path.dirname(ROOT), "shared", "peers")
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense, per the vendors' sheets
+
+
+@dataclass
+class Args:
+    world: str = "/tmp/peers/world"
+    """the peer world (../shared/peers/make_world.py output): tokenizer/, policy/, reward/, *.jsonl"""
+    scripts: list[str] = field(default_factory=lambda: ["sft", "reward", "dpo", "ppo_epochs1", "ppo_epochs4"])
+    """which measurements to take"""
+    runs: int = 3
+    """rounds; the table reports medians"""
+    peers: bool = False
+    """also run TRL's trainers (../shared/peers, venvs /tmp/venv-trl and /tmp/venv-trl-ppo), alternating"""
+    batch_size: int = 16
+    """sequences (SFT), pairs (reward, DPO) or episodes (PPO) per optimizer step or rollout"""
+    max_length: int = 128
+    """longest sequence of SFT, reward and DPO"""
+    response_length: int = 48
+    """tokens sampled per PPO response"""
+    steps: int = 32
+    """optimizer steps per run (PPO: 12 rollouts); the first `warmup` are not timed"""
+    warmup: int = 2
+    """untimed steps at the start"""
+    hidden_size: int | None = None
+    """with --num_layers: a random Llama of this size on the world's tokenizer instead of the peer policy (GPU MFU)"""
+    num_layers: int | None = None
+    """layers of that Llama"""
+    out: str = "/tmp/bench/results.jsonl"
+    """raw result lines are appended here"""
+    child: str | None = None
+    """(internal) run one measurement in this process and print its JSON line"""
+
+
+def prepare(args):
+    """Model directories our scripts can load: the peer's weights with its tokenizer beside them."""
+    work = os.path.join(os.path.dirname(args.out), "models")
+    for name in ("policy", "reward"):
+        target = os.path.join(work, name)
+        if not os.path.exists(os.path.join(target, "model.safetensors")):
+            shutil.copytree(os.path.join(args.world, name), target, dirs_exist_ok=True)
+            shutil.copytree(os.path.join(args.world, "tokenizer"), target, dirs_exist_ok=True)
+    if args.hidden_size and args.num_layers:  # a bigger random Llama, for the GPU
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        target = os.path.join(work, f"llama_{args.hidden_size}x{args.num_layers}")
+        if not os.path.exists(target):
+            tok = AutoTokenizer.from_pretrained(os.path.join(args.world, "tokenizer"))
+            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden_size, intermediate_size=int(args.hidden_size * 8 / 3) // 64 * 64,
+                              num_hidden_layers=args.num_layers, num_attention_heads=args.hidden_size // 64,
+                              num_key_value_heads=args.hidden_size // 64, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+            LlamaForCausalLM(cfg).save_pretrained(target)
+            tok.save_pretrained(target)
+        return {"policy": target, "reward": os.path.join(work, "reward")}
+    return {"policy": os.path.join(work, "policy"), "reward": os.path.join(work, "reward")}
+
+
+def script_args(name, args, models, output_dir):
+    """The command line of one of our scripts for the measured shapes, with the evaluation cut to a minimum."""
+    w, b = args.world, str(args.batch_size)
+    shapes = ["--batch_size", b, "--micro_batch_size", b, "--max_steps", str(args.steps), "--output_dir", output_dir,
+              "--no_gold_eval", "--seed", "0"]
+    if name == "sft":
+        return "sft.py", [*shapes, "--model_name_or_path", models["policy"], "--dataset_name", f"{w}/sft.jsonl",
+                          "--max_length", str(args.max_length), "--eval_every", "100000", "--num_eval_samples", "4",
+                          "--max_new_tokens", "4"]
+    if name == "reward":
+        return "reward.py", [*shapes, "--model_name_or_path", models["reward"], "--dataset_name", f"{w}/preference.jsonl",
+                             "--sft_dataset_name", f"{w}/sft.jsonl", "--num_normalisation_rows", "16",
+                             "--max_length", str(args.max_length), "--eval_every", "100000"]
+    if name == "dpo":  # the reference runs every step, as in the peer's TRL setup (precompute_ref_log_probs=False)
+        return "dpo.py", [*shapes, "--model_name_or_path", models["policy"], "--dataset_name", f"{w}/preference.jsonl",
+                          "--eval_prompts_name", f"{w}/prompts.jsonl", "--num_eval_prompts", "4", "--max_new_tokens", "4",
+                          "--max_length", str(args.max_length), "--eval_every", "100000", "--no_precompute_ref_logps"]
+    epochs = name.removeprefix("ppo_epochs")
+    rollouts = str(args.steps * 12 // 32)
+    return "ppo.py", ["--batch_size", b, "--micro_batch_size", b, "--num_mini_batches", "1", "--num_ppo_epochs", epochs,
+                      "--max_steps", rollouts, "--response_length", str(args.response_length), "--output_dir", output_dir,
+                      "--model_name_or_path", models["policy"], "--reward_model_name_or_path", models["reward"],
+                      "--dataset_name", f"{w}/prompts.jsonl", "--num_eval_prompts", "4", "--eval_every", "100000",
+                      "--log_samples_every", "100000", "--no_gold_eval", "--seed", "0"]
+
+
+def child(args):
+    """Run one of our scripts in this process, timing its optimizer steps; print one JSON line."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    name = args.child
+    models = prepare(args)
+    output_dir = os.path.join(os.path.dirname(args.out), f"out_{name}")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    script, argv = script_args(name, args, models, output_dir)
+    stamps, tokens = [], [0]
+    pad_id = 0  # the peer world's <|pad|>
+
+    def count_tokens(module, inputs):  # real tokens of every training forward (the embedding sees the ids)
+        if isinstance(module, torch.nn.Embedding) and torch.is_grad_enabled() and inputs[0].dtype == torch.long:
+            tokens[0] += int((inputs[0] != pad_id).sum())
+            stamps_tokens.append((len(stamps), tokens[0]))
+
+    stamps_tokens = []
+    torch.nn.modules.module.register_module_forward_pre_hook(count_tokens)
+    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    sys.argv, sys.path[0] = [script, *argv], ROOT  # as `python script.py` from the repository root
+    with open(os.devnull, "w") as quiet:
+        stdout, sys.stdout = sys.stdout, quiet
+        try:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        finally:
+            sys.stdout = stdout
+    per_round = int(name.removeprefix("ppo_epochs")) if name.startswith("ppo") else 1  # optimizer steps per rollout
+    rounds = [stamps[i] for i in range(per_round - 1, len(stamps), per_round)]  # the end of each step or rollout
+    warm = args.warmup
+    n = len(rounds) - warm
+    wall = rounds[-1] - rounds[warm - 1]
+    if name.startswith("ppo"):  # as the peer: prompt tokens + response_length per episode
+        from datasets import load_dataset
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(models["policy"])
+        prompts = load_dataset("json", data_files=f"{args.world}/prompts.jsonl")["train"]["prompt"][:400]
+        mean_prompt = sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts)
+        token_count = n * args.batch_size * (mean_prompt + args.response_length)
+    else:  # tokens of the training forwards after the warm-up steps
+        token_count = tokens[0] - max((t for s, t in stamps_tokens if s < warm), default=0)
+    result = {"trainer": name, "impl": "ours", "steps": n, "examples_per_s": n * args.batch_size / wall,
+              "tokens_per_s": token_count / wall, "wall_s": wall, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(models["policy"])
+        # matmul parameters: attention 4 d^2 and MLP 3 d * intermediate per layer, and the LM head
+        n_params = cfg.num_hidden_layers * (4 * cfg.hidden_size ** 2 + 3 * cfg.hidden_size * cfg.intermediate_size) \
+            + cfg.vocab_size * cfg.hidden_size
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        result.update(device=torch.cuda.get_device_name(), peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20)
+        if peak and name == "sft":
+            result["mfu"] = 6 * n_params * result["tokens_per_s"] / (peak * 1e12)
+    else:
+        result.update(device="cpu", peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+
+
+PEER_JOBS = {"sft": ("/tmp/venv-trl/bin/python", "trl_sft.py", []),
+             "reward": ("/tmp/venv-trl/bin/python", "trl_reward.py", []),
+             "dpo": ("/tmp/venv-trl/bin/python", "trl_dpo.py", []),
+             "ppo_epochs1": ("/tmp/venv-trl-ppo/bin/python", "trl_ppo.py", ["--ppo-epochs", "1"]),
+             "ppo_epochs4": ("/tmp/venv-trl-ppo/bin/python", "trl_ppo.py", ["--ppo-epochs", "4"])}
+
+
+def measure(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('{"trainer"')]
+    if proc.returncode or not lines:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main(args):
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    prepare(args)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
+               WANDB_MODE="disabled")
+    passthrough = [a for a in sys.argv[1:] if a not in ("--peers",)]
+    results = []
+    with open(args.out, "a") as out:
+        for i in range(args.runs):
+            for name in args.scripts:
+                jobs = [("ours", [sys.executable, os.path.abspath(__file__), *passthrough, "--child", name], ROOT)]
+                if args.peers:
+                    py, script, extra = PEER_JOBS[name]
+                    jobs.append(("trl", [py, script, "--world", args.world, *extra], PEERS))
+                for impl, cmd, cwd in (jobs if i % 2 == 0 else jobs[::-1]):  # alternate who goes first
+                    r = {**measure(cmd, cwd, env), "impl": impl, "run": i}
+                    results.append(r)
+                    out.write(json.dumps(r) + "\n")
+                    print(json.dumps(r), flush=True)
+    print("\n| trainer | ours examples/s | TRL examples/s | ratio | ours tokens/s | ours peak MB | TRL peak MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.scripts:
+        med = lambda impl, k: statistics.median([r[k] for r in results if r["trainer"] == name and r["impl"] == impl]) \
+            if any(r["trainer"] == name and r["impl"] == impl for r in results) else float("nan")
+        mem = "peak_mem_mb" if any("peak_mem_mb" in r for r in results) else "peak_rss_mb"
+        ours, trl = med("ours", "examples_per_s"), med("trl", "examples_per_s")
+        print(f"| {name} | {ours:.2f} | {trl:.2f} | {ours / trl:.2f}x | {med('ours', 'tokens_per_s'):.0f} | "
+              f"{med('ours', mem):.0f} | {med('trl', 'peak_rss_mb'):.0f} |")
+
+
+if __name__ == "__main__":
+    a = tyro.cli(Args, use_underscores=True)
+    child(a) if a.child else main(a)

@@ -1,0 +1,267 @@
+"""Reward modelling: a scalar score on a language-model backbone, trained on pairwise preferences.
+
+    python reward.py                            # the offline world: from runs/sft, on data/world/preference
+
+The Bradley-Terry model (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1) says a labeller prefers y_c over
+y_r with probability sigmoid(r(x, y_c) - r(x, y_r)); training minimises -log sigmoid(r_c - r_r). Options:
+a per-pair margin subtracted inside the sigmoid (Touvron et al. 2023, Llama 2), soft labels p for
+distilling an AI labeller (cross-entropy against the pair softmax, as in RLAIF), and the reward-centering
+regulariser coef * (r_c + r_r)^2 (Eisenstein et al. 2023).
+
+The score head sits on the last real token (EOS) and is initialised N(0, 1/sqrt(d_model + 1)) (GUIDE
+detail 6). After training the reward is normalised so the SFT demonstrations score 0 on average
+(detail 7), inside the saved weights: `AutoModelForSequenceClassification.from_pretrained(output_dir)`
+gives the normalised score every script uses.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, get_cosine_schedule_with_warmup
+
+import common
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = "runs/sft"
+    """the SFT model (hub id or local directory) whose backbone the reward model starts from"""
+    dataset_name: str = "data/world/preference"
+    """preference pairs {prompt, chosen, rejected} (text or chat messages): hub id, directory or .json/.jsonl"""
+    output_dir: str = "runs/reward"
+    """where the reward model, tokenizer and eval.json are written (atomically)"""
+    sft_dataset_name: str = "data/world/sft"
+    """demonstrations {prompt, completion} whose mean reward is shifted to 0 after training"""
+    num_normalisation_rows: int = 2000
+    """demonstrations used to measure that mean"""
+    margin_column: str | None = None
+    """a column of per-pair margins m: loss -log sigmoid(r_c - r_r - m)"""
+    label_column: str | None = None
+    """a column with the probability p that chosen is preferred (soft labels, e.g. from rlaif.py --mode label)"""
+    center_rewards_coef: float = 0.0
+    """weight of the reward-centering regulariser mean((r_c + r_r)^2); 0.01 in Eisenstein et al."""
+    seed: int = 1
+    """seed of the head's initialisation and of the data order"""
+    num_epochs: float = 1.5
+    """passes over the training pairs"""
+    max_steps: int | None = None
+    """stop after this many optimizer steps (a cap for quick runs; the schedule follows it)"""
+    learning_rate: float = 1e-3
+    """peak AdamW learning rate (the world's 4M-parameter model; ~5e-6 for a real model)"""
+    warmup_steps: int = 20
+    """linear warmup steps, then cosine decay to 0"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    batch_size: int = 64
+    """pairs per optimizer step"""
+    micro_batch_size: int = 64
+    """pairs per forward pass (2x sequences); batch_size / micro_batch_size steps of gradient accumulation"""
+    max_length: int = 256
+    """longest prompt + response in tokens; longer pairs are dropped (counted)"""
+    eval_every: int = 125
+    """steps between held-out accuracy evaluations"""
+    gold_eval: bool = True
+    """also report how often the reward model orders held-out pairs as the offline world's gold rater does"""
+    save_every: int = 0
+    """write a checkpoint (model, optimizer, scheduler, RNG, data position) every this many steps; 0: never"""
+    resume: bool = False
+    """continue from the checkpoint in --output_dir"""
+    skip_nonfinite: bool = False
+    """skip a batch whose loss is not finite instead of stopping"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (the CPU always runs fp32)"""
+    compile: bool = True
+    """torch.compile the model on CUDA (never on CPU)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf-reference"
+    """wandb project name"""
+
+
+def preference_loss(chosen_rewards, rejected_rewards, margins=None, labels=None):
+    """Bradley-Terry negative log-likelihood, -log sigmoid(r_c - r_r - m), per pair. With soft labels p it is
+    the cross-entropy -p log sigmoid(d) - (1 - p) log sigmoid(-d): at p = 1 the hard-label loss."""
+    d = chosen_rewards - rejected_rewards - (margins if margins is not None else 0)
+    if labels is None:
+        return -F.logsigmoid(d)
+    return -labels * F.logsigmoid(d) - (1 - labels) * F.logsigmoid(-d)
+
+
+def rewards(model, seqs, pad_id, device):
+    """Score at the last real token of each right-padded sequence (the head is read there: detail 6)."""
+    ids, mask = (t.to(device) for t in common.pad(seqs, pad_id))
+    return model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False).logits[:, 0].float()
+
+
+@torch.no_grad()
+def last_hidden_states(model, seqs, pad_id, device):
+    """The final (normalised) hidden state at each sequence's last real token: what the score head reads."""
+    ids, mask = (t.to(device) for t in common.pad(seqs, pad_id))
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False).last_hidden_state
+    return hidden[torch.arange(len(seqs)), mask.sum(1) - 1].float()
+
+
+def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
+    """Make the mean reward of `hidden` (the demonstrations' last-token states) exactly 0 inside the weights.
+
+    Decoder classification heads in transformers have no bias, so a constant cannot be added. Instead find
+    v with v.h close to 1 for every demonstration (least squares; hidden states share a common direction),
+    scaled so its mean over them is exactly 1, and set w <- w - mean_reward * v: rewards move by
+    -mean_reward * (v.h), a constant shift up to the fit's residual, which is reported."""
+    w = head.weight.data[0].float()
+    scores = hidden @ w
+    ones = torch.ones(len(hidden), 1, device=hidden.device)
+    v = torch.linalg.lstsq(hidden, ones, driver="gelsd" if hidden.device.type == "cpu" else None).solution[:, 0]
+    v = v / (hidden @ v).mean()
+    shift = scores.mean()
+    head.weight.data[0] = (w - shift * v).to(head.weight.dtype)
+    return {"reward_mean_before_normalisation": float(shift),
+            "reward_mean_after_normalisation": float((hidden @ head.weight.data[0].float()).mean()),
+            "normalisation_shift_residual_std": float((shift * (hidden @ v - 1)).std())}
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, use_underscores=True)
+    common.seed_everything(args.seed)
+    common.check_output_dir(args.output_dir, "reward.py", args.resume)
+    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
+    run_name, log, history = common.start_tracking(args, "reward")
+
+    # ---- data and model --------------------------------------------------------------------------
+    tok = common.load_tokenizer(args.model_name_or_path)
+    extra = [c for c in (args.margin_column, args.label_column) if c]
+    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected", *extra]], seed=args.seed)
+    train = common.tokenize_pairs(tok, train_rows, args.max_length, extra)
+    evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
+    model = common.load_model(AutoModelForSequenceClassification, args.model_name_or_path, tok, device, new_head=True, num_labels=1)
+    if not hasattr(model, "score") or model.score.out_features != 1:
+        common.fail(f"{args.model_name_or_path} does not give a one-output score head")
+    # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
+    torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+          f"{len(train)} train / {len(evals)} eval pairs")
+    forward_model = torch.compile(model) if use_compile else model
+
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        common.fail(f"{len(train)} training pairs is fewer than one batch of {args.batch_size}")
+    total_steps = math.ceil(args.num_epochs * steps_per_epoch)
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    micro = min(args.micro_batch_size, args.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
+
+    @torch.no_grad()
+    def evaluate():
+        """Held-out accuracy (the RM agrees with the label) and, on the world, agreement with the gold rater."""
+        model.eval()
+        chosen, rejected = [], []
+        for i in range(0, len(evals), 64):
+            batch = evals[i:i + 64]
+            with autocast:
+                r = rewards(forward_model, [p + c for p, c, *_ in batch] + [p + r for p, _, r, *_ in batch], tok.pad_token_id, device)
+            chosen.append(r[:len(batch)])
+            rejected.append(r[len(batch):])
+        model.train()
+        chosen, rejected = torch.cat(chosen).cpu().numpy(), torch.cat(rejected).cpu().numpy()
+        metrics = {"accuracy": float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected))),
+                   "chosen_rewards": float(chosen.mean()), "rejected_rewards": float(rejected.mean()),
+                   "margin": float((chosen - rejected).mean())}
+        if args.gold_eval:
+            from data.gold import gold_score
+
+            text = lambda m: m if isinstance(m, str) else m[-1]["content"]  # a chat response: its last message
+            gold_c = np.array([gold_score(text(eval_rows[i]["chosen"])) for *_, i in evals])
+            gold_r = np.array([gold_score(text(eval_rows[i]["rejected"])) for *_, i in evals])
+            metrics["gold_agreement"] = float(np.mean(np.sign(chosen - rejected) == np.sign(gold_c - gold_r)))
+            # the gold rater's own agreement with the noisy held-out labels: the ceiling for `accuracy`
+            metrics["gold_label_agreement"] = float(np.mean((gold_c > gold_r) + 0.5 * (gold_c == gold_r)))
+        return metrics
+
+    # ---- training ---------------------------------------------------------------------------------
+    rng = np.random.default_rng(args.seed)
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r, *_ in train]
+    batches, step, elapsed = [], 0, 0.0
+    if args.resume:
+        state = common.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
+        step, batches, elapsed, history[:] = state["step"], state["batches"], state["elapsed"], state["history"]
+        rng.bit_generator.state = state["numpy_rng"]
+    start = time.time() - elapsed
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc="reward", mininterval=5)
+    while step < total_steps:
+        if not batches:  # a new epoch: shuffled batches of pairs of similar length
+            batches = [[int(i) for i in b] for b in common.length_grouped_batches(lengths, args.batch_size, rng)
+                       if len(b) == args.batch_size]
+        batch = [train[i] for i in batches.pop()]
+        stats = []
+        for m in range(0, len(batch), micro):
+            part = batch[m:m + micro]
+            extras = torch.tensor([e for *_, e, _ in part], device=device).reshape(len(part), len(extra))
+            margins = extras[:, extra.index(args.margin_column)] if args.margin_column else None
+            labels = extras[:, extra.index(args.label_column)] if args.label_column else None
+            with autocast:  # chosen and rejected in one forward: 2 x micro sequences
+                r = rewards(forward_model, [p + c for p, c, *_ in part] + [p + r for p, _, r, *_ in part], tok.pad_token_id, device)
+            chosen_rewards, rejected_rewards = r[:len(part)], r[len(part):]
+            loss = preference_loss(chosen_rewards, rejected_rewards, margins, labels).mean()
+            if args.center_rewards_coef:
+                loss = loss + args.center_rewards_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+            (loss * len(part) / len(batch)).backward()
+            stats.append(torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().mean(),
+                                      chosen_rewards.detach().mean(), rejected_rewards.detach().mean()]))
+        step += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if common.finite_or_stop(torch.stack(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.update()
+        if step % 20 == 0 or step == total_steps:
+            loss_v, acc, rc, rr = torch.stack(stats).mean(0).tolist()
+            progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc:.2f}")
+            log({"train/loss": loss_v, "train/accuracy": acc, "train/chosen_rewards": rc, "train/rejected_rewards": rr,
+                 "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)
+        if step % args.eval_every == 0 and step < total_steps:
+            metrics = evaluate()
+            tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            common.save_checkpoint(args.output_dir, "reward.py", args, {"model": model}, optimizer, scheduler,
+                                   {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
+                                    "elapsed": time.time() - start, "history": history})
+    progress.close()
+    train_seconds = time.time() - start
+
+    # ---- normalisation (detail 7): the SFT demonstrations' mean reward becomes 0 ------------------
+    model.eval()
+    demos, _, _ = common.load_splits(args.sft_dataset_name, [["prompt", "completion"]], seed=args.seed)
+    demos = demos.select(range(min(args.num_normalisation_rows, len(demos))))
+    seqs = [common.encode_prompt(tok, r["prompt"]) + common.encode_completion(tok, r["prompt"], r["completion"]) for r in demos]
+    seqs = [s for s in seqs if len(s) <= args.max_length]
+    with autocast:
+        hidden = torch.cat([last_hidden_states(model, seqs[i:i + 64], tok.pad_token_id, device) for i in range(0, len(seqs), 64)])
+    normalisation = fold_shift_into_head(model.score, hidden)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    results = {**evaluate(), **normalisation, "steps": step, "train_seconds": round(train_seconds, 1)}
+    print(json.dumps(results, indent=2))
+    log({f"eval/{k}": v for k, v in results.items()}, step)
+
+    # ---- saving -----------------------------------------------------------------------------------
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        common.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
+
+    common.save_atomic(args.output_dir, "reward.py", args, write)
+    print(f"saved {args.output_dir}")

@@ -1,0 +1,425 @@
+"""RL from AI feedback: an LLM labeller, guided by a written constitution, replaces the human comparisons.
+
+    python rlaif.py                             # online: OAIF on the offline world, judged by runs/judge
+    python rlaif.py --mode label --dataset_name data/world/preference --output_dir runs/rlaif_labels
+    python reward.py --dataset_name runs/rlaif_labels --label_column label --output_dir runs/reward_rlaif
+
+The labeller (Bai et al. 2022, "Constitutional AI"; Lee et al. 2023, "RLAIF vs. RLHF") is any causal LM.
+It reads a preamble, one principle sampled from the constitution for this comparison, the prompt and
+two responses, and is asked "Which response is better? Answer A or B." Its preference is the softmax
+over its log-probs of the two answer tokens. Position bias is removed by asking again with the responses
+swapped and averaging: p(A) = (p(A | A, B) + p(A | B, A)) / 2.
+
+  --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current
+                 policy, the labeller picks one, and a DPO-family update learns from that fresh pair
+                 (the reference is the SFT policy).
+  --mode label   labels pairs, given ({prompt, chosen, rejected}) or sampled from the policy for
+                 {prompt} rows, and writes a preference dataset with a soft `label` column
+                 (p(chosen is better) >= 0.5) that reward.py (--label_column label) and dpo.py read:
+                 distilled RLAIF.
+
+Reported: the labeller's agreement with the gold rater (the offline world) or with given labels, how
+often its choice flips when the order is swapped, and its mean confidence.
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+import common
+
+PREAMBLE = "You compare two responses to the same prompt."
+CONSTITUTION = [  # the built-in constitution; --constitution replaces it with a text (one per line) or JSON file
+    "Choose the response that is more positive and enthusiastic about the film.",
+    "Choose the response that a fan of the film would rather read.",
+    "Choose the response that praises the film more warmly without repeating itself.",
+    "Choose the response that sounds like a natural, non-repetitive review that loves the film.",
+]
+
+
+def judge_query(preamble, principle, prompt, a, b):
+    """The labeller's question about one ordered pair (responses are shown as they continue the prompt)."""
+    return (f"{preamble}\nPrinciple: {principle}\nPrompt: {prompt}\nResponse A:{a}\nResponse B:{b}\n"
+            "Which response is better? Answer A or B.")
+
+
+@dataclass
+class Args:
+    mode: Literal["online", "label"] = "online"
+    """online: OAIF training of the policy; label: write an AI-labelled preference dataset"""
+    model_name_or_path: str = "runs/sft"
+    """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows)"""
+    judge_model_name_or_path: str = "runs/judge"
+    """the AI labeller: any causal LM (the offline world's: sft.py trained on data/world/judge)"""
+    constitution: str | None = None
+    """a text file (one principle per line) or JSON list of principles replacing the built-in constitution"""
+    preamble: str = PREAMBLE
+    """the first line of every question to the labeller"""
+    dataset_name: str = "data/world/prompts"
+    """online: prompts {prompt}; label: pairs {prompt, chosen, rejected} or prompts {prompt}"""
+    output_dir: str = "runs/rlaif"
+    """online: the trained policy; label: the labelled dataset (train.jsonl, test.jsonl)"""
+    seed: int = 1
+    """seed of sampling, principle choice and data order"""
+    total_prompts: int = 6144
+    """online: prompts rolled out in all (two responses each)"""
+    max_steps: int | None = None
+    """online: stop after this many updates; label: label at most this many pairs per split"""
+    batch_size: int = 64
+    """online: prompts per update (one optimizer step on their fresh pairs)"""
+    micro_batch_size: int = 32
+    """online: pairs per forward/backward pass (gradient accumulation)"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """online: DPO (sigmoid) or IPO on the labelled pair"""
+    beta: float = 0.1
+    """online: the KL strength of the DPO-family loss"""
+    learning_rate: float = 3e-5
+    """online: AdamW learning rate, annealed linearly to 0"""
+    max_grad_norm: float = 1.0
+    """online: gradient clipping"""
+    sample_temperature: float = 1.0
+    """temperature of the two samples per prompt (online, and label mode for {prompt} rows)"""
+    max_new_tokens: int = 64
+    """longest sampled response"""
+    max_prompt_length: int = 128
+    """longest prompt in tokens; longer ones are dropped (counted)"""
+    judge_max_length: int = 512
+    """longest labeller question in tokens; longer ones count as ties and are skipped"""
+    judge_batch_size: int = 64
+    """questions per labeller forward"""
+    eval_every: int = 24
+    """online: updates between evaluations on held-out prompts"""
+    num_eval_prompts: int = 256
+    """online: held-out prompts sampled from the policy and the reference at the end"""
+    temperature: float = 0.7
+    """sampling temperature of the evaluation (the same in dpo.py, ppo.py and rlaif.py)"""
+    gold_eval: bool = True
+    """score with the offline world's gold rater (data/gold.py); turn off for other tasks"""
+    save_every: int = 0
+    """online: write a checkpoint (policy, optimizer, RNG, data position) every this many updates; 0: never"""
+    resume: bool = False
+    """online: continue from the checkpoint in --output_dir"""
+    skip_nonfinite: bool = False
+    """online: skip a batch whose loss is not finite instead of stopping"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (the CPU always runs fp32)"""
+    compile: bool = True
+    """torch.compile the policy's training forward on CUDA (never on CPU)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf-reference"
+    """wandb project name"""
+
+
+# ---- the labeller -------------------------------------------------------------------------------------
+def load_constitution(path):
+    if path is None:
+        return list(CONSTITUTION)
+    if not os.path.isfile(path):
+        common.fail(f"constitution {path!r} does not exist")
+    text = open(path).read()
+    principles = json.loads(text) if path.endswith(".json") else [l.strip() for l in text.splitlines() if l.strip()]
+    if not principles or not all(isinstance(p, str) and p for p in principles):
+        common.fail(f"constitution {path!r} holds no principles (a text file, one per line, or a JSON list of strings)")
+    return principles
+
+
+def answer_token_ids(tok):
+    """The token ids of answering "A" and "B", as the labeller would write them after the question."""
+    question = [{"role": "user", "content": "?"}]
+    ids = []
+    for answer in ("A", "B"):
+        if tok.chat_template:
+            ids.append(common.encode_completion(tok, question, [{"role": "assistant", "content": answer}])[0])
+        else:
+            ids.append(tok(" " + answer, add_special_tokens=False)["input_ids"][0])
+    if ids[0] == ids[1]:
+        common.fail("the labeller's tokenizer does not tell the answers 'A' and 'B' apart by their first token")
+    return ids
+
+
+def encode_question(tok, text):
+    """A question as the labeller reads it: through its chat template when it has one."""
+    if tok.chat_template:
+        return common.encode_prompt(tok, [{"role": "user", "content": text}])
+    return tok(text + "\nAnswer:")["input_ids"]
+
+
+@torch.no_grad()
+def answer_logprobs(judge, questions, answer_ids, pad_id, device, batch_size, autocast):
+    """log-softmax over the two answer tokens after each question: (N, 2)."""
+    out = []
+    for i in range(0, len(questions), batch_size):
+        ids, mask = (t.to(device) for t in common.pad(questions[i:i + batch_size], pad_id, "left"))
+        with autocast:
+            logits = judge(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask),
+                           use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        out.append(logits[:, answer_ids].log_softmax(-1))
+    return torch.cat(out)
+
+
+def debiased_preference(logprobs_ab, logprobs_ba):
+    """p(the first response is better), averaged over both orders. logprobs_ab are the answer log-probs with
+    the first response shown as A; logprobs_ba with it shown as B. A labeller that always answers "A"
+    gives p = 0.5: no preference."""
+    return 0.5 * (logprobs_ab.exp()[:, 0] + logprobs_ba.exp()[:, 1])
+
+
+def label_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng, args, device, autocast):
+    """The labeller's debiased p(first better) for each pair, and whether its choice flipped with the order.
+    Questions over judge_max_length give p = 0.5 and are marked in `skipped`."""
+    chosen_principles = [rng.choice(principles) for _ in prompt_texts]  # one principle per comparison
+    ab = [encode_question(judge_tok, judge_query(args.preamble, c, p, a, b))
+          for c, p, a, b in zip(chosen_principles, prompt_texts, firsts, seconds)]
+    ba = [encode_question(judge_tok, judge_query(args.preamble, c, p, b, a))
+          for c, p, a, b in zip(chosen_principles, prompt_texts, firsts, seconds)]
+    skipped = torch.tensor([max(len(x), len(y)) > args.judge_max_length for x, y in zip(ab, ba)])
+    ab, ba = ([q[-args.judge_max_length:] for q in qs] for qs in (ab, ba))  # cut to fit; their p is set to 0.5
+    answers = answer_token_ids(judge_tok)
+    lp_ab = answer_logprobs(judge, ab, answers, judge_tok.pad_token_id, device, args.judge_batch_size, autocast)
+    lp_ba = answer_logprobs(judge, ba, answers, judge_tok.pad_token_id, device, args.judge_batch_size, autocast)
+    p = debiased_preference(lp_ab, lp_ba).cpu()
+    # the choice flips when the first response wins in one order and loses in the other
+    flipped = ((lp_ab[:, 0] > lp_ab[:, 1]) != (lp_ba[:, 1] > lp_ba[:, 0])).cpu()
+    p[skipped] = 0.5
+    return p, flipped & ~skipped, skipped
+
+
+def labeller_metrics(p, flipped, skipped, reference_first_better=None):
+    """Agreement with a reference (gold rater or given labels; ties in the reference count half), flip rate
+    and mean confidence, over the pairs that were labelled."""
+    keep = ~skipped
+    metrics = {"labeller_flip_rate": float(flipped[keep].float().mean()),
+               "labeller_confidence": float(torch.maximum(p, 1 - p)[keep].mean()),
+               "labeller_skipped": int(skipped.sum())}
+    if reference_first_better is not None:
+        ref = torch.as_tensor(reference_first_better, dtype=torch.float)[keep]
+        agree = ((p[keep] > 0.5).float() == ref).float()
+        metrics["agreement"] = float(torch.where(ref == 0.5, torch.full_like(agree, 0.5), agree).mean())
+    return metrics
+
+
+def text_of(x):
+    """A prompt or response as plain text: chat messages become "role: content" lines."""
+    return x if isinstance(x, str) else "\n".join(f"{m['role']}: {m['content']}" for m in x)
+
+
+def gold_first_better(firsts, seconds):
+    from data.gold import gold_score
+
+    g1, g2 = np.array([gold_score(a) for a in firsts]), np.array([gold_score(b) for b in seconds])
+    return (g1 > g2) + 0.5 * (g1 == g2)
+
+
+@torch.no_grad()
+def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
+    """Two responses per prompt from the policy: (first_ids, second_ids) lists, each cut after its EOS."""
+    ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
+    ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    with autocast:
+        raw = common.sample(policy, ids, mask, args.max_new_tokens, args.sample_temperature, tok.eos_token_id, stop_at_eos=True)
+    responses, resp_mask, _ = common.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
+    lists = [r[:int(n)].tolist() for r, n in zip(responses.cpu(), resp_mask.sum(1).cpu())]
+    return lists[:len(prompt_ids)], lists[len(prompt_ids):]
+
+
+def dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type, beta):
+    """DPO (Rafailov et al. 2023, eq. 7) or IPO (Azar et al. 2023, eq. 17) on summed response log-probs."""
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, use_underscores=True)
+    common.seed_everything(args.seed)
+    common.check_output_dir(args.output_dir, "rlaif.py", args.resume)
+    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
+    run_name, log, history = common.start_tracking(args, f"rlaif_{args.mode}")
+    rng = random.Random(args.seed)
+    principles = load_constitution(args.constitution)
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
+    judge = common.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, frozen_dtype)
+    judge.eval().requires_grad_(False)
+    tok = common.load_tokenizer(args.model_name_or_path)
+
+    def label(prompts, firsts, seconds):
+        """Debiased labels of text pairs, in chunks (so the progress shows)."""
+        out = [label_pairs(judge, judge_tok, prompts[i:i + 512], firsts[i:i + 512], seconds[i:i + 512], principles,
+                           rng, args, device, autocast) for i in tqdm(range(0, len(prompts), 512), desc="labelling", mininterval=5)]
+        return tuple(torch.cat(x) for x in zip(*out))
+
+    # ============================ label mode: write an AI-labelled preference dataset ==================
+    if args.mode == "label":
+        train_rows, eval_rows, fmt = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"], ["prompt"]],
+                                                        seed=args.seed)
+        policy = None
+        if fmt == ["prompt"]:
+            policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
+        results, splits = {}, {}
+        for split, rows in (("train", train_rows), ("test", eval_rows)):
+            rows = rows.select(range(min(len(rows), args.max_steps or len(rows))))
+            prompts = [r["prompt"] for r in rows]
+            if policy is None:  # given pairs: label them as they are
+                firsts, seconds = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+            else:  # prompts only: two samples from the policy per prompt
+                firsts, seconds = [], []
+                for i in tqdm(range(0, len(prompts), 64), desc=f"sampling {split}", mininterval=5):
+                    a, b = sample_pairs(policy, tok, [common.encode_prompt(tok, p) for p in prompts[i:i + 64]], args, device, autocast)
+                    firsts += tok.batch_decode(a, skip_special_tokens=True)
+                    seconds += tok.batch_decode(b, skip_special_tokens=True)
+            p, flipped, skipped = label([text_of(x) for x in prompts], [text_of(x) for x in firsts],
+                                        [text_of(x) for x in seconds])
+            metrics = labeller_metrics(p, flipped, skipped)
+            if policy is None:  # agreement with the labels the data came with (chosen was preferred)
+                metrics["label_agreement"] = labeller_metrics(p, flipped, skipped, torch.ones(len(p)))["agreement"]
+            if args.gold_eval:
+                gold = gold_first_better([text_of(x) for x in firsts], [text_of(x) for x in seconds])
+                metrics["gold_agreement"] = labeller_metrics(p, flipped, skipped, gold)["agreement"]
+            results.update({f"{split}_{k}": v for k, v in metrics.items()})
+            # chosen = the labeller's pick; label = its probability that chosen is better (>= 0.5)
+            splits[split] = [{"prompt": q, "chosen": a if pa >= 0.5 else b, "rejected": b if pa >= 0.5 else a,
+                              "label": round(max(pa, 1 - pa), 4)}
+                             for q, a, b, pa, s in zip(prompts, firsts, seconds, p.tolist(), skipped.tolist()) if not s]
+        print(json.dumps(results, indent=2))
+
+        def write(tmp):
+            for split, rows in splits.items():
+                common.write_jsonl(os.path.join(tmp, f"{split}.jsonl"), rows)
+            with open(os.path.join(tmp, "labelling.json"), "w") as f:
+                json.dump(results, f, indent=2)
+
+        common.save_atomic(args.output_dir, "rlaif.py", args, write)
+        print(f"saved {args.output_dir}: {len(splits['train'])} train / {len(splits['test'])} test labelled pairs")
+        raise SystemExit
+
+    # ============================ online mode: OAIF ====================================================
+    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
+    prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
+    prompt_texts = [text_of(train_rows[i]["prompt"]) for i in kept]
+    eval_prompts, _ = common.encode_prompts(tok, eval_rows.select(range(min(args.num_eval_prompts, len(eval_rows)))),
+                                            args.max_prompt_length, "eval")
+    policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    ref_policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)
+    ref_policy.requires_grad_(False)
+    for model in (policy, ref_policy):
+        model.eval()  # dropout off: the log-probs of the update are those of the policy that sampled
+    forward_policy = torch.compile(policy) if use_compile else policy
+    num_updates = args.total_prompts // args.batch_size
+    if args.max_steps is not None:
+        num_updates = min(num_updates, args.max_steps)
+    if num_updates == 0 or len(prompts) < args.batch_size:
+        common.fail(f"total_prompts {args.total_prompts} / {len(prompts)} prompts give no batch of {args.batch_size}")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    print(f"online AI feedback: {num_updates} updates of {args.batch_size} prompts x 2 samples, "
+          f"{len(principles)} principles, labeller {args.judge_model_name_or_path}")
+
+    def evaluate(n):
+        return common.evaluate(policy, tok, eval_prompts[:n], args.max_new_tokens, args.temperature, 64, autocast,
+                               ref=ref_policy, gold=args.gold_eval)
+
+    order, curve, labeller_stats, first_update, elapsed = [], [], [], 1, 0.0
+    data_rng = np.random.default_rng(args.seed)
+    if args.resume:
+        state = common.load_checkpoint(args.output_dir, {"policy": policy}, optimizer, None)
+        order, curve, labeller_stats, elapsed, history[:] = (state[k] for k in ("order", "curve", "labeller_stats", "elapsed", "history"))
+        first_update = state["step"] + 1
+        data_rng.bit_generator.state = state["numpy_rng"]
+        rng.setstate(state["principle_rng"])
+    start = time.time() - elapsed
+    progress = tqdm(total=num_updates, initial=first_update - 1, desc="rlaif", mininterval=5)
+    for update in range(first_update, num_updates + 1):
+        optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (update - 1) / num_updates)
+        if len(order) < args.batch_size:
+            order = [int(i) for i in data_rng.permutation(len(prompts))]
+        idx = [order.pop() for _ in range(args.batch_size)]
+        batch = [prompts[i] for i in idx]
+
+        # -- two fresh samples per prompt from the current policy, judged by the labeller
+        firsts, seconds = sample_pairs(policy, tok, batch, args, device, autocast)
+        first_texts = tok.batch_decode(firsts, skip_special_tokens=True)
+        second_texts = tok.batch_decode(seconds, skip_special_tokens=True)
+        p, flipped, skipped = label_pairs(judge, judge_tok, [prompt_texts[i] for i in idx], first_texts, second_texts,
+                                          principles, rng, args, device, autocast)
+        gold = gold_first_better(first_texts, second_texts) if args.gold_eval else None
+        labeller_stats.append(labeller_metrics(p, flipped, skipped, gold))
+        keep = [i for i in range(len(batch)) if not skipped[i]]
+        chosen = [firsts[i] if p[i] >= 0.5 else seconds[i] for i in keep]
+        rejected = [seconds[i] if p[i] >= 0.5 else firsts[i] for i in keep]
+        pair_prompts = [batch[i] for i in keep]
+
+        # -- one DPO-family step on the labelled pairs, against the frozen SFT reference
+        losses_sum, margins = 0.0, []
+        for m in range(0, len(keep), args.micro_batch_size):
+            sl = slice(m, m + args.micro_batch_size)
+            both_prompts = pair_prompts[sl] * 2
+            both = chosen[sl] + rejected[sl]
+            with torch.no_grad(), autocast:
+                ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0].float()
+            with autocast:
+                logps = common.completion_logps(forward_policy, both_prompts, both, tok.pad_token_id, device)[0].float()
+            n = len(chosen[sl])
+            losses = dpo_losses(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.loss_type, args.beta)
+            (losses.sum() / len(keep)).backward()
+            losses_sum += float(losses.sum())
+            margins.append(args.beta * ((logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])).detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        if common.finite_or_stop(grad_norm + losses_sum, "loss", update, args.skip_nonfinite):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if update % 4 == 0 or update == num_updates:
+            recent = {k: float(np.mean([s[k] for s in labeller_stats[-4:]])) for k in labeller_stats[-1]}
+            metrics = {"train/loss": losses_sum / max(1, len(keep)), "rewards/margins": float(torch.cat(margins).mean()),
+                       "rewards/accuracies": float((torch.cat(margins) > 0).float().mean()),
+                       "lr": optimizer.param_groups[0]["lr"], **{f"labeller/{k}": v for k, v in recent.items()}}
+            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", agree=f"{recent.get('agreement', float('nan')):.2f}")
+            log(metrics, update)
+        if update % args.eval_every == 0 and update < num_updates:
+            metrics, _ = evaluate(args.num_eval_prompts // 4)
+            curve.append({"update": update, **metrics})
+            tqdm.write(f"update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            log({f"eval/{k}": v for k, v in metrics.items()}, update)
+        if args.save_every and update % args.save_every == 0 and update < num_updates:
+            common.save_checkpoint(args.output_dir, "rlaif.py", args, {"policy": policy}, optimizer, None,
+                                   {"step": update, "order": order, "curve": curve, "labeller_stats": labeller_stats,
+                                    "numpy_rng": data_rng.bit_generator.state, "principle_rng": rng.getstate(),
+                                    "history": history, "elapsed": time.time() - start})
+        progress.update()
+    progress.close()
+    train_seconds = time.time() - start
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    metrics, samples = evaluate(args.num_eval_prompts)
+    curve.append({"update": num_updates, **metrics})
+    labeller = {f"labeller_{k.removeprefix('labeller_')}": float(np.mean([s[k] for s in labeller_stats]))
+                for k in labeller_stats[0]}
+    if "labeller_agreement" in labeller:
+        labeller["labeller_gold_agreement"] = labeller.pop("labeller_agreement")
+    results = {**metrics, **labeller, "updates": num_updates, "train_seconds": round(train_seconds, 1)}
+    print(json.dumps(results, indent=2))
+    for s in samples[:4]:
+        print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))
+    log({f"eval/{k}": v for k, v in results.items()}, num_updates)
+
+    # ---- saving -------------------------------------------------------------------------------------
+    def write(tmp):
+        policy.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
+            common.write_jsonl(os.path.join(tmp, name), rows)
+        with open(os.path.join(tmp, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+    common.save_atomic(args.output_dir, "rlaif.py", args, write)
+    print(f"saved {args.output_dir}")

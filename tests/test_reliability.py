@@ -1,0 +1,187 @@
+"""Resume after SIGKILL, determinism, non-finite values, and a user's mistakes in every script."""
+import contextlib
+import io
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ENV, ROOT, WORLD, read_jsonl, run, write_jsonl
+
+SFT_SMALL = ["--max_steps", 30, "--batch_size", 8, "--micro_batch_size", 4, "--eval_every", 1000,
+             "--num_eval_samples", 4, "--max_new_tokens", 4]
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # bit for bit, on CPU
+
+
+def kill_after_first_checkpoint(script, out, *args):
+    """Start a run, SIGKILL it as soon as its first checkpoint exists; return the step it was written at."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--output_dir", str(out), *map(str, args)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(out, "checkpoint", "state.pt")
+    deadline = time.time() + 300
+    while not os.path.exists(state) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(state), "the run ended before writing a checkpoint"
+    assert not os.path.exists(os.path.join(out, "model.safetensors")), "killed too late: the run had finished"
+    return torch.load(state, weights_only=True)["step"]
+
+
+def test_sft_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    args = [*SFT_SMALL, "--save_every", 10]
+    run("sft.py", "--output_dir", tmp_path / "straight", *args)
+    step = kill_after_first_checkpoint("sft.py", tmp_path / "killed", *args)
+    assert step == 10
+    run("sft.py", "--output_dir", tmp_path / "killed", *args, "--resume")
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+    straight, resumed = (untimed(read_jsonl(tmp_path / d / "metrics.jsonl")) for d in ("straight", "killed"))
+    assert straight == resumed
+    assert not os.path.exists(tmp_path / "killed" / "checkpoint")  # the final output replaces the checkpoint
+
+
+def test_ppo_killed_and_resumed_ends_with_the_same_weights(sft_model, reward_model, tmp_path):
+    args = ["--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--max_steps", 4,
+            "--batch_size", 8, "--micro_batch_size", 4, "--num_mini_batches", 2, "--response_length", 8,
+            "--num_eval_prompts", 4, "--eval_every", 2, "--save_every", 2]
+    run("ppo.py", "--output_dir", tmp_path / "straight", *args)
+    assert kill_after_first_checkpoint("ppo.py", tmp_path / "killed", *args) == 2
+    run("ppo.py", "--output_dir", tmp_path / "killed", *args, "--resume")
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+    assert_same_weights(tmp_path / "straight" / "value_model", tmp_path / "killed" / "value_model")
+    curves = [read_jsonl(tmp_path / d / "curve.jsonl") for d in ("straight", "killed")]
+    assert curves[0] == curves[1]
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    args = [*SFT_SMALL, "--max_steps", 40]
+    run("sft.py", "--output_dir", tmp_path / "a", *args)
+    run("sft.py", "--output_dir", tmp_path / "b", *args)
+    a, b = (untimed(read_jsonl(tmp_path / d / "metrics.jsonl")) for d in ("a", "b"))
+    assert a == b and any("train/loss" in r for r in a)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    run("sft.py", "--output_dir", tmp_path / "c", *args, "--seed", 2)
+    assert read_jsonl(tmp_path / "c" / "metrics.jsonl")[0]["train/loss"] != a[0]["train/loss"]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_output(tmp_path):
+    out = tmp_path / "sft"
+    run("sft.py", "--output_dir", out, *SFT_SMALL, "--max_steps", 2)
+    before = weights(out)
+    proc = run("sft.py", "--output_dir", out, *SFT_SMALL, "--learning_rate", "inf", ok=False)
+    error = one_line(proc)
+    assert "non-finite loss at step 1" in error
+    for k, v in weights(out).items():
+        assert torch.equal(v, before[k])
+    skipped = run("sft.py", "--output_dir", tmp_path / "skip", *SFT_SMALL, "--max_steps", 3, "--learning_rate", "inf",
+                  "--skip_nonfinite")
+    assert "batch skipped" in skipped.stdout
+
+
+def one_line(proc):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
+# ---- the bad-input matrix: every script, every mistake, run in-process (no 5 s import per case) ------
+def run_inprocess(script, *args):
+    """Run a script as __main__ with these arguments; return its error line (it must exit with one)."""
+    argv, out = sys.argv, io.StringIO()
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, sft_model, reward_model):
+    d = tmp_path_factory.mktemp("bad")
+    pref = read_jsonl(f"{WORLD}/preference/train.jsonl")[:40]
+    (d / "empty.jsonl").write_text("")
+    write_jsonl(d / "misspelt.jsonl", [{"promt": r["prompt"], "chosen": r["chosen"], "rejectd": r["rejected"],
+                                       "completon": r["chosen"]} for r in pref])
+    write_jsonl(d / "long.jsonl", [{"prompt": r["prompt"] * 40, "chosen": r["chosen"], "rejected": r["rejected"],
+                                   "completion": r["chosen"]} for r in pref])
+    write_jsonl(d / "chat.jsonl", [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"],
+                                   "rejected": r["rejected"], "completion": r["chosen"]} for r in pref])
+    no_template = d / "no_template"
+    shutil.copytree(sft_model, no_template)
+    tok = AutoTokenizer.from_pretrained(no_template)
+    tok.chat_template = None
+    tok.save_pretrained(no_template)
+    if os.path.exists(no_template / "chat_template.jinja"):
+        os.remove(no_template / "chat_template.jinja")
+    (d / "other").mkdir()
+    (d / "other" / "notes.txt").write_text("someone else's work")
+    return {"dir": d, "sft": sft_model, "rm": reward_model, "no_template": str(no_template)}
+
+
+SCRIPTS = {  # each script's arguments pointing at good inputs, and the argument naming its dataset
+    "sft.py": lambda b: ["--model_name_or_path", b["sft"]],
+    "reward.py": lambda b: ["--model_name_or_path", b["sft"]],
+    "dpo.py": lambda b: ["--model_name_or_path", b["sft"]],
+    "ppo.py": lambda b: ["--model_name_or_path", b["sft"], "--reward_model_name_or_path", b["rm"]],
+    "rlaif.py": lambda b: ["--model_name_or_path", b["sft"], "--judge_model_name_or_path", b["sft"]],
+}
+CASES = {  # case -> (extra arguments, words the error must contain)
+    "missing path": (lambda b: ["--dataset_name", b["dir"] / "nope.jsonl"], ["nope.jsonl", "does not exist"]),
+    "empty dataset": (lambda b: ["--dataset_name", b["dir"] / "empty.jsonl"], ["empty"]),
+    "misspelt column": (lambda b: ["--dataset_name", b["dir"] / "misspelt.jsonl"], ["expected one of"]),
+    "hub name offline": (lambda b: ["--dataset_name", "someone/missing-dataset"], ["someone/missing-dataset"]),
+    "model path missing": (lambda b: ["--model_name_or_path", b["dir"] / "no_model"], ["no_model", "does not exist"]),
+    "prompts too long": (lambda b: ["--dataset_name", b["dir"] / "long.jsonl"], ["fits in"]),
+    "chat data, no template": (lambda b: ["--dataset_name", b["dir"] / "chat.jsonl", "--model_name_or_path",
+                                          b["no_template"]], ["chat template"]),
+    "output_dir of another run": (lambda b: ["--output_dir", b["dir"] / "other"], ["already holds"]),
+    "resume without checkpoint": (lambda b: ["--resume"], ["no checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_matrix(bad, script, case, tmp_path):
+    extra, words = CASES[case]
+    args = [*SCRIPTS[script](bad), "--output_dir", tmp_path / "out", *extra(bad)]
+    if script == "rlaif.py" and case == "chat data, no template":
+        args += ["--judge_model_name_or_path", bad["no_template"]]
+    message = run_inprocess(script, *args)
+    for w in words:
+        assert str(w) in message, message
+    assert not os.path.exists(tmp_path / "out") or case == "resume without checkpoint"
+
+
+def test_wrong_heads(bad, tmp_path):
+    assert "not a model ending in ForCausalLM" in run_inprocess(
+        "dpo.py", "--model_name_or_path", bad["rm"], "--output_dir", tmp_path / "o")
+    assert "not a model ending in ForSequenceClassification" in run_inprocess(
+        "ppo.py", "--model_name_or_path", bad["sft"], "--reward_model_name_or_path", bad["sft"], "--output_dir", tmp_path / "o")

@@ -1,0 +1,149 @@
+"""rlaif.py: the labeller's math (answer softmax, swap-and-average, principles), both modes end to end, learning."""
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import rlaif
+from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
+
+
+class StubJudge(torch.nn.Module):
+    """A labeller whose answer logits come from a rule, and which records the questions it was asked."""
+
+    def __init__(self, tok, rule):
+        super().__init__()
+        self.tok, self.rule, self.questions = tok, rule, []
+        self.a, self.b = rlaif.answer_token_ids(tok)
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        logits = torch.zeros(len(input_ids), 1, len(self.tok))
+        for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            text = self.tok.decode(ids[mask.bool()])
+            self.questions.append(text)
+            logits[i, 0, self.a], logits[i, 0, self.b] = self.rule(text)
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return common.load_tokenizer(f"{WORLD}/base")
+
+
+def args_for(**kw):
+    return SimpleNamespace(preamble=rlaif.PREAMBLE, judge_max_length=512, judge_batch_size=4, **kw)
+
+
+def label(judge, tok, firsts, seconds, principles=("Be kind.",), seed=0):
+    prompts = [f"Opening {i}." for i in range(len(firsts))]
+    return rlaif.label_pairs(judge, tok, prompts, firsts, seconds, list(principles), random.Random(seed), args_for(),
+                             "cpu", __import__("contextlib").nullcontext())
+
+
+def test_answer_tokens_are_the_templated_A_and_B(tok):
+    a, b = rlaif.answer_token_ids(tok)
+    assert tok.convert_ids_to_tokens([a, b]) == ["ĠA", "ĠB"]  # what follows "Assistant:" in the chat template
+
+
+def test_preference_is_the_softmax_over_the_two_answer_tokens(tok):
+    judge = StubJudge(tok, lambda q: (2.0, 0.0))
+    lp = rlaif.answer_logprobs(judge, [[5, 6, 7]], rlaif.answer_token_ids(tok), tok.pad_token_id, "cpu", 4,
+                               __import__("contextlib").nullcontext())
+    assert lp.exp()[0, 0].item() == pytest.approx(math.exp(2) / (math.exp(2) + 1))
+    assert lp.exp().sum().item() == pytest.approx(1.0)
+
+
+def test_a_labeller_that_always_prefers_position_A_is_indifferent_after_debiasing(tok):
+    judge = StubJudge(tok, lambda q: (4.0, 0.0))
+    p, flipped, skipped = label(judge, tok, [" Good."] * 6, [" Bad."] * 6)
+    torch.testing.assert_close(p, torch.full((6,), 0.5))
+    assert flipped.all() and not skipped.any()  # its choice always follows the position
+    metrics = rlaif.labeller_metrics(p, flipped, skipped)
+    assert metrics["labeller_flip_rate"] == 1.0 and metrics["labeller_confidence"] == 0.5
+
+
+def test_swap_and_average_keeps_a_consistent_preference(tok):
+    # prefers whichever response says "Good": p(first better) from both orders
+    rule = lambda q: (3.0, 0.0) if q.split("Response A:")[1].split("\n")[0].strip() == "Good." else (0.0, 3.0)
+    p, flipped, _ = label(StubJudge(tok, rule), tok, [" Good.", " Bad."], [" Bad.", " Good."])
+    s = 1 / (1 + math.exp(-3))
+    torch.testing.assert_close(p, torch.tensor([s, 1 - s]))
+    assert not flipped.any()
+    metrics = rlaif.labeller_metrics(p, flipped, torch.zeros(2, dtype=torch.bool), [1.0, 0.0])
+    assert metrics["agreement"] == 1.0
+
+
+def test_one_principle_per_comparison_the_same_in_both_orders(tok):
+    principles = ["Prefer the kinder one.", "Prefer the shorter one.", "Prefer the funnier one."]
+    judge = StubJudge(tok, lambda q: (0.0, 0.0))
+    label(judge, tok, [" x."] * 40, [" y."] * 40, principles)
+    asked = [next(p for p in principles if p in q) for q in judge.questions]
+    assert all(sum(p in q for p in principles) == 1 for q in judge.questions)
+    assert asked[:40] == asked[40:]  # questions 0-39 in order A/B, 40-79 the same pairs swapped
+    assert set(asked) == set(principles)  # all are sampled over 40 comparisons
+
+
+def test_constitution_from_text_or_json(tmp_path):
+    (tmp_path / "c.txt").write_text("Be helpful.\n\nBe honest.\n")
+    (tmp_path / "c.json").write_text(json.dumps(["Be harmless."]))
+    assert rlaif.load_constitution(str(tmp_path / "c.txt")) == ["Be helpful.", "Be honest."]
+    assert rlaif.load_constitution(str(tmp_path / "c.json")) == ["Be harmless."]
+    assert rlaif.load_constitution(None) == rlaif.CONSTITUTION
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(SystemExit, match="no principles"):
+        rlaif.load_constitution(str(tmp_path / "empty.txt"))
+
+
+def test_world_judge_data_asks_rlaif_questions():
+    """The offline labeller is trained on exactly the questions rlaif.py asks."""
+    row = read_jsonl(f"{WORLD}/judge/train.jsonl")[0]
+    q = row["prompt"][0]["content"]
+    assert q.startswith(rlaif.PREAMBLE + "\nPrinciple: ")
+    assert any(p in q for p in rlaif.CONSTITUTION)
+    assert q.endswith("Which response is better? Answer A or B.")
+    assert row["completion"][0]["content"] in ("A", "B")
+
+
+def test_label_mode_writes_a_dataset_reward_and_dpo_accept(sft_model, tmp_path):
+    """Distilled RLAIF: label given pairs, then train a reward model on the soft labels (any causal LM can
+    act as the labeller for this plumbing test)."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", read_jsonl(f"{WORLD}/preference/train.jsonl")[:60])
+    out = tmp_path / "labels"
+    run("rlaif.py", "--mode", "label", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model,
+        "--dataset_name", pairs, "--output_dir", out)
+    rows = read_jsonl(out / "train.jsonl")
+    assert len(rows) > 40 and all(0.5 <= r["label"] <= 1 for r in rows)
+    info = json.load(open(out / "labelling.json"))
+    for key in ("train_gold_agreement", "train_label_agreement", "train_labeller_flip_rate", "train_labeller_confidence"):
+        assert key in info
+    run("reward.py", "--model_name_or_path", sft_model, "--dataset_name", out, "--label_column", "label",
+        "--max_steps", 2, "--batch_size", 16, "--micro_batch_size", 16, "--num_normalisation_rows", 32,
+        "--output_dir", tmp_path / "rm")
+    run("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", out, "--max_steps", 2, "--batch_size", 8,
+        "--num_eval_prompts", 4, "--max_new_tokens", 8, "--output_dir", tmp_path / "dpo")
+
+
+def test_label_mode_samples_pairs_for_prompts(sft_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", read_jsonl(f"{WORLD}/prompts/train.jsonl")[:24])
+    constitution = tmp_path / "c.txt"
+    constitution.write_text("Choose the response that is more positive about the film.\n")
+    out = tmp_path / "labels"
+    run("rlaif.py", "--mode", "label", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model,
+        "--dataset_name", prompts, "--constitution", constitution, "--max_new_tokens", 16, "--output_dir", out)
+    rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl")
+    assert len(rows) == 24 and all(r["chosen"] != r["rejected"] or r["label"] == 0.5 for r in rows)
+
+
+def test_online_mode_end_to_end(sft_model, tmp_path):
+    out = tmp_path / "online"
+    run("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model, "--output_dir", out,
+        "--max_steps", 2, "--batch_size", 8, "--micro_batch_size", 4, "--max_new_tokens", 16, "--num_eval_prompts", 8,
+        "--eval_every", 1, "--loss_type", "ipo")
+    results = json.load(open(out / "eval.json"))
+    for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length",
+                "labeller_gold_agreement", "labeller_flip_rate", "labeller_confidence"):
+        assert key in results
