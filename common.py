@@ -225,7 +225,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T)[token], as the gathered logit minus logsumexp (details 4 and 5): no
     (batch, length, vocab) log_softmax copy is made."""
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
@@ -237,10 +237,12 @@ def forward_logprobs(model, ids, mask, temperature: float = 1.0, keep: int = 0):
 
 
 def completion_logps(model, prompts, completions, pad_id: int, device):
-    """Summed log-probs of each completion given its prompt, and its number of tokens: (B,), (B,)."""
+    """Summed log-probs of each completion given its prompt, and its number of tokens: (B,), (B,).
+    Logits are only made from the end of the shortest prompt on: the LM head skips prompt-only positions."""
     ids, mask, completion_mask = (t.to(device) for t in pad_completions(prompts, completions, pad_id))
-    logp = forward_logprobs(model, ids, mask)  # logits at t predict token t + 1
-    return (logp * completion_mask[:, 1:]).sum(1), completion_mask[:, 1:].sum(1)
+    keep = min(ids.shape[1] - min(len(p) for p in prompts), ids.shape[1] - 1)
+    logp = forward_logprobs(model, ids, mask, keep=keep)  # log-probs of ids[:, -keep:]
+    return (logp * completion_mask[:, -keep:]).sum(1), completion_mask[:, -keep:].sum(1)
 
 
 def masked_mean(x, mask, dim=None):
@@ -277,7 +279,7 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
 
 
 # ---- sampling and evaluation ------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_id: int,
            stop_at_eos: bool = False):
     """Sample with a KV cache from left-padded prompts: pure sampling at a temperature (top_k 0, top_p 1).
@@ -307,7 +309,7 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(1, len(grams))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, batch_size: int,
              autocast=nullcontext(), ref=None, gold: bool = True, reward_model=None):
     """Sample once per held-out prompt from the policy (and from the reference, on the same prompts) and
@@ -448,6 +450,7 @@ def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> boo
     if skip:
         print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
         return False
+    print(file=sys.stderr)  # end the progress bar's line, so the error is a line of its own
     fail(f"non-finite {what} at step {step}; stopped before saving anything more "
          "(the last checkpoint and output are intact; --skip_nonfinite skips such batches)")
 

@@ -162,7 +162,7 @@ if __name__ == "__main__":
     def load_ref():
         return common.load_model(AutoModelForCausalLM, ref_name, tok, device, ref_dtype).eval().requires_grad_(False)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def ref_logps_of(pairs, model):
         """(chosen, rejected) reference log-probs of every pair, in batches."""
         out = []
@@ -171,25 +171,27 @@ if __name__ == "__main__":
                 out.append(torch.stack(pair_logps(model, pairs[i:i + 64], tok.pad_token_id, device)[:2], 1).float())
         return torch.cat(out)
 
-    ref_model = None
-    if needs_ref and args.precompute_ref_logps:  # once, with the reference in eval mode (no dropout)
-        ref_model = load_ref()
-        train_ref_logps, eval_ref_logps = ref_logps_of(train, ref_model), ref_logps_of(evals, ref_model)
-        del ref_model
-        ref_model = None
-        print(f"reference log-probs precomputed for {len(train)} train and {len(evals)} eval pairs")
-    elif needs_ref:
-        ref_model = load_ref()
-    forward_policy = torch.compile(policy) if use_compile else policy
-
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
         common.fail(f"{len(train)} training pairs is fewer than one batch of {args.batch_size}")
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
+    if total_steps * args.batch_size < len(train):  # a capped run sees only some pairs: keep just those
+        keep = np.random.default_rng(args.seed).permutation(len(train))[:total_steps * args.batch_size]
+        train = [train[i] for i in sorted(keep)]
+    ref_model = None
+    if needs_ref and args.precompute_ref_logps:  # once, with the reference in eval mode (no dropout)
+        ref_model = load_ref()
+        train_ref_logps, eval_ref_logps = ref_logps_of(train, ref_model), ref_logps_of(evals, ref_model)
+        ref_model = None  # freed: only the policy stays in memory while training
+        print(f"reference log-probs precomputed for {len(train)} train and {len(evals)} eval pairs")
+    elif needs_ref:
+        ref_model = load_ref()
+    forward_policy = torch.compile(policy) if use_compile else policy
+
     micro = min(args.micro_batch_size, args.batch_size)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
 
     def loss_on(pairs, indices, ref_table):
@@ -200,12 +202,12 @@ if __name__ == "__main__":
         elif ref_model is None:
             ref_chosen, ref_rejected = ref_table[indices].unbind(1)
         else:
-            with torch.no_grad():
+            with torch.inference_mode():
                 ref_chosen, ref_rejected = (x.float() for x in pair_logps(ref_model, pairs, tok.pad_token_id, device)[:2])
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, args.loss_type,
                         args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate_pairs():
         """Held-out preference metrics: does the implicit reward order the pairs as the labels do?"""
         stats = []

@@ -227,7 +227,7 @@ if __name__ == "__main__":
     if num_updates == 0 or len(prompts) < args.batch_size:
         common.fail(f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}")
     params = list(policy.parameters()) + list(value_model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5)  # eps as in the references (15)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, fused=True)  # eps as in the references (15)
     print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M + value "
           f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.2f}M parameters; {num_updates} updates of "
           f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} minibatches")
@@ -246,7 +246,9 @@ if __name__ == "__main__":
         first_update = state["step"] + 1
         rng.bit_generator.state = state["numpy_rng"]
     start = time.time() - elapsed
-    eos, pad_id, R = tok.eos_token_id, tok.pad_token_id, args.response_length
+    eos, pad_id = tok.eos_token_id, tok.pad_token_id
+    if args.eval_every and not curve:  # where the curve starts: the SFT policy itself
+        curve.append({"update": 0, "episodes": 0, **evaluate(args.num_eval_prompts // 4)[0]})
     progress = tqdm(total=num_updates, initial=first_update - 1, desc="ppo", mininterval=5)
     for update in range(first_update, num_updates + 1):
         # detail 15: the learning rate anneals linearly to 0 over the updates
@@ -256,10 +258,12 @@ if __name__ == "__main__":
         batch = [prompts[order.pop()] for _ in range(args.batch_size)]
 
         # -- rollout: sample, cut after EOS, score, and the log-probs and values of what was sampled
-        with torch.no_grad(), autocast:
+        with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
             queries, query_mask = (t.to(device) for t in common.pad(batch, pad_id, "left"))
-            raw = common.sample(policy, queries, query_mask, R, args.temperature, eos)
+            raw = common.sample(policy, queries, query_mask, args.response_length, args.temperature, eos)
             responses, response_mask, has_eos = common.truncate_after_eos(raw, eos, pad_id)
+            R = int(response_mask.sum(1).max())  # columns that are padding in every row are dropped: exact, cheaper
+            responses, response_mask = responses[:, :R], response_mask[:, :R]
             seq, seq_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
             Q = queries.shape[1]
             # detail 4: log-probs of the sampled tokens under the same temperature that sampled them
@@ -295,8 +299,10 @@ if __name__ == "__main__":
                         new_values = token_values(value_backbone, value_model.score, seq[idx], seq_mask[idx], Q)
                     pg_loss, vf_loss, loss_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], new_values,
                                                               values[idx], returns[idx], m, args.cliprange, args.cliprange_value)
-                    # entropy of the (temperature-scaled) policy: logsumexp - E[logit]
-                    entropy = common.masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), m)
+                    # entropy of the (temperature-scaled) policy, logsumexp - E[logit]; differentiated only
+                    # when it is a bonus in the loss (a full-vocabulary softmax is costly to backpropagate)
+                    with torch.set_grad_enabled(args.entropy_coef != 0):
+                        entropy = common.masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), m)
                     loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * entropy
                     (loss * len(idx) / minibatch_size).backward()
                     stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), entropy.detach(),

@@ -156,10 +156,10 @@ if __name__ == "__main__":
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     micro = min(args.micro_batch_size, args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate():
         """Held-out accuracy (the RM agrees with the label) and, on the world, agreement with the gold rater."""
         model.eval()

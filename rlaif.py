@@ -1,6 +1,6 @@
 """RL from AI feedback: an LLM labeller, guided by a written constitution, replaces the human comparisons.
 
-    python rlaif.py                             # online: OAIF on the offline world, judged by runs/judge
+    python rlaif.py                             # online: OAIF on the offline world, judged by data/world/judge_model
     python rlaif.py --mode label --dataset_name data/world/preference --output_dir runs/rlaif_labels
     python reward.py --dataset_name runs/rlaif_labels --label_column label --output_dir runs/reward_rlaif
 
@@ -59,7 +59,7 @@ class Args:
     """online: OAIF training of the policy; label: write an AI-labelled preference dataset"""
     model_name_or_path: str = "runs/sft"
     """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows)"""
-    judge_model_name_or_path: str = "runs/judge"
+    judge_model_name_or_path: str = "data/world/judge_model"
     """the AI labeller: any causal LM (the offline world's: sft.py trained on data/world/judge)"""
     constitution: str | None = None
     """a text file (one principle per line) or JSON list of principles replacing the built-in constitution"""
@@ -155,7 +155,7 @@ def encode_question(tok, text):
     return tok(text + "\nAnswer:")["input_ids"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def answer_logprobs(judge, questions, answer_ids, pad_id, device, batch_size, autocast):
     """log-softmax over the two answer tokens after each question: (N, 2)."""
     out = []
@@ -221,7 +221,7 @@ def gold_first_better(firsts, seconds):
     return (g1 > g2) + 0.5 * (g1 == g2)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
     """Two responses per prompt from the policy: (first_ids, second_ids) lists, each cut after its EOS."""
     ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
@@ -320,7 +320,7 @@ if __name__ == "__main__":
         num_updates = min(num_updates, args.max_steps)
     if num_updates == 0 or len(prompts) < args.batch_size:
         common.fail(f"total_prompts {args.total_prompts} / {len(prompts)} prompts give no batch of {args.batch_size}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     print(f"online AI feedback: {num_updates} updates of {args.batch_size} prompts x 2 samples, "
           f"{len(principles)} principles, labeller {args.judge_model_name_or_path}")
 
@@ -364,7 +364,7 @@ if __name__ == "__main__":
             sl = slice(m, m + args.micro_batch_size)
             both_prompts = pair_prompts[sl] * 2
             both = chosen[sl] + rejected[sl]
-            with torch.no_grad(), autocast:
+            with torch.inference_mode(), autocast:
                 ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0].float()
             with autocast:
                 logps = common.completion_logps(forward_policy, both_prompts, both, tok.pad_token_id, device)[0].float()

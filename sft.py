@@ -138,11 +138,11 @@ if __name__ == "__main__":
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     accumulation = max(1, args.batch_size // args.micro_batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-5,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-5, fused=True,
                                   weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def eval_loss():
         model.eval()
         total, count = 0.0, 0

@@ -16,6 +16,12 @@ runs give byte-identical files (tests/test_world.py checks it at a small scale).
 
 Each has train.jsonl and test.jsonl (`datasets.load_dataset("data/world/sft")` gives both splits); no
 prompt appears in two splits or two datasets. The gold rater is data/gold.py.
+
+data/world/judge_model/ is not made here: it is the offline AI labeller, sft.py's fine-tuning of the SFT
+policy (runs/sft, seed 1) on data/world/judge, committed because it takes ~40 minutes on 2 CPU cores:
+
+    python sft.py --model_name_or_path runs/sft --dataset_name data/world/judge --output_dir data/world/judge_model \
+        --num_epochs 3 --learning_rate 5e-4 --max_new_tokens 4 --no_gold_eval --eval_every 250 --num_eval_samples 16
 """
 import argparse
 import json
@@ -174,6 +180,20 @@ def repetitive(rng, text):
 from rlaif import CONSTITUTION, PREAMBLE, judge_query  # noqa: E402
 
 
+def judge_pair(rng, f, curriculum):
+    """Two responses for the labeller to compare. One in five is degenerate (repetitive), so it learns that
+    repetition is bad. In training, 60% of pairs set a neutral sentence against a review: the answer then
+    hangs on reading one response (A in half of them, B in the other), which a tiny model learns far
+    sooner than comparing two; the held-out split compares two full reviews, the real task."""
+    a, b = (repetitive(rng, review(rng, f)) if rng.random() < 0.2 else review(rng, f) for _ in range(2))
+    kind = rng.random() if curriculum else 1.0
+    if kind < 0.3:
+        b = " " + sentence(rng, f, 0)
+    elif kind < 0.6:
+        a = " " + sentence(rng, f, 0)
+    return a, b
+
+
 def sigmoid(x):
     return 1 / (1 + math.exp(-x))
 
@@ -219,9 +239,8 @@ def make_rows(rng, scale):
                     if rng.random() >= sigmoid((gold_score(a) - gold_score(b)) / LABEL_TEMPERATURE):
                         a, b = b, a  # the simulated annotator preferred b
                     rows.append({"prompt": p, "chosen": a, "rejected": b})
-                else:  # judge: one in five responses degenerate, so the labeler learns repetition is bad
-                    a, b = (repetitive(rng, review(rng, f)) if rng.random() < 0.2 else review(rng, f)
-                            for _ in range(2))
+                else:
+                    a, b = judge_pair(rng, f, curriculum=split == "train")
                     answer = "A" if gold_score(a) >= gold_score(b) else "B"
                     question = judge_query(PREAMBLE, rng.choice(CONSTITUTION), p, a, b)
                     rows.append({"prompt": [{"role": "user", "content": question}],

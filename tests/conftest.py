@@ -51,3 +51,12 @@ def sft_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("chain") / "sft"
     run("sft.py", "--output_dir", out, "--max_steps", 300, "--eval_every", 1000, "--num_eval_samples", 128)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def reward_model(sft_model, tmp_path_factory):
+    """The world's reward model, trained for 200 steps of 32 pairs on top of the session's SFT model."""
+    out = tmp_path_factory.mktemp("chain") / "reward"
+    run("reward.py", "--model_name_or_path", sft_model, "--output_dir", out, "--max_steps", 200,
+        "--batch_size", 32, "--micro_batch_size", 32, "--learning_rate", 1e-3, "--eval_every", 1000)
+    return str(out)

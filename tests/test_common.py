@@ -128,3 +128,13 @@ def test_encode_completion_ends_with_one_eos():
 def test_distinct_n():
     assert common.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
     assert common.distinct_n(["x x x x"], 2) == pytest.approx(1 / 3)
+
+
+def test_completion_logps_sum_the_completion_tokens_only(tiny):
+    prompts, completions = [[5, 6, 7, 8], [9], []], [[10, 11], [12, 13, 14], [15, 16, 17, 18]]
+    with torch.no_grad():
+        logps, lengths = common.completion_logps(tiny, prompts, completions, PAD, "cpu")
+    assert lengths.tolist() == [2, 3, 3]  # the first token of a prompt-less text has nothing to predict it
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        want = reference_logprobs(tiny, p + c)[-(len(c) if p else len(c) - 1):].sum()
+        assert logps[i].item() == pytest.approx(want.item(), abs=1e-4)

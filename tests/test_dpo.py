@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpo
-from conftest import one_line_error, run
+from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
 
 sig = lambda x: 1 / (1 + math.exp(-x))
 
@@ -84,17 +84,27 @@ def test_dpo_raises_the_gold_score_over_the_sft_policy(dpo_model):
     assert results["implicit_reward_accuracy"] > 0.6
 
 
+@pytest.fixture(scope="module")
+def small_prefs(tmp_path_factory):
+    """64 training and 32 held-out pairs of the world, as a local dataset directory (quick mechanics tests)."""
+    path = tmp_path_factory.mktemp("small_prefs")
+    write_jsonl(path / "train.jsonl", read_jsonl(f"{WORLD}/preference/train.jsonl")[:64])
+    write_jsonl(path / "test.jsonl", read_jsonl(f"{WORLD}/preference/test.jsonl")[:32])
+    return str(path)
+
+
 @pytest.mark.parametrize("loss_type", ["ipo", "simpo"])
-def test_dpo_variants_run_end_to_end(sft_model, tmp_path, loss_type):
+def test_dpo_variants_run_end_to_end(sft_model, small_prefs, tmp_path, loss_type):
     out = tmp_path / loss_type
-    run("dpo.py", "--model_name_or_path", sft_model, "--output_dir", out, "--loss_type", loss_type, "--max_steps", 2,
+    run("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", small_prefs, "--output_dir", out,
+        "--loss_type", loss_type, "--max_steps", 2,
         "--batch_size", 8, "--num_eval_prompts", 8, "--max_new_tokens", 16, "--rpo_alpha", 0.5,
         "--no_precompute_ref_logps")
     assert "gold_win_rate_vs_ref" in json.load(open(out / "eval.json"))
 
 
-def test_precomputed_and_live_reference_give_the_same_result(sft_model, tmp_path):
-    common_args = ["--model_name_or_path", sft_model, "--max_steps", 3, "--batch_size", 8, "--num_eval_prompts", 8,
+def test_precomputed_and_live_reference_give_the_same_result(sft_model, small_prefs, tmp_path):
+    common_args = ["--model_name_or_path", sft_model, "--dataset_name", small_prefs, "--max_steps", 3, "--batch_size", 8, "--num_eval_prompts", 8,
                    "--max_new_tokens", 8]
     run("dpo.py", *common_args, "--output_dir", tmp_path / "pre")
     run("dpo.py", *common_args, "--output_dir", tmp_path / "live", "--no_precompute_ref_logps")

@@ -105,7 +105,19 @@ def test_ppo_end_to_end(sft_model, reward_model, tmp_path):
     results = json.load(open(out / "eval.json"))
     for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length", "rm_score"):
         assert key in results
-    assert len(read_jsonl(out / "curve.jsonl")) == 2
+    assert [r["update"] for r in read_jsonl(out / "curve.jsonl")] == [0, 1, 2]  # the SFT start, then each update
     assert os.path.exists(out / "value_model" / "model.safetensors")
     one_line_error(run("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", sft_model,
                        "--output_dir", tmp_path / "o", "--max_steps", 1, ok=False), "not a model ending in ForSequenceClassification")
+
+
+def test_ppo_raises_the_reward_model_and_gold_scores(sft_model, reward_model, tmp_path):
+    out = tmp_path / "ppo"
+    run("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--output_dir", out,
+        "--total_episodes", 24 * 32, "--batch_size", 32, "--micro_batch_size", 32, "--num_eval_prompts", 128,
+        "--eval_every", 1000)
+    start, end = read_jsonl(out / "curve.jsonl")[0], json.load(open(out / "eval.json"))
+    assert end["rm_score"] > start["rm_score"] + 0.3  # the proxy the policy optimises
+    assert end["gold_score"] > end["gold_score_ref"] + 0.1  # and the truth, on the same held-out prompts
+    assert end["gold_win_rate_vs_ref"] > 0.55
+    assert 0 < end["kl_to_ref"] < 20 and end["eos_rate"] > 0.9

@@ -147,3 +147,16 @@ def test_online_mode_end_to_end(sft_model, tmp_path):
     for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length",
                 "labeller_gold_agreement", "labeller_flip_rate", "labeller_confidence"):
         assert key in results
+
+
+def test_online_rlaif_raises_the_gold_score_over_the_sft_policy(sft_model, tmp_path):
+    """OAIF with the world's own labeller (data/world/judge_model): its fresh, AI-labelled pairs move the
+    policy towards what the gold rater prefers, though no human label is used."""
+    out = tmp_path / "oaif"
+    run("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", f"{WORLD}/judge_model",
+        "--output_dir", out, "--total_prompts", 40 * 32, "--batch_size", 32, "--micro_batch_size", 32,
+        "--num_eval_prompts", 128, "--eval_every", 1000)
+    results = json.load(open(out / "eval.json"))
+    assert results["labeller_gold_agreement"] > 0.6
+    assert results["gold_score"] > results["gold_score_ref"] + 0.1
+    assert results["gold_win_rate_vs_ref"] > 0.55
