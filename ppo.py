@@ -45,7 +45,7 @@ class Args:
     """where the policy (and value_model/) and eval.json are written (atomically)"""
     seed: int = 1
     """seed of the data order, sampling and minibatch shuffling"""
-    total_episodes: int = 8192
+    total_episodes: int = 4096
     """prompts rolled out in all"""
     max_steps: int | None = None
     """stop after this many PPO updates (rollout batches); the learning-rate schedule follows it"""

@@ -1,6 +1,6 @@
 """Goodhart's law on the offline world: PPO with the default KL penalty and with none, side by side.
 
-    python benchmarks/goodhart.py                 # runs ppo.py twice (~25 min on 2 CPU cores), then reports
+    python benchmarks/goodhart.py                 # runs ppo.py twice (~16 min on 2 CPU cores), then reports
     python benchmarks/goodhart.py --no_run        # only the table and plot, from runs already made
 
 Both runs evaluate every --eval_every updates on held-out prompts (ppo.py's curve.jsonl). The reward
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass
 class Args:
-    total_episodes: int = 16384
+    total_episodes: int = 6144
     """episodes per run"""
     eval_every: int = 16
     """updates between evaluations"""

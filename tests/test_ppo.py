@@ -114,7 +114,7 @@ def test_ppo_end_to_end(sft_model, reward_model, tmp_path):
 def test_ppo_raises_the_reward_model_and_gold_scores(sft_model, reward_model, tmp_path):
     out = tmp_path / "ppo"
     run("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--output_dir", out,
-        "--total_episodes", 24 * 32, "--batch_size", 32, "--micro_batch_size", 32, "--num_eval_prompts", 128,
+        "--total_episodes", 16 * 32, "--batch_size", 32, "--micro_batch_size", 32, "--num_eval_prompts", 128,
         "--eval_every", 1000)
     start, end = read_jsonl(out / "curve.jsonl")[0], json.load(open(out / "eval.json"))
     assert end["rm_score"] > start["rm_score"] + 0.3  # the proxy the policy optimises

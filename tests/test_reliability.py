@@ -178,6 +178,7 @@ def test_bad_input_matrix(bad, script, case, tmp_path):
     for w in words:
         assert str(w) in message, message
     assert not os.path.exists(tmp_path / "out") or case == "resume without checkpoint"
+    assert (bad["dir"] / "other" / "notes.txt").read_text() == "someone else's work"
 
 
 def test_wrong_heads(bad, tmp_path):

@@ -154,7 +154,7 @@ def test_online_rlaif_raises_the_gold_score_over_the_sft_policy(sft_model, tmp_p
     policy towards what the gold rater prefers, though no human label is used."""
     out = tmp_path / "oaif"
     run("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", f"{WORLD}/judge_model",
-        "--output_dir", out, "--total_prompts", 40 * 32, "--batch_size", 32, "--micro_batch_size", 32,
+        "--output_dir", out, "--total_prompts", 32 * 32, "--batch_size", 32, "--micro_batch_size", 32,
         "--num_eval_prompts", 128, "--eval_every", 1000)
     results = json.load(open(out / "eval.json"))
     assert results["labeller_gold_agreement"] > 0.6
