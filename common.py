@@ -318,6 +318,8 @@ def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, tempera
     gold_win_rate_vs_ref (pairwise on the same prompt, ties count half) and kl_to_ref (mean over samples of
     sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples: an unbiased estimate of KL(pi || pi_ref)),
     and given a reward model, rm_score (its mean score of the policy's samples)."""
+    if not all(bool(torch.isfinite(p).all()) for p in policy.parameters()):  # e.g. an update that blew up
+        fail("the policy's weights are not finite (an update exploded): stopped before saving the model; lower the learning rate")
     device, eos, pad_id = next(policy.parameters()).device, tok.eos_token_id, tok.pad_token_id
     texts, ref_texts, lengths, has_eos, kls, rm_scores = [], [], [], [], [], []
     for i in range(0, len(prompts), batch_size):

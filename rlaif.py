@@ -22,7 +22,6 @@ Reported: the labeller's agreement with the gold rater (the offline world) or wi
 often its choice flips when the order is swapped, and its mean confidence.
 """
 import json
-import math
 import os
 import random
 import time

@@ -1,6 +1,7 @@
 """Shared test helpers: run a script as a user would, and a small SFT model trained once per session."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,10 +54,59 @@ def sft_model(tmp_path_factory):
     return str(out)
 
 
+def run_side_by_side(*commands):
+    """Run several (script, *args) at once, one torch thread each: on 2 cores two small trainings side by side
+    finish sooner than one after the other with two threads each (tiny matrices parallelise poorly)."""
+    env = dict(ENV, OMP_NUM_THREADS="1")
+    procs = [(c, subprocess.Popen([sys.executable, os.path.join(ROOT, c[0]), *map(str, c[1:])], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)) for c in commands]
+    for c, proc in procs:
+        stderr = proc.communicate(timeout=900)[1]
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(map(str, c))} failed ({proc.returncode}):\n{stderr[-4000:]}")
+
+
 @pytest.fixture(scope="session")
-def reward_model(sft_model, tmp_path_factory):
-    """The world's reward model, trained for 200 steps of 32 pairs on top of the session's SFT model."""
-    out = tmp_path_factory.mktemp("chain") / "reward"
-    run("reward.py", "--model_name_or_path", sft_model, "--output_dir", out, "--max_steps", 200,
-        "--batch_size", 32, "--micro_batch_size", 32, "--learning_rate", 1e-3, "--eval_every", 1000)
-    return str(out)
+def small_sft(tmp_path_factory):
+    """256 training and 32 held-out demonstrations of the world: quick runs whose evaluation costs little."""
+    path = tmp_path_factory.mktemp("small_sft")
+    write_jsonl(path / "train.jsonl", read_jsonl(f"{WORLD}/sft/train.jsonl")[:256])
+    write_jsonl(path / "test.jsonl", read_jsonl(f"{WORLD}/sft/test.jsonl")[:32])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def preference_models(sft_model, tmp_path_factory):
+    """The world's reward model (200 steps of 32 pairs) and DPO policy (120 steps), both from the session's SFT
+    model, trained side by side."""
+    out = tmp_path_factory.mktemp("chain")
+    dpo_data = out / "preference"  # DPO evaluates on 250 held-out pairs (reward.py's accuracy on all 1,000)
+    dpo_data.mkdir()
+    shutil.copy(f"{WORLD}/preference/train.jsonl", dpo_data / "train.jsonl")
+    write_jsonl(dpo_data / "test.jsonl", read_jsonl(f"{WORLD}/preference/test.jsonl")[:250])
+    run_side_by_side(
+        ("reward.py", "--model_name_or_path", sft_model, "--output_dir", out / "reward", "--max_steps", 200,
+         "--batch_size", 32, "--micro_batch_size", 32, "--learning_rate", 1e-3, "--eval_every", 1000),
+        ("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", dpo_data, "--output_dir", out / "dpo", "--max_steps", 120,
+         "--eval_every", 1000, "--learning_rate", 5e-5, "--num_eval_prompts", 128))
+    return {"reward": str(out / "reward"), "dpo": str(out / "dpo")}
+
+
+@pytest.fixture(scope="session")
+def reward_model(preference_models):
+    return preference_models["reward"]
+
+
+@pytest.fixture(scope="session")
+def online_runs(sft_model, reward_model, tmp_path_factory):
+    """The learning runs of ppo.py (16 updates of 32 episodes, against the session's reward model) and rlaif.py
+    (32 updates of 32 prompts, judged by the world's labeller data/world/judge_model), side by side."""
+    out = tmp_path_factory.mktemp("online")
+    run_side_by_side(
+        ("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--output_dir",
+         out / "ppo", "--total_episodes", 16 * 32, "--batch_size", 32, "--micro_batch_size", 32,
+         "--num_eval_prompts", 128, "--eval_every", 1000),
+        ("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", f"{WORLD}/judge_model",
+         "--output_dir", out / "rlaif", "--total_prompts", 32 * 32, "--batch_size", 32, "--micro_batch_size", 32,
+         "--num_eval_prompts", 128, "--eval_every", 1000))
+    return {"ppo": str(out / "ppo"), "rlaif": str(out / "rlaif")}

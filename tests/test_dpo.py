@@ -65,16 +65,8 @@ def test_gradient_pushes_chosen_up_and_rejected_down(logps):
     assert (pc.grad < 0).all() and (pr.grad > 0).all()
 
 
-@pytest.fixture(scope="session")
-def dpo_model(sft_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("chain") / "dpo"
-    run("dpo.py", "--model_name_or_path", sft_model, "--output_dir", out, "--max_steps", 120, "--eval_every", 1000,
-        "--learning_rate", 5e-5, "--num_eval_prompts", 128)
-    return str(out)
-
-
-def test_dpo_raises_the_gold_score_over_the_sft_policy(dpo_model):
-    results = json.load(open(os.path.join(dpo_model, "eval.json")))
+def test_dpo_raises_the_gold_score_over_the_sft_policy(preference_models):
+    results = json.load(open(os.path.join(preference_models["dpo"], "eval.json")))
     for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length",
                 "implicit_reward_accuracy"):
         assert key in results

@@ -111,12 +111,10 @@ def test_ppo_end_to_end(sft_model, reward_model, tmp_path):
                        "--output_dir", tmp_path / "o", "--max_steps", 1, ok=False), "not a model ending in ForSequenceClassification")
 
 
-def test_ppo_raises_the_reward_model_and_gold_scores(sft_model, reward_model, tmp_path):
-    out = tmp_path / "ppo"
-    run("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--output_dir", out,
-        "--total_episodes", 16 * 32, "--batch_size", 32, "--micro_batch_size", 32, "--num_eval_prompts", 128,
-        "--eval_every", 1000)
-    start, end = read_jsonl(out / "curve.jsonl")[0], json.load(open(out / "eval.json"))
+def test_ppo_raises_the_reward_model_and_gold_scores(online_runs):
+    """16 updates of 32 episodes (conftest.online_runs) against the session's reward model."""
+    out = online_runs["ppo"]
+    start, end = read_jsonl(os.path.join(out, "curve.jsonl"))[0], json.load(open(os.path.join(out, "eval.json")))
     assert end["rm_score"] > start["rm_score"] + 0.3  # the proxy the policy optimises
     assert end["gold_score"] > end["gold_score_ref"] + 0.1  # and the truth, on the same held-out prompts
     assert end["gold_win_rate_vs_ref"] > 0.55

@@ -1,7 +1,6 @@
 """Resume after SIGKILL, determinism, non-finite values, and a user's mistakes in every script."""
 import contextlib
 import io
-import json
 import os
 import runpy
 import shutil
@@ -13,7 +12,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from conftest import ENV, ROOT, WORLD, read_jsonl, run, write_jsonl
 
@@ -51,8 +50,8 @@ def kill_after_first_checkpoint(script, out, *args):
     return torch.load(state, weights_only=True)["step"]
 
 
-def test_sft_killed_and_resumed_ends_with_the_same_weights(tmp_path):
-    args = [*SFT_SMALL, "--save_every", 10]
+def test_sft_killed_and_resumed_ends_with_the_same_weights(small_sft, tmp_path):
+    args = [*SFT_SMALL, "--dataset_name", small_sft, "--save_every", 10]
     run("sft.py", "--output_dir", tmp_path / "straight", *args)
     step = kill_after_first_checkpoint("sft.py", tmp_path / "killed", *args)
     assert step == 10
@@ -76,8 +75,8 @@ def test_ppo_killed_and_resumed_ends_with_the_same_weights(sft_model, reward_mod
     assert curves[0] == curves[1]
 
 
-def test_same_seed_same_loss_curve(tmp_path):
-    args = [*SFT_SMALL, "--max_steps", 12]
+def test_same_seed_same_loss_curve(small_sft, tmp_path):
+    args = [*SFT_SMALL, "--dataset_name", small_sft, "--max_steps", 12]
     run("sft.py", "--output_dir", tmp_path / "a", *args)
     run("sft.py", "--output_dir", tmp_path / "b", *args)
     a, b = (untimed(read_jsonl(tmp_path / d / "metrics.jsonl")) for d in ("a", "b"))
@@ -87,18 +86,23 @@ def test_same_seed_same_loss_curve(tmp_path):
     assert read_jsonl(tmp_path / "c" / "metrics.jsonl")[0]["train/loss"] != a[0]["train/loss"]
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_output(tmp_path):
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_output(small_sft, tmp_path):
     out = tmp_path / "sft"
-    run("sft.py", "--output_dir", out, *SFT_SMALL, "--max_steps", 2)
+    run("sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, "--max_steps", 2)
     before = weights(out)
-    proc = run("sft.py", "--output_dir", out, *SFT_SMALL, "--learning_rate", "inf", ok=False)
+    proc = run("sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, "--learning_rate", "inf", ok=False)
     error = one_line(proc)
     assert "non-finite loss at step 2" in error  # step 1's loss is finite; its update (lr = inf) is not
     for k, v in weights(out).items():
         assert torch.equal(v, before[k])
-    skipped = run("sft.py", "--output_dir", tmp_path / "skip", *SFT_SMALL, "--max_steps", 3, "--learning_rate", "inf",
-                  "--skip_nonfinite")
+    # --skip_nonfinite skips the batches whose loss is not finite; here the weights themselves went bad (step 1's
+    # update), so the run still ends, with one line saying so, at the evaluation, and saves nothing
+    skipped = run("sft.py", "--output_dir", tmp_path / "skip", *SFT_SMALL, "--dataset_name", small_sft, "--max_steps", 3,
+                  "--learning_rate", "inf",
+                  "--skip_nonfinite", ok=False)
     assert "batch skipped" in skipped.stdout
+    assert "weights are not finite" in one_line(skipped)
+    assert not os.path.exists(tmp_path / "skip" / "model.safetensors")
 
 
 def one_line(proc):

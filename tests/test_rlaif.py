@@ -1,5 +1,6 @@
 """rlaif.py: the labeller's math (answer softmax, swap-and-average, principles), both modes end to end, learning."""
 import json
+import os
 import math
 import random
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ import torch
 
 import common
 import rlaif
-from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
+from conftest import WORLD, read_jsonl, run, write_jsonl
 
 
 class StubJudge(torch.nn.Module):
@@ -149,14 +150,10 @@ def test_online_mode_end_to_end(sft_model, tmp_path):
         assert key in results
 
 
-def test_online_rlaif_raises_the_gold_score_over_the_sft_policy(sft_model, tmp_path):
-    """OAIF with the world's own labeller (data/world/judge_model): its fresh, AI-labelled pairs move the
-    policy towards what the gold rater prefers, though no human label is used."""
-    out = tmp_path / "oaif"
-    run("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", f"{WORLD}/judge_model",
-        "--output_dir", out, "--total_prompts", 32 * 32, "--batch_size", 32, "--micro_batch_size", 32,
-        "--num_eval_prompts", 128, "--eval_every", 1000)
-    results = json.load(open(out / "eval.json"))
+def test_online_rlaif_raises_the_gold_score_over_the_sft_policy(online_runs):
+    """OAIF with the world's own labeller (data/world/judge_model; conftest.online_runs): its fresh,
+    AI-labelled pairs move the policy towards what the gold rater prefers, though no human label is used."""
+    results = json.load(open(os.path.join(online_runs["rlaif"], "eval.json")))
     assert results["labeller_gold_agreement"] > 0.6
     assert results["gold_score"] > results["gold_score_ref"] + 0.1
     assert results["gold_win_rate_vs_ref"] > 0.55

@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,9 +15,9 @@ QUICK = ["--max_steps", 4, "--batch_size", 8, "--micro_batch_size", 4, "--num_ev
          "--max_new_tokens", 16, "--eval_every", 2]
 
 
-def test_sft_end_to_end_writes_a_model_plain_transformers_loads(tmp_path):
+def test_sft_end_to_end_writes_a_model_plain_transformers_loads(small_sft, tmp_path):
     out = tmp_path / "sft"
-    proc = run("sft.py", "--output_dir", out, *QUICK)
+    proc = run("sft.py", "--dataset_name", small_sft, "--output_dir", out, *QUICK)
     assert "step 2: eval_loss" in proc.stdout  # held-out loss and sample generations during training
     results = json.load(open(out / "eval.json"))
     assert {"eval_loss", "eos_rate", "gold_score"} <= set(results)
@@ -97,13 +96,13 @@ def test_prompts_over_the_length_limit(tmp_path):
     assert sum(int(n) for _, n in said) == 10
 
 
-def test_tokenizer_without_a_pad_token_gets_one(tmp_path):
+def test_tokenizer_without_a_pad_token_gets_one(small_sft, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(f"{WORLD}/base", base)
     tok = AutoTokenizer.from_pretrained(base)
     tok.pad_token = tok.eos_token  # the habit the GUIDE warns against: pad = EOS
     tok.save_pretrained(base)
-    proc = run("sft.py", "--model_name_or_path", base, "--output_dir", tmp_path / "o", *QUICK)
+    proc = run("sft.py", "--model_name_or_path", base, "--dataset_name", small_sft, "--output_dir", tmp_path / "o", *QUICK)
     assert "had no pad token distinct from EOS" in proc.stdout
     saved = AutoTokenizer.from_pretrained(tmp_path / "o")
     assert saved.pad_token_id is not None and saved.pad_token_id != saved.eos_token_id
@@ -118,9 +117,9 @@ def test_load_model_resizes_embeddings_for_an_added_pad_token(tmp_path):
     assert loaded.get_input_embeddings().num_embeddings == len(tok)
 
 
-def test_a_failed_run_keeps_the_previous_output(tmp_path):
+def test_a_failed_run_keeps_the_previous_output(small_sft, tmp_path):
     out = tmp_path / "sft"
-    run("sft.py", "--output_dir", out, *QUICK)
+    run("sft.py", "--dataset_name", small_sft, "--output_dir", out, *QUICK)
     before = open(out / "model.safetensors", "rb").read()
     (tmp_path / "empty.jsonl").write_text("")
     one_line_error(run("sft.py", "--dataset_name", tmp_path / "empty.jsonl", "--output_dir", out, ok=False))

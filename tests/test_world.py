@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, WORLD, read_jsonl
