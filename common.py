@@ -229,6 +229,12 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
+def sequence_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A one-label sequence classifier's score of each (left- or right-padded) sequence: transformers reads the
+    head at the last real token (detail 6)."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits[:, 0].float()
+
+
 def forward_logprobs(model, ids, mask, temperature: float = 1.0, keep: int = 0):
     """Per-token log-probs of ids[:, 1:] under the model: (B, T-1), or of the last `keep` tokens."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
@@ -333,8 +339,7 @@ def evaluate(policy, tok, prompts: list[list[int]], max_new_tokens: int, tempera
         seq, seq_mask, n = torch.cat([ids, responses], 1), torch.cat([mask, resp_mask], 1), responses.shape[1]
         if reward_model is not None:
             with autocast:
-                rm_scores += reward_model(input_ids=seq, attention_mask=seq_mask, position_ids=position_ids(seq_mask),
-                                          use_cache=False).logits[:, 0].float().tolist()
+                rm_scores += sequence_scores(reward_model, seq, seq_mask).tolist()
         if ref is None:
             continue
         with autocast:

@@ -182,12 +182,6 @@ def token_values(backbone, head, seq, mask, start):
     return head(hidden[:, start - 1:-1]).squeeze(-1).float()
 
 
-def scores_of(reward_model, seq, mask):
-    """The reward model's score, read at the last real token of query + response (detail 6)."""
-    return reward_model(input_ids=seq, attention_mask=mask, position_ids=common.position_ids(mask),
-                        use_cache=False).logits[:, 0].float()
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     common.seed_everything(args.seed)
@@ -270,7 +264,7 @@ if __name__ == "__main__":
             logprobs = common.forward_logprobs(policy, seq, seq_mask, args.temperature, keep=R).float()
             ref_logprobs = common.forward_logprobs(ref_policy, seq, seq_mask, args.temperature, keep=R).float()
             values = token_values(value_model.base_model, value_model.score, seq, seq_mask, Q)
-            scores = scores_of(reward_model, seq, seq_mask)
+            scores = common.sequence_scores(reward_model, seq, seq_mask)
         mask = response_mask.float()
         if not common.finite_or_stop(scores, "reward-model score", update, args.skip_nonfinite):
             continue

@@ -96,8 +96,7 @@ def preference_loss(chosen_rewards, rejected_rewards, margins=None, labels=None)
 
 def rewards(model, seqs, pad_id, device):
     """Score at the last real token of each right-padded sequence (the head is read there: detail 6)."""
-    ids, mask = (t.to(device) for t in common.pad(seqs, pad_id))
-    return model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False).logits[:, 0].float()
+    return common.sequence_scores(model, *(t.to(device) for t in common.pad(seqs, pad_id)))
 
 
 @torch.no_grad()
