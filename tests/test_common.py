@@ -70,10 +70,12 @@ def test_masked_statistics_match_numpy():
 
 
 def test_pad_sides():
+    """Padded to the next multiple of 8: left for generation, right for training."""
     ids, mask = common.pad([[3, 4, 5], [6]], PAD, "left")
-    assert ids.tolist() == [[3, 4, 5], [PAD, PAD, 6]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.tolist() == [[PAD] * 5 + [3, 4, 5], [PAD] * 7 + [6]] and mask.tolist() == [[0] * 5 + [1] * 3, [0] * 7 + [1]]
     ids, mask = common.pad([[3, 4, 5], [6]], PAD, "right")
-    assert ids.tolist() == [[3, 4, 5], [6, PAD, PAD]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.tolist() == [[3, 4, 5] + [PAD] * 5, [6] + [PAD] * 7] and mask.tolist() == [[1] * 3 + [0] * 5, [1] + [0] * 7]
+    assert common.pad([list(range(8))], PAD)[0].shape == (1, 8) and common.pad([list(range(9))], PAD)[0].shape == (1, 16)
     assert common.position_ids(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 

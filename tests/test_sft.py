@@ -45,8 +45,10 @@ def test_completion_only_loss_mask():
     (p, c), = sft.tokenize(tok, rows, ["prompt", "completion"], 256)
     ids, mask, loss_mask = common.pad_completions([p, p], [c, c[:2]], tok.pad_token_id)
     assert tok.decode(c) == " It is great.<|eos|>"
-    assert loss_mask[0].tolist() == [0] * len(p) + [1] * len(c)
-    assert loss_mask[1].tolist() == [0] * len(p) + [1, 1] + [0] * (len(c) - 2)
+    width = ids.shape[1]  # the longest row, rounded up to a multiple of 8
+    assert width % 8 == 0 and width - 8 < len(p) + len(c) <= width
+    assert loss_mask[0].tolist() == [0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c))
+    assert loss_mask[1].tolist() == [0] * len(p) + [1, 1] + [0] * (width - len(p) - 2)
     assert (ids[1, len(p) + 2:] == tok.pad_token_id).all()
 
 
