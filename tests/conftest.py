@@ -1,7 +1,6 @@
 """Shared test helpers: run a script as a user would, and a small SFT model trained once per session."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -66,13 +65,18 @@ def run_side_by_side(*commands):
             raise AssertionError(f"{' '.join(map(str, c))} failed ({proc.returncode}):\n{stderr[-4000:]}")
 
 
+def world_subset(path, name, n_train, n_test):
+    """A local dataset directory holding the first rows of the world's `name` splits (None: all of them)."""
+    path.mkdir(exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        write_jsonl(path / f"{split}.jsonl", read_jsonl(f"{WORLD}/{name}/{split}.jsonl")[:n])
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def small_sft(tmp_path_factory):
     """256 training and 32 held-out demonstrations of the world: quick runs whose evaluation costs little."""
-    path = tmp_path_factory.mktemp("small_sft")
-    write_jsonl(path / "train.jsonl", read_jsonl(f"{WORLD}/sft/train.jsonl")[:256])
-    write_jsonl(path / "test.jsonl", read_jsonl(f"{WORLD}/sft/test.jsonl")[:32])
-    return str(path)
+    return world_subset(tmp_path_factory.mktemp("small_sft"), "sft", 256, 32)
 
 
 @pytest.fixture(scope="session")
@@ -80,10 +84,8 @@ def preference_models(sft_model, tmp_path_factory):
     """The world's reward model (200 steps of 32 pairs) and DPO policy (120 steps), both from the session's SFT
     model, trained side by side."""
     out = tmp_path_factory.mktemp("chain")
-    dpo_data = out / "preference"  # DPO evaluates on 250 held-out pairs (reward.py's accuracy on all 1,000)
-    dpo_data.mkdir()
-    shutil.copy(f"{WORLD}/preference/train.jsonl", dpo_data / "train.jsonl")
-    write_jsonl(dpo_data / "test.jsonl", read_jsonl(f"{WORLD}/preference/test.jsonl")[:250])
+    dpo_data = world_subset(out / "preference", "preference", None, 250)  # DPO evaluates on 250 held-out pairs
+    # (reward.py's accuracy on all 1,000)
     run_side_by_side(
         ("reward.py", "--model_name_or_path", sft_model, "--output_dir", out / "reward", "--max_steps", 200,
          "--batch_size", 32, "--micro_batch_size", 32, "--learning_rate", 1e-3, "--eval_every", 1000),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpo
-from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
+from conftest import one_line_error, run, world_subset
 
 sig = lambda x: 1 / (1 + math.exp(-x))
 
@@ -79,10 +79,7 @@ def test_dpo_raises_the_gold_score_over_the_sft_policy(preference_models):
 @pytest.fixture(scope="module")
 def small_prefs(tmp_path_factory):
     """64 training and 32 held-out pairs of the world, as a local dataset directory (quick mechanics tests)."""
-    path = tmp_path_factory.mktemp("small_prefs")
-    write_jsonl(path / "train.jsonl", read_jsonl(f"{WORLD}/preference/train.jsonl")[:64])
-    write_jsonl(path / "test.jsonl", read_jsonl(f"{WORLD}/preference/test.jsonl")[:32])
-    return str(path)
+    return world_subset(tmp_path_factory.mktemp("small_prefs"), "preference", 64, 32)
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "simpo"])
