@@ -370,7 +370,7 @@ if __name__ == "__main__":
             n = len(chosen[sl])
             losses = dpo_losses(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.loss_type, args.beta)
             (losses.sum() / len(keep)).backward()
-            losses_sum += float(losses.sum())
+            losses_sum = losses_sum + losses.detach().sum()  # a tensor: no host sync per micro-batch
             margins.append(args.beta * ((logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])).detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         if common.finite_or_stop(grad_norm + losses_sum, "loss", update, args.skip_nonfinite):
@@ -379,7 +379,7 @@ if __name__ == "__main__":
 
         if update % 4 == 0 or update == num_updates:
             recent = {k: float(np.mean([s[k] for s in labeller_stats[-4:]])) for k in labeller_stats[-1]}
-            metrics = {"train/loss": losses_sum / max(1, len(keep)), "rewards/margins": float(torch.cat(margins).mean()),
+            metrics = {"train/loss": float(losses_sum) / max(1, len(keep)), "rewards/margins": float(torch.cat(margins).mean()),
                        "rewards/accuracies": float((torch.cat(margins) > 0).float().mean()),
                        "lr": optimizer.param_groups[0]["lr"], **{f"labeller/{k}": v for k, v in recent.items()}}
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", agree=f"{recent.get('agreement', float('nan')):.2f}")
