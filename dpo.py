@@ -73,7 +73,8 @@ class Args:
     batch_size: int = 32
     """pairs per optimizer step"""
     micro_batch_size: int = 32
-    """pairs per forward pass (2x sequences); batch_size / micro_batch_size steps of gradient accumulation"""
+    """pairs per forward pass (2x sequences), in training and evaluation; batch_size / micro_batch_size steps of
+    gradient accumulation"""
     max_length: int = 256
     """longest prompt + response in tokens; longer pairs are dropped (counted)"""
     eval_every: int = 100
@@ -166,9 +167,9 @@ if __name__ == "__main__":
     def ref_logps_of(pairs, model):
         """(chosen, rejected) reference log-probs of every pair, in batches."""
         out = []
-        for i in range(0, len(pairs), 64):
+        for i in range(0, len(pairs), micro):  # training's batch shape: no larger peak memory than training's
             with autocast:
-                out.append(torch.stack(pair_logps(model, pairs[i:i + 64], tok.pad_token_id, device)[:2], 1).float())
+                out.append(torch.stack(pair_logps(model, pairs[i:i + micro], tok.pad_token_id, device)[:2], 1).float())
         return torch.cat(out)
 
     steps_per_epoch = len(train) // args.batch_size
@@ -180,6 +181,7 @@ if __name__ == "__main__":
     if total_steps * args.batch_size < len(train):  # a capped run sees only some pairs: keep just those
         keep = np.random.default_rng(args.seed).permutation(len(train))[:total_steps * args.batch_size]
         train = [train[i] for i in sorted(keep)]
+    micro = min(args.micro_batch_size, args.batch_size)
     ref_model = None
     if needs_ref and args.precompute_ref_logps:  # once, with the reference in eval mode (no dropout)
         ref_model = load_ref()
@@ -190,20 +192,19 @@ if __name__ == "__main__":
         ref_model = load_ref()
     forward_policy = torch.compile(policy) if use_compile else policy
 
-    micro = min(args.micro_batch_size, args.batch_size)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
 
     def loss_on(pairs, indices, ref_table):
         """Per-pair losses and implicit rewards for a micro-batch, under the policy's current weights."""
-        chosen, rejected, chosen_len, rejected_len = pair_logps(forward_policy, pairs, tok.pad_token_id, device)
         if not needs_ref:
-            ref_chosen = ref_rejected = torch.zeros_like(chosen)
+            ref_chosen = ref_rejected = torch.zeros(len(pairs), device=device)
         elif ref_model is None:
             ref_chosen, ref_rejected = ref_table[indices].unbind(1)
-        else:
+        else:  # before the policy's forward, so its logits are gone when the policy's activations are alive
             with torch.inference_mode():
                 ref_chosen, ref_rejected = (x.float() for x in pair_logps(ref_model, pairs, tok.pad_token_id, device)[:2])
+        chosen, rejected, chosen_len, rejected_len = pair_logps(forward_policy, pairs, tok.pad_token_id, device)
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, args.loss_type,
                         args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)
 
@@ -211,9 +212,9 @@ if __name__ == "__main__":
     def evaluate_pairs():
         """Held-out preference metrics: does the implicit reward order the pairs as the labels do?"""
         stats = []
-        for i in range(0, len(evals), 64):
+        for i in range(0, len(evals), micro):
             with autocast:
-                losses, rc, rr = loss_on(evals[i:i + 64], torch.arange(i, min(i + 64, len(evals))),
+                losses, rc, rr = loss_on(evals[i:i + micro], torch.arange(i, min(i + micro, len(evals))),
                                          eval_ref_logps if needs_ref and args.precompute_ref_logps else None)
             stats.append(torch.stack([losses, rc, rr, (rc > rr).float()], 1))
         loss, rc, rr, acc = torch.cat(stats).mean(0).tolist()

@@ -157,21 +157,26 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, advantages + values
 
 
-def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask,
-               cliprange=0.2, cliprange_value=0.2):
-    """Clipped surrogate policy loss and clipped value loss (Schulman et al. 2017, eq. 7; the value clipping
-    of the OpenAI baselines), averaged over real response tokens, with their diagnostics."""
+def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange=0.2):
+    """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7), averaged over real response tokens, with
+    its diagnostics."""
     ratio = torch.exp(new_logprobs - old_logprobs)
     pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
-    values_clipped = old_values + (new_values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf_losses = torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2)
     stats = {
         "policy/approxkl": 0.5 * common.masked_mean((new_logprobs - old_logprobs) ** 2, mask),
         "policy/clipfrac": common.masked_mean((pg_losses > -advantages * ratio).float(), mask),
-        "val/clipfrac": common.masked_mean(((new_values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask),
-        "val/ratio": common.masked_mean(ratio, mask),
+        "val/ratio": common.masked_mean(ratio, mask),  # the policy's ratio, under the reference implementations' name
     }
-    return common.masked_mean(pg_losses, mask), 0.5 * common.masked_mean(vf_losses, mask), stats
+    return common.masked_mean(pg_losses, mask), stats
+
+
+def value_loss(new_values, old_values, returns, mask, cliprange_value=0.2):
+    """Clipped value loss (the value clipping of the OpenAI baselines), averaged over real response tokens,
+    and the share of tokens where clipping decided it."""
+    values_clipped = old_values + (new_values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses = torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2)
+    clipfrac = common.masked_mean(((new_values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask)
+    return 0.5 * common.masked_mean(vf_losses, mask), clipfrac
 
 
 def token_values(backbone, head, seq, mask, start):
@@ -285,22 +290,28 @@ if __name__ == "__main__":
                 for micro_start in range(mb_start, mb_start + minibatch_size, args.micro_batch_size):
                     idx = perm[micro_start:micro_start + args.micro_batch_size].to(device)
                     m = mask[idx]
+                    scale = len(idx) / minibatch_size  # the micro-batch's share of the minibatch's mean loss
+                    # The policy and the value model share no weights, so the total loss
+                    # pg_loss - entropy_coef * entropy + vf_coef * vf_loss is backpropagated in two parts: only one
+                    # model's activations are alive at a time (same gradients, less peak memory).
                     with autocast:
                         out = forward_policy(input_ids=seq[idx], attention_mask=seq_mask[idx], use_cache=False,
                                              position_ids=common.position_ids(seq_mask[idx]), logits_to_keep=R + 1)
                         logits = out.logits[:, :-1].float() / args.temperature
                         new_logprobs = common.logprobs_from_logits(logits, responses[idx])
-                        new_values = token_values(value_backbone, value_model.score, seq[idx], seq_mask[idx], Q)
-                    pg_loss, vf_loss, loss_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], new_values,
-                                                              values[idx], returns[idx], m, args.cliprange, args.cliprange_value)
+                    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, args.cliprange)
                     # entropy of the (temperature-scaled) policy, logsumexp - E[logit]; differentiated only
                     # when it is a bonus in the loss (a full-vocabulary softmax is costly to backpropagate)
                     with torch.set_grad_enabled(args.entropy_coef != 0):
                         entropy = common.masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), m)
-                    loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * entropy
-                    (loss * len(idx) / minibatch_size).backward()
+                    ((pg_loss - args.entropy_coef * entropy) * scale).backward()
+                    with autocast:
+                        new_values = token_values(value_backbone, value_model.score, seq[idx], seq_mask[idx], Q)
+                    vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], m, args.cliprange_value)
+                    (args.vf_coef * vf_loss * scale).backward()
                     stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), entropy.detach(),
-                                              *(v.detach() for v in loss_stats.values())]))
+                                              pg_stats["policy/approxkl"], pg_stats["policy/clipfrac"], vf_clipfrac,
+                                              pg_stats["val/ratio"]]).detach())
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if common.finite_or_stop(grad_norm, "loss", update, args.skip_nonfinite):
                     optimizer.step()

@@ -62,7 +62,8 @@ class Args:
     batch_size: int = 64
     """pairs per optimizer step"""
     micro_batch_size: int = 64
-    """pairs per forward pass (2x sequences); batch_size / micro_batch_size steps of gradient accumulation"""
+    """pairs per forward pass (2x sequences), in training and evaluation; batch_size / micro_batch_size steps of
+    gradient accumulation"""
     max_length: int = 256
     """longest prompt + response in tokens; longer pairs are dropped (counted)"""
     eval_every: int = 125
@@ -163,8 +164,8 @@ if __name__ == "__main__":
         """Held-out accuracy (the RM agrees with the label) and, on the world, agreement with the gold rater."""
         model.eval()
         chosen, rejected = [], []
-        for i in range(0, len(evals), 64):
-            batch = evals[i:i + 64]
+        for i in range(0, len(evals), micro):  # training's batch shape: no larger peak memory than training's
+            batch = evals[i:i + micro]
             with autocast:
                 r = rewards(forward_model, [p + c for p, c, *_ in batch] + [p + r for p, _, r, *_ in batch], tok.pad_token_id, device)
             chosen.append(r[:len(batch)])
@@ -246,7 +247,8 @@ if __name__ == "__main__":
     seqs = [common.encode_prompt(tok, r["prompt"]) + common.encode_completion(tok, r["prompt"], r["completion"]) for r in demos]
     seqs = [s for s in seqs if len(s) <= args.max_length]
     with autocast:
-        hidden = torch.cat([last_hidden_states(model, seqs[i:i + 64], tok.pad_token_id, device) for i in range(0, len(seqs), 64)])
+        hidden = torch.cat([last_hidden_states(model, seqs[i:i + 2 * micro], tok.pad_token_id, device)
+                            for i in range(0, len(seqs), 2 * micro)])
     normalisation = fold_shift_into_head(model.score, hidden)
 
     # ---- evaluation -------------------------------------------------------------------------------

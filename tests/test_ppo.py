@@ -80,13 +80,15 @@ def test_clipped_losses_against_hand_computed_values():
     new_logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1), 5.0]])  # ratios 1.5, 0.5, 1.1, (pad)
     adv = torch.tensor([[1.0, 1.0, -2.0, 9.0]])
     old_v, new_v, returns = torch.zeros(1, 4), torch.tensor([[0.5, -0.1, 0.3, 7.0]]), torch.tensor([[1.0, 1.0, -1.0, 0.0]])
-    pg, vf, stats = ppo.ppo_losses(new_logp, old_logp, adv, new_v, old_v, returns, mask, 0.2, 0.2)
+    pg, stats = ppo.policy_loss(new_logp, old_logp, adv, mask, 0.2)
+    vf, vf_clipfrac = ppo.value_loss(new_v, old_v, returns, mask, 0.2)
     # token 1: max(-1 * 1.5, -1 * 1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5; token 3: max(2.2, 2.2) = 2.2
     assert pg.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
     assert stats["policy/clipfrac"].item() == pytest.approx(1 / 3)
     # values clipped to old +- 0.2: 0.2, -0.1, 0.2; loss 0.5 * mean(max(unclipped^2, clipped^2))
     want_vf = 0.5 * (max(0.5 ** 2, 0.8 ** 2) + max(1.1 ** 2, 1.1 ** 2) + max(1.3 ** 2, 1.2 ** 2)) / 3
     assert vf.item() == pytest.approx(want_vf)
+    assert vf_clipfrac.item() == pytest.approx(1 / 3)  # token 1: the clipped value is further from the return
     assert stats["val/ratio"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3)
 
 
