@@ -250,7 +250,6 @@ if __name__ == "__main__":
     judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
     judge = common.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, frozen_dtype)
     judge.eval().requires_grad_(False)
-    tok = common.load_tokenizer(args.model_name_or_path)
 
     def label(prompts, firsts, seconds):
         """Debiased labels of text pairs, in chunks (so the progress shows)."""
@@ -263,7 +262,8 @@ if __name__ == "__main__":
         train_rows, eval_rows, fmt = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"], ["prompt"]],
                                                         seed=args.seed)
         policy = None
-        if fmt == ["prompt"]:
+        if fmt == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
+            tok = common.load_tokenizer(args.model_name_or_path)
             policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
         results, splits = {}, {}
         for split, rows in (("train", train_rows), ("test", eval_rows)):
@@ -304,6 +304,7 @@ if __name__ == "__main__":
 
     # ============================ online mode: OAIF ====================================================
     train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
+    tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [text_of(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, _ = common.encode_prompts(tok, eval_rows.select(range(min(args.num_eval_prompts, len(eval_rows)))),
