@@ -163,6 +163,8 @@ if __name__ == "__main__":
     def load_ref():
         return common.load_model(AutoModelForCausalLM, ref_name, tok, device, ref_dtype).eval().requires_grad_(False)
 
+    micro = min(args.micro_batch_size, args.batch_size)
+
     @torch.inference_mode()
     def ref_logps_of(pairs, model):
         """(chosen, rejected) reference log-probs of every pair, in batches."""
@@ -181,7 +183,6 @@ if __name__ == "__main__":
     if total_steps * args.batch_size < len(train):  # a capped run sees only some pairs: keep just those
         keep = np.random.default_rng(args.seed).permutation(len(train))[:total_steps * args.batch_size]
         train = [train[i] for i in sorted(keep)]
-    micro = min(args.micro_batch_size, args.batch_size)
     ref_model = None
     if needs_ref and args.precompute_ref_logps:  # once, with the reference in eval mode (no dropout)
         ref_model = load_ref()

@@ -309,9 +309,8 @@ if __name__ == "__main__":
                         new_values = token_values(value_backbone, value_model.score, seq[idx], seq_mask[idx], Q)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], m, args.cliprange_value)
                     (args.vf_coef * vf_loss * scale).backward()
-                    stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), entropy.detach(),
-                                              pg_stats["policy/approxkl"], pg_stats["policy/clipfrac"], vf_clipfrac,
-                                              pg_stats["val/ratio"]]).detach())
+                    stats.append(torch.stack([pg_loss, vf_loss, entropy, pg_stats["policy/approxkl"],
+                                              pg_stats["policy/clipfrac"], vf_clipfrac, pg_stats["val/ratio"]]).detach())
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if common.finite_or_stop(grad_norm, "loss", update, args.skip_nonfinite):
                     optimizer.step()
