@@ -79,7 +79,7 @@ class Args:
     micro_batch_size: int = 32
     """online: pairs per forward/backward pass (gradient accumulation)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """online: DPO (sigmoid) or IPO on the labelled pair"""
+    """online: DPO (sigmoid; summed log-probs) or IPO (per-token average log-probs, as dpo.py) on the labelled pair"""
     beta: float = 0.1
     """online: the KL strength of the DPO-family loss"""
     learning_rate: float = 1e-4
@@ -232,10 +232,13 @@ def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
     return lists[:len(prompt_ids)], lists[len(prompt_ids):]
 
 
-def dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type, beta):
-    """DPO (Rafailov et al. 2023, eq. 7) or IPO (Azar et al. 2023, eq. 17) on summed response log-probs."""
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2
+def dpo_losses(logps, ref_logps, lengths, n, loss_type, beta):
+    """Per-pair losses and log-ratio differences h of DPO (Rafailov et al. 2023, eq. 7) on summed response
+    log-probs, or IPO (Azar et al. 2023, eq. 17) on per-token averages, as in dpo.py. The first n entries of
+    each tensor are the chosen responses, the next n the rejected."""
+    ratios = (logps - ref_logps) / (lengths if loss_type == "ipo" else 1)
+    h = ratios[:n] - ratios[n:]
+    return (-F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2), h
 
 
 if __name__ == "__main__":
@@ -367,12 +370,11 @@ if __name__ == "__main__":
             with torch.inference_mode(), autocast:
                 ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0].float()
             with autocast:
-                logps = common.completion_logps(forward_policy, both_prompts, both, tok.pad_token_id, device)[0].float()
-            n = len(chosen[sl])
-            losses = dpo_losses(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.loss_type, args.beta)
+                logps, lengths = common.completion_logps(forward_policy, both_prompts, both, tok.pad_token_id, device)
+            losses, h = dpo_losses(logps.float(), ref_logps, lengths, len(chosen[sl]), args.loss_type, args.beta)
             (losses.sum() / len(keep)).backward()
             losses_sum = losses_sum + losses.detach().sum()  # a tensor: no host sync per micro-batch
-            margins.append(args.beta * ((logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])).detach())
+            margins.append(args.beta * h.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         if common.finite_or_stop(grad_norm + losses_sum, "loss", update, args.skip_nonfinite):
             optimizer.step()

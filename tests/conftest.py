@@ -102,13 +102,15 @@ def reward_model(preference_models):
 @pytest.fixture(scope="session")
 def online_runs(sft_model, reward_model, tmp_path_factory):
     """The learning runs of ppo.py (16 updates of 32 episodes, against the session's reward model) and rlaif.py
-    (32 updates of 32 prompts, judged by the world's labeller data/world/judge_model), side by side."""
+    (32 updates of 32 prompts, judged by the world's labeller data/world/judge_model), side by side. Twice the
+    scripts' learning rates (a tenth of their default updates), and 256 evaluation prompts: over seeds 0-3 the
+    gold win rates were 0.71-0.72 (PPO) and 0.65-0.76 (RLAIF), with a binomial standard error of 0.03."""
     out = tmp_path_factory.mktemp("online")
     run_side_by_side(
         ("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--output_dir",
          out / "ppo", "--total_episodes", 16 * 32, "--batch_size", 32, "--micro_batch_size", 32,
-         "--num_eval_prompts", 128, "--eval_every", 1000),
+         "--learning_rate", 6e-5, "--num_eval_prompts", 256, "--eval_every", 1000),
         ("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", f"{WORLD}/judge_model",
          "--output_dir", out / "rlaif", "--total_prompts", 32 * 32, "--batch_size", 32, "--micro_batch_size", 32,
-         "--num_eval_prompts", 128, "--eval_every", 1000))
+         "--learning_rate", 2e-4, "--num_eval_prompts", 256, "--eval_every", 1000))
     return {"ppo": str(out / "ppo"), "rlaif": str(out / "rlaif")}

@@ -88,6 +88,23 @@ def test_one_principle_per_comparison_the_same_in_both_orders(tok):
     assert set(asked) == set(principles)  # all are sampled over 40 comparisons
 
 
+def test_online_losses_are_dpo_py_s_sigmoid_and_length_normalised_ipo():
+    """rlaif.py's online step uses the same DPO and IPO as dpo.py: IPO on per-token average log-probs."""
+    import dpo
+
+    g = torch.Generator().manual_seed(0)
+    logps, ref_logps = -20 * torch.rand(8, generator=g), -20 * torch.rand(8, generator=g)
+    lengths = torch.tensor([3, 9, 4, 12, 7, 2, 15, 5])
+    for loss_type in ("sigmoid", "ipo"):
+        ours, h = rlaif.dpo_losses(logps, ref_logps, lengths, 4, loss_type, 0.1)
+        theirs, chosen_rewards, rejected_rewards = dpo.dpo_loss(logps[:4], logps[4:], ref_logps[:4], ref_logps[4:],
+                                                                lengths[:4], lengths[4:], loss_type, 0.1)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(0.1 * h, chosen_rewards - rejected_rewards)
+    ipo_sum = ((logps[:4] - ref_logps[:4]) - (logps[4:] - ref_logps[4:]) - 5) ** 2  # summed log-probs: another loss
+    assert not torch.allclose(rlaif.dpo_losses(logps, ref_logps, lengths, 4, "ipo", 0.1)[0], ipo_sum)
+
+
 def test_constitution_from_text_or_json(tmp_path):
     (tmp_path / "c.txt").write_text("Be helpful.\n\nBe honest.\n")
     (tmp_path / "c.json").write_text(json.dumps(["Be harmless."]))
@@ -167,5 +184,5 @@ def test_online_rlaif_raises_the_gold_score_over_the_sft_policy(online_runs):
     AI-labelled pairs move the policy towards what the gold rater prefers, though no human label is used."""
     results = json.load(open(os.path.join(online_runs["rlaif"], "eval.json")))
     assert results["labeller_gold_agreement"] > 0.6
-    assert results["gold_score"] > results["gold_score_ref"] + 0.1
-    assert results["gold_win_rate_vs_ref"] > 0.55
+    assert results["gold_score"] > results["gold_score_ref"] + 0.2  # seeds 0-3: +0.31 to +0.46
+    assert results["gold_win_rate_vs_ref"] > 0.6
