@@ -117,7 +117,7 @@ def test_ppo_raises_the_reward_model_and_gold_scores(online_runs):
     """16 updates of 32 episodes (conftest.online_runs) against the session's reward model."""
     out = online_runs["ppo"]
     start, end = read_jsonl(os.path.join(out, "curve.jsonl"))[0], json.load(open(os.path.join(out, "eval.json")))
-    assert end["rm_score"] > start["rm_score"] + 0.6  # the proxy the policy optimises (seeds 0-3: +1.0 to +1.7)
+    assert end["rm_score"] > start["rm_score"] + 0.6  # the proxy the policy optimises (seeds 0-3: +1.2 to +1.7)
     assert end["gold_score"] > end["gold_score_ref"] + 0.2  # and the truth, on the same held-out prompts (+0.36 to +0.42)
     assert end["gold_win_rate_vs_ref"] > 0.6
     assert 0 < end["kl_to_ref"] < 20 and end["eos_rate"] > 0.9

@@ -88,7 +88,7 @@ def test_one_principle_per_comparison_the_same_in_both_orders(tok):
     assert set(asked) == set(principles)  # all are sampled over 40 comparisons
 
 
-def test_online_losses_are_dpo_py_s_sigmoid_and_length_normalised_ipo():
+def test_online_losses_match_dpo_py_sigmoid_and_length_normalised_ipo():
     """rlaif.py's online step uses the same DPO and IPO as dpo.py: IPO on per-token average log-probs."""
     import dpo
 
