@@ -53,6 +53,34 @@ def test_logprobs_from_logits_with_temperature():
         torch.testing.assert_close(common.logprobs_from_logits(logits, tokens, t), want)
 
 
+def test_chunked_logprobs_match_log_softmax_and_keep_no_fp32_copy(monkeypatch):
+    """Blocks of rows (an uneven last one), temperature, gradients; bf16 logits keep no fp32 copy for the backward."""
+    monkeypatch.setattr(common, "LOGITS_PER_CHUNK", 2 * 7 * 50)  # 2 rows per block: blocks of 2, 2, 1
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(5, 7, 50, requires_grad=True), torch.randint(0, 50, (5, 7))
+    weights = torch.randn(5, 7)
+    for t in (1.0, 0.7):
+        want = torch.log_softmax(logits / t, -1).gather(-1, tokens[..., None])[..., 0]
+        (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
+        got = common.logprobs_from_logits(logits, tokens, t)
+        (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_grad, want_grad)
+    saved = []
+    half = logits.detach().bfloat16().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        got = common.logprobs_from_logits(half, tokens)
+    assert not [x for x in saved if x.dtype == torch.float32 and x.numel() >= 7 * 50], "an fp32 copy was kept"
+    got.sum().backward()
+    want = torch.log_softmax(half.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(got, want)
+    # d(sum of log-probs)/d logits = one_hot(token) - softmax
+    want_grad = torch.nn.functional.one_hot(tokens, 50) - torch.softmax(half.float(), -1)
+    torch.testing.assert_close(half.grad.float(), want_grad, atol=1e-2, rtol=0)
+    with torch.no_grad():  # the inference path: the same values
+        torch.testing.assert_close(common.logprobs_from_logits(logits, tokens), torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0])
+
+
 def test_masked_statistics_match_numpy():
     torch.manual_seed(0)
     x, mask = torch.randn(4, 9), (torch.rand(4, 9) > 0.4).float()
