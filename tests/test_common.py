@@ -55,7 +55,7 @@ def test_logprobs_from_logits_with_temperature():
 
 def test_chunked_logprobs_match_log_softmax_and_keep_no_fp32_copy(monkeypatch):
     """Blocks of rows (an uneven last one), temperature, gradients; bf16 logits keep no fp32 copy for the backward."""
-    monkeypatch.setattr(common, "LOGITS_PER_CHUNK", 2 * 7 * 50)  # 2 rows per block: blocks of 2, 2, 1
+    monkeypatch.setattr(common, "LOGITS_PER_BLOCK", 2 * 7 * 50)  # 2 rows per block: blocks of 2, 2, 1
     torch.manual_seed(0)
     logits, tokens = torch.randn(5, 7, 50, requires_grad=True), torch.randint(0, 50, (5, 7))
     weights = torch.randn(5, 7)
