@@ -264,8 +264,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     The fp32 copy of the logits (bf16 on a GPU) and logsumexp's temporaries then exist for one block only.
     With gradients, a block's forward is re-run in the backward (torch.utils.checkpoint), so only the
     logits themselves are kept for it. With a 50k-150k vocabulary the full copy would be the largest tensor
-    of a step (2 GB in fp32 for 16 x 640 tokens and 50k; one row's block: 128 MB). Even with the peer benchmark's 2048-token vocabulary
-    it takes ~35 MB off DPO's CPU peak, at the same speed (benchmarks/bench.py, README)."""
+    of a step (2 GB in fp32 for 16 x 640 tokens and 50k; one row's block: 128 MB). Even with the peer
+    benchmark's 2048-token vocabulary it takes ~35 MB off DPO's CPU peak at the same speed (README)."""
     rows = max(1, LOGITS_PER_BLOCK // (logits.shape[1] * logits.shape[2]))
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return torch.cat([token_logprobs(x, t, temperature) for x, t in zip(logits.split(rows), tokens.split(rows))])

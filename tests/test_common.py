@@ -53,7 +53,7 @@ def test_logprobs_from_logits_with_temperature():
         torch.testing.assert_close(common.logprobs_from_logits(logits, tokens, t), want)
 
 
-def test_chunked_logprobs_match_log_softmax_and_keep_no_fp32_copy(monkeypatch):
+def test_logprobs_in_blocks_match_log_softmax_and_keep_no_fp32_copy(monkeypatch):
     """Blocks of rows (an uneven last one), temperature, gradients; bf16 logits keep no fp32 copy for the backward."""
     monkeypatch.setattr(common, "LOGITS_PER_BLOCK", 2 * 7 * 50)  # 2 rows per block: blocks of 2, 2, 1
     torch.manual_seed(0)
@@ -78,7 +78,8 @@ def test_chunked_logprobs_match_log_softmax_and_keep_no_fp32_copy(monkeypatch):
     want_grad = torch.nn.functional.one_hot(tokens, 50) - torch.softmax(half.float(), -1)
     torch.testing.assert_close(half.grad.float(), want_grad, atol=1e-2, rtol=0)
     with torch.no_grad():  # the inference path: the same values
-        torch.testing.assert_close(common.logprobs_from_logits(logits, tokens), torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0])
+        want = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+        torch.testing.assert_close(common.logprobs_from_logits(logits, tokens), want)
 
 
 def test_masked_statistics_match_numpy():
