@@ -267,10 +267,10 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     of a step (2 GB in fp32 for 16 x 640 tokens and 50k; one row's block: 128 MB). Even with the peer
     benchmark's 2048-token vocabulary it takes ~35 MB off DPO's CPU peak at the same speed (README)."""
     rows = max(1, LOGITS_PER_BLOCK // (logits.shape[1] * logits.shape[2]))
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        return torch.cat([token_logprobs(x, t, temperature) for x, t in zip(logits.split(rows), tokens.split(rows))])
+    recompute = torch.is_grad_enabled() and logits.requires_grad
     return torch.cat([checkpoint(token_logprobs, x, t, temperature, use_reentrant=False, preserve_rng_state=False)
-                      for x, t in zip(logits.split(rows), tokens.split(rows))])  # (no randomness to replay)
+                      if recompute else token_logprobs(x, t, temperature)  # (no randomness to replay)
+                      for x, t in zip(logits.split(rows), tokens.split(rows))])
 
 
 def sequence_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
