@@ -334,28 +334,34 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
            stop_at_eos: bool = False):
     """Sample with a KV cache from left-padded prompts: pure sampling at a temperature (top_k 0, top_p 1).
     Returns the (B, max_new_tokens) tokens drawn; truncate_after_eos() applies the EOS trick to them.
-    With stop_at_eos it stops early once every row has an EOS (checked every 8 tokens)."""
-    mask, out, tokens = prompt_mask, None, []
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    step_ids, step_pos = prompt_ids, position_ids(prompt_mask)
-    # On the CPU, decoding's attention matmuls take a new shape at every token (the cache grows), which oneDNN
-    # pays to set up each time: MKL does them in half the time (fp32 either way).
-    precision = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
-    try:
-        for t in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                        past_key_values=out.past_key_values if out is not None else None, logits_to_keep=1)
-            probs = torch.softmax(out.logits[:, -1].float() / temperature, -1)
-            step_ids = torch.multinomial(probs, 1)
-            tokens.append(step_ids)
-            done |= step_ids[:, 0] == eos_id
-            if stop_at_eos and t % 8 == 7 and done.all():
-                break
-            mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
-            step_pos = step_pos[:, -1:] + 1
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = precision
+    With stop_at_eos it stops early once every row has an EOS (checked every 8 tokens).
+
+    The cache is static (its length fixed at prompt + max_new_tokens), so every decoding step has the same
+    shapes: no concatenation per token, and on the CPU oneDNN reuses its matmul kernels instead of setting up
+    new ones as the cache grows. Future positions are masked by causality, so the attention mask can cover
+    the whole length from the start."""
+    from transformers import StaticCache
+
+    B, Q = prompt_ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=Q + max_new_tokens)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], 1)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    step_ids, step_pos, tokens = prompt_ids, position_ids(prompt_mask), []
+    for t in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                       past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        probs = torch.softmax(logits.float() / temperature, -1)
+        # Inverse-CDF draw: one uniform number per row. torch.multinomial draws one random number per
+        # vocabulary entry, which dominated decoding on the CPU. The cumulative sum is in float64, so even
+        # tiny probabilities of a large vocabulary keep their share; a zero-probability token is never drawn.
+        cdf = probs.double().cumsum(-1)
+        u = torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        step_ids = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+        tokens.append(step_ids)
+        done |= step_ids[:, 0] == eos_id
+        if stop_at_eos and t % 8 == 7 and done.all():
+            break
+        step_pos = step_pos[:, -1:] + 1
     responses = torch.cat(tokens, 1)
     return torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=eos_id)
 

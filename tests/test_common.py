@@ -143,6 +143,23 @@ def test_sample_with_kv_cache_matches_full_recompute(tiny):
         assert out[i].tolist() == seq[len(p):]
 
 
+def test_sample_draws_from_the_temperature_scaled_softmax(tiny):
+    """The inverse-CDF draw must follow softmax(logits / T): the first token of 20000 samples of one prompt,
+    counted per vocabulary entry, against the model's own probabilities (a shift of mass between neighbouring
+    tokens, as an off-by-one in the search would make, is many standard errors away)."""
+    n, temperature = 20000, 0.5
+    ids, mask = common.pad([[5, 6, 7]] * n, PAD, "left")
+    with torch.no_grad():
+        probs = torch.softmax(tiny(ids[:1]).logits[0, -1] / temperature, -1)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        first = common.sample(tiny, ids, mask, 1, temperature, eos_id=EOS)[:, 0]
+    freq = torch.bincount(first, minlength=len(probs)).double() / n
+    stderr = (probs * (1 - probs) / n).sqrt()
+    assert probs.max() > 2 * probs.min()  # a non-uniform target, so a shifted draw would show
+    assert ((freq - probs).abs() <= 5 * stderr + 1e-4).all()
+
+
 def test_encode_completion_ends_with_one_eos():
     tok = AutoTokenizer.from_pretrained(f"{WORLD}/base")
     ids = common.encode_completion(tok, "The film.", " It is great.")
