@@ -352,7 +352,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
                        past_key_values=cache, logits_to_keep=1).logits[:, -1]
         probs = torch.softmax(logits.float() / temperature, -1)
         # Inverse-CDF draw: one uniform number per row. torch.multinomial draws one random number per
-        # vocabulary entry, which dominated decoding on the CPU. The cumulative sum is in float64, so even
+        # vocabulary entry, a tenth of each decoding step on the CPU. The cumulative sum is in float64, so even
         # tiny probabilities of a large vocabulary keep their share; a zero-probability token is never drawn.
         cdf = probs.double().cumsum(-1)
         u = torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
