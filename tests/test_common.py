@@ -150,7 +150,7 @@ def test_sample_draws_from_the_temperature_scaled_softmax(tiny):
     n, temperature = 20000, 0.5
     ids, mask = common.pad([[5, 6, 7]] * n, PAD, "left")
     with torch.no_grad():
-        probs = torch.softmax(tiny(ids[:1]).logits[0, -1] / temperature, -1)
+        probs = torch.softmax(tiny(torch.tensor([[5, 6, 7]])).logits[0, -1] / temperature, -1)  # unpadded
     torch.manual_seed(0)
     with torch.inference_mode():
         first = common.sample(tiny, ids, mask, 1, temperature, eos_id=EOS)[:, 0]
