@@ -358,9 +358,10 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
         u = torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
         step_ids = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
         tokens.append(step_ids)
-        done |= step_ids[:, 0] == eos_id
-        if stop_at_eos and t % 8 == 7 and done.all():
-            break
+        if stop_at_eos:
+            done |= step_ids[:, 0] == eos_id
+            if t % 8 == 7 and done.all():
+                break
         step_pos = step_pos[:, -1:] + 1
     responses = torch.cat(tokens, 1)
     return torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=eos_id)
