@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import sys
+from array import array
 from contextlib import nullcontext
 
 import numpy as np
@@ -200,13 +201,15 @@ def encode_completion(tok, prompt, completion) -> list[int]:
 
 def tokenize_pairs(tok, rows, max_length: int, extra_columns=()):
     """(prompt_ids, chosen_ids, rejected_ids, extras, row index) per preference pair; each response ends
-    with EOS. Pairs with prompt + response over max_length are dropped, and the count is said."""
+    with EOS. Pairs with prompt + response over max_length are dropped, and the count is said. The ids are
+    kept as array("i"): 4 bytes a token where a list of Python ints takes ~40 (the world's 4096 pairs: 3 MB
+    instead of 18); `+` still concatenates."""
     out = []
     for i, row in enumerate(rows):
         p = encode_prompt(tok, row["prompt"])
         c, r = (encode_completion(tok, row["prompt"], row[k]) for k in ("chosen", "rejected"))
         if len(p) + max(len(c), len(r)) <= max_length:
-            out.append((p, c, r, [float(row[k]) for k in extra_columns], i))
+            out.append((array("i", p), array("i", c), array("i", r), [float(row[k]) for k in extra_columns], i))
     if len(out) < len(rows):
         print(f"note: {len(rows) - len(out)} of {len(rows)} pairs longer than max_length {max_length} dropped")
     if not out:
