@@ -261,19 +261,36 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (details 4 and 5) of (B, T, V) logits, one block of rows at a time.
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) in fp32, as logsumexp - E[logit]: no log_softmax copy."""
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
+    return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
-    The fp32 copy of the logits (bf16 on a GPU) and logsumexp's temporaries then exist for one block only.
-    With gradients, a block's forward is re-run in the backward (torch.utils.checkpoint), so only the
-    logits themselves are kept for it. With a 50k-150k vocabulary the full copy would be the largest tensor
-    of a step (2 GB in fp32 for 16 x 640 tokens and 50k; one row's block: 128 MB). Even with the peer
-    benchmark's 2048-token vocabulary it takes ~35 MB off DPO's CPU peak at the same speed (README)."""
+
+def in_row_blocks(fn, logits: torch.Tensor, *tensors: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """fn(logits, *tensors, temperature) over (B, T, V) logits one block of rows at a time, concatenated.
+
+    The fp32 copy of the logits (bf16 on a GPU) and the temporaries of logsumexp and softmax then exist for
+    one block only. With gradients, a block's forward is re-run in the backward (torch.utils.checkpoint), so
+    only the logits themselves are kept for it. With a 50k-150k vocabulary the full copy would be the
+    largest tensor of a step (2 GB in fp32 for 16 x 640 tokens and 50k; one row's block: 128 MB). Even with
+    the peer benchmark's 2048-token vocabulary it takes ~35 MB off DPO's CPU peak at the same speed (README)."""
     rows = max(1, LOGITS_PER_BLOCK // (logits.shape[1] * logits.shape[2]))
     recompute = torch.is_grad_enabled() and logits.requires_grad
-    return torch.cat([checkpoint(token_logprobs, x, t, temperature, use_reentrant=False, preserve_rng_state=False)
-                      if recompute else token_logprobs(x, t, temperature)  # (no randomness to replay)
-                      for x, t in zip(logits.split(rows), tokens.split(rows))])
+    blocks = zip(logits.split(rows), *(t.split(rows) for t in tensors))
+    return torch.cat([checkpoint(fn, *block, temperature, use_reentrant=False, preserve_rng_state=False)
+                      if recompute else fn(*block, temperature)  # (no randomness to replay)
+                      for block in blocks])
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs (details 4 and 5) of (B, T, V) logits, in blocks of rows."""
+    return in_row_blocks(token_logprobs, logits, tokens, temperature=temperature)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position entropy of the temperature-scaled policy, (B, T), in blocks of rows."""
+    return in_row_blocks(token_entropy, logits, temperature=temperature)
 
 
 def sequence_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -299,13 +299,12 @@ if __name__ == "__main__":
                                              position_ids=common.position_ids(seq_mask[idx]), logits_to_keep=R + 1)
                         new_logprobs = common.logprobs_from_logits(out.logits[:, :-1], responses[idx], args.temperature)
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, args.cliprange)
-                    # entropy of the (temperature-scaled) policy, logsumexp - E[logit]; differentiated only
-                    # when it is a bonus in the loss (a full-vocabulary softmax is costly to backpropagate)
+                    # entropy of the (temperature-scaled) policy, in blocks of rows like the log-probs; differentiated
+                    # only when it is a bonus in the loss (a full-vocabulary softmax is costly to backpropagate)
                     with torch.set_grad_enabled(args.entropy_coef != 0):
-                        logits = out.logits[:, :-1].float() / args.temperature
-                        entropy = common.masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), m)
+                        entropy = common.masked_mean(common.entropy_from_logits(out.logits[:, :-1], args.temperature), m)
                     ((pg_loss - args.entropy_coef * entropy) * scale).backward()
-                    del out, logits  # free the policy's logits before the value model's pass
+                    del out  # free the policy's logits before the value model's pass
                     with autocast:
                         new_values = token_values(value_backbone, value_model.score, seq[idx], seq_mask[idx], Q)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], m, args.cliprange_value)

@@ -1,4 +1,6 @@
 """common.py against plain, independent formulas."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +82,25 @@ def test_logprobs_in_blocks_match_log_softmax_and_keep_no_fp32_copy(monkeypatch)
     with torch.no_grad():  # the inference path: the same values
         want = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
         torch.testing.assert_close(common.logprobs_from_logits(logits, tokens), want)
+
+
+def test_entropy_in_blocks_matches_the_definition(monkeypatch):
+    """-sum p log p of softmax(logits / T), per position, in blocks of rows; its gradient through the recompute."""
+    monkeypatch.setattr(common, "LOGITS_PER_BLOCK", 2 * 7 * 50)  # blocks of 2, 2, 1 rows
+    torch.manual_seed(0)
+    logits, weights = torch.randn(5, 7, 50, requires_grad=True), torch.randn(5, 7)
+    for t in (1.0, 0.7):
+        p = torch.softmax(logits.double() / t, -1)
+        want = -(p * p.log()).sum(-1)
+        (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
+        got = common.entropy_from_logits(logits, t)
+        (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
+        torch.testing.assert_close(got, want.float())
+        torch.testing.assert_close(got_grad, want_grad.float())
+        with torch.no_grad():
+            torch.testing.assert_close(common.entropy_from_logits(logits, t), want.float())
+    uniform = torch.zeros(2, 3, 50)  # the maximum, log V
+    torch.testing.assert_close(common.entropy_from_logits(uniform), torch.full((2, 3), math.log(50)))
 
 
 def test_masked_statistics_match_numpy():
