@@ -255,31 +255,32 @@ LOGITS_PER_BLOCK = 2 ** 20
 """logprobs_from_logits works through the batch in blocks of rows holding about this many logits"""
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T)[token] in fp32, as the gathered logit minus logsumexp: no log_softmax copy."""
-    logits = logits.float() if temperature == 1 else logits.float() / temperature
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token], as the gathered logit minus logsumexp: no log_softmax copy."""
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / T) in fp32, as logsumexp - E[logit]: no log_softmax copy."""
-    logits = logits.float() if temperature == 1 else logits.float() / temperature
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits), as logsumexp - E[logit]: no log_softmax copy."""
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 
 def in_row_blocks(fn, logits: torch.Tensor, *tensors: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """fn(logits, *tensors, temperature) over (B, T, V) logits one block of rows at a time, concatenated.
+    """fn(fp32 logits / T, *tensors) over (B, T, V) logits one block of rows at a time, concatenated.
 
     The fp32 copy of the logits (bf16 on a GPU) and the temporaries of logsumexp and softmax then exist for
     one block only. With gradients, a block's forward is re-run in the backward (torch.utils.checkpoint), so
     only the logits themselves are kept for it. With a 50k-150k vocabulary the full copy would be the
     largest tensor of a step (2 GB in fp32 for 16 x 640 tokens and 50k; one row's block: 128 MB). Even with
     the peer benchmark's 2048-token vocabulary it takes ~35 MB off DPO's CPU peak at the same speed (README)."""
+    def on_block(x, *ts):
+        return fn(x.float() if temperature == 1 else x.float() / temperature, *ts)
+
     rows = max(1, LOGITS_PER_BLOCK // (logits.shape[1] * logits.shape[2]))
     recompute = torch.is_grad_enabled() and logits.requires_grad
     blocks = zip(logits.split(rows), *(t.split(rows) for t in tensors))
-    return torch.cat([checkpoint(fn, *block, temperature, use_reentrant=False, preserve_rng_state=False)
-                      if recompute else fn(*block, temperature)  # (no randomness to replay)
+    return torch.cat([checkpoint(on_block, *block, use_reentrant=False, preserve_rng_state=False)
+                      if recompute else on_block(*block)  # (no randomness to replay)
                       for block in blocks])
 
 
