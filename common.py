@@ -189,6 +189,9 @@ def encode_completion(tok, prompt, completion) -> list[int]:
     exactly as the policy will later generate it after the prompt's ids. A conversational completion is
     the part of the rendered conversation that follows the rendered prompt."""
     if isinstance(completion, list):
+        if not isinstance(prompt, list) or not prompt:
+            fail("a conversational completion (a list of messages) needs a conversational prompt: a non-empty "
+                 f"list of messages before it, got {prompt!r:.60}")
         head = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(prompt + completion, tokenize=False)
         if not full.startswith(head):

@@ -137,7 +137,6 @@ if __name__ == "__main__":
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    accumulation = max(1, args.batch_size // args.micro_batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-5, fused=True,
                                   weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
@@ -178,10 +177,12 @@ if __name__ == "__main__":
             batches = [[int(i) for i in b] for b in common.length_grouped_batches(lengths, args.batch_size, rng)
                        if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
-        n_tokens = sum(len(c) for _, c in batch)  # loss = mean NLL over every completion token of the step
+        # loss = mean NLL over every predicted completion token of the step; a row with no prompt ({"text"}
+        # without BOS) cannot predict its first token
+        n_tokens = sum(len(c) - (not p) for p, c in batch)
         loss_sum = 0.0
-        for m in range(0, len(batch), len(batch) // accumulation):
-            micro = batch[m:m + len(batch) // accumulation]
+        for m in range(0, len(batch), args.micro_batch_size):
+            micro = batch[m:m + args.micro_batch_size]
             with autocast:
                 loss = -common.completion_logps(forward_model, *zip(*micro), tok.pad_token_id, device)[0].sum() / n_tokens
             loss.backward()

@@ -185,6 +185,19 @@ def test_bad_input_matrix(bad, script, case, tmp_path):
     assert (bad["dir"] / "other" / "notes.txt").read_text() == "someone else's work"
 
 
+def test_chat_responses_need_chat_prompts(bad, tmp_path):
+    """A response given as chat messages after a text prompt, or a conversation of one message (no prompt)."""
+    pref = read_jsonl(f"{WORLD}/preference/train.jsonl")[:40]
+    reply = lambda text: [{"role": "assistant", "content": text}]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": r["prompt"], "chosen": reply(r["chosen"]), "rejected":
+                                                    reply(r["rejected"]), "completion": reply(r["chosen"])} for r in pref])
+    single = write_jsonl(tmp_path / "single.jsonl", [{"messages": reply(r["chosen"])} for r in pref])
+    for script, data in (("sft.py", mixed), ("reward.py", mixed), ("dpo.py", mixed), ("sft.py", single)):
+        message = run_inprocess(script, *SCRIPTS[script](bad), "--dataset_name", data, "--output_dir", tmp_path / "o")
+        assert "needs a conversational prompt" in message, message
+        assert not os.path.exists(tmp_path / "o")
+
+
 def test_wrong_heads(bad, tmp_path):
     assert "not a model ending in ForCausalLM" in run_inprocess(
         "dpo.py", "--model_name_or_path", bad["rm"], "--output_dir", tmp_path / "o")

@@ -77,6 +77,22 @@ def test_text_format(tmp_path):
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
+def test_train_loss_averages_over_the_tokens_it_predicts(tmp_path):
+    """With the learning rate at 0 and the held-out split equal to the training rows, one step over all rows
+    logs the held-out loss: both average over the tokens the model predicts ({"text"} rows have no prompt,
+    so not their first), in micro-batches of 6, 6 and 4 (6 does not divide the batch of 16)."""
+    rows = [{"text": r["prompt"] + r["completion"]} for r in read_jsonl(f"{WORLD}/sft/train.jsonl")[:16]]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "test.jsonl", rows)
+    out = tmp_path / "out"
+    run("sft.py", "--dataset_name", data, "--output_dir", out, "--max_steps", 1, "--batch_size", 16,
+        "--micro_batch_size", 6, "--learning_rate", 0, "--num_eval_samples", 2, "--max_new_tokens", 4, "--no_gold_eval")
+    train_loss = read_jsonl(out / "metrics.jsonl")[0]["train/loss"]
+    assert abs(train_loss - json.load(open(out / "eval.json"))["eval_loss"]) < 1e-4
+
+
 # ---- a user's mistakes: one line naming the problem, nothing written (every script and every mistake:
 # test_reliability.py's bad-input matrix; here the real command line once) -------------------------
 def test_missing_path(tmp_path):
