@@ -5,6 +5,7 @@ lives here is only what would otherwise be copied into all of them. Detail numbe
 section 3 ("The N Implementation Details of RLHF with PPO", Huang et al.).
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -28,6 +29,21 @@ def describe(e: Exception) -> str:
     """An exception in one short line: its type and the first line of its message."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+POSITIVE_ARGS = ("batch_size", "micro_batch_size", "judge_batch_size", "num_epochs", "num_ppo_epochs", "num_mini_batches",
+                 "total_episodes", "total_prompts", "max_steps", "max_length", "max_prompt_length", "judge_max_length",
+                 "response_length", "max_new_tokens", "temperature", "sample_temperature", "beta", "eval_every",
+                 "log_samples_every", "num_eval_samples", "num_eval_prompts", "num_normalisation_rows")
+
+
+def check_args(args):
+    """One line naming the first of a script's sizes, lengths, temperatures or beta that is not above 0, before
+    anything is loaded (a temperature of 0 is not greedy decoding here: softmax(logits / 0) is undefined)."""
+    for name in POSITIVE_ARGS:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            fail(f"--{name} must be greater than 0, got {value}")
 
 
 def seed_everything(seed: int):
@@ -209,6 +225,9 @@ def tokenize_pairs(tok, rows, max_length: int, extra_columns=()):
     instead of 18); `+` still concatenates."""
     out = []
     for i, row in enumerate(rows):
+        for k in extra_columns:
+            if not isinstance(row[k], (int, float)) or isinstance(row[k], bool) or not math.isfinite(row[k]):
+                fail(f"column {k!r} must hold a finite number in every row, not {row[k]!r:.40}")
         p = encode_prompt(tok, row["prompt"])
         c, r = (encode_completion(tok, row["prompt"], row[k]) for k in ("chosen", "rejected"))
         if len(p) + max(len(c), len(r)) <= max_length:

@@ -67,7 +67,7 @@ class Args:
     learning_rate: float = 2e-5
     """peak AdamW learning rate (~5e-7 to 1e-6 for a real model)"""
     warmup_steps: int = 20
-    """linear warmup steps, then cosine decay to 0"""
+    """linear warmup steps (at most a tenth of all steps), then cosine decay to 0"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     batch_size: int = 32
@@ -142,6 +142,9 @@ def pair_logps(model, pairs, pad_id, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
+    common.check_args(args)
+    if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
+        common.fail(f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}")
     common.seed_everything(args.seed)
     common.check_output_dir(args.output_dir, "dpo.py", args.resume)
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)

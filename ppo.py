@@ -189,6 +189,7 @@ def token_values(backbone, head, seq, mask, start):
 
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
+    common.check_args(args)
     common.seed_everything(args.seed)
     common.check_output_dir(args.output_dir, "ppo.py", args.resume)
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)

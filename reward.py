@@ -38,7 +38,7 @@ class Args:
     output_dir: str = "runs/reward"
     """where the reward model, tokenizer and eval.json are written (atomically)"""
     sft_dataset_name: str = "data/world/sft"
-    """demonstrations {prompt, completion} whose mean reward is shifted to 0 after training"""
+    """demonstrations {prompt, completion} or {messages} whose mean reward is shifted to 0 after training"""
     num_normalisation_rows: int = 2000
     """demonstrations used to measure that mean"""
     margin_column: str | None = None
@@ -56,7 +56,7 @@ class Args:
     learning_rate: float = 1e-3
     """peak AdamW learning rate (the world's 4M-parameter model; ~5e-6 for a real model)"""
     warmup_steps: int = 20
-    """linear warmup steps, then cosine decay to 0"""
+    """linear warmup steps (at most a tenth of all steps), then cosine decay to 0"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     batch_size: int = 64
@@ -129,6 +129,7 @@ def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
+    common.check_args(args)
     common.seed_everything(args.seed)
     common.check_output_dir(args.output_dir, "reward.py", args.resume)
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
@@ -140,6 +141,15 @@ if __name__ == "__main__":
     train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected", *extra]], seed=args.seed)
     train = common.tokenize_pairs(tok, train_rows, args.max_length, extra)
     evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
+    # the demonstrations of the normalisation (detail 7), read now: a mistake in them fails before training
+    demos, _, _ = common.load_splits(args.sft_dataset_name, [["prompt", "completion"], ["messages"]], seed=args.seed)
+    seqs = []
+    for row in demos.select(range(min(args.num_normalisation_rows, len(demos)))):
+        prompt, completion = (row["prompt"], row["completion"]) if "prompt" in row else (row["messages"][:-1], row["messages"][-1:])
+        seqs.append(common.encode_prompt(tok, prompt) + common.encode_completion(tok, prompt, completion))
+    seqs = [s for s in seqs if len(s) <= args.max_length]
+    if not seqs:
+        common.fail(f"no demonstration of {args.sft_dataset_name!r} fits in max_length {args.max_length}: nothing to normalise with")
     model = common.load_model(AutoModelForSequenceClassification, args.model_name_or_path, tok, device, new_head=True, num_labels=1)
     if not hasattr(model, "score") or model.score.out_features != 1:
         common.fail(f"{args.model_name_or_path} does not give a one-output score head")
@@ -214,9 +224,10 @@ if __name__ == "__main__":
             loss = preference_loss(chosen_rewards, rejected_rewards, margins, labels).mean()
             if args.center_rewards_coef:
                 loss = loss + args.center_rewards_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
-            (loss * len(part) / len(batch)).backward()
-            stats.append(torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().mean(),
-                                      chosen_rewards.detach().mean(), rejected_rewards.detach().mean()]))
+            share = len(part) / len(batch)  # the micro-batch's share of the batch's means
+            (loss * share).backward()
+            stats.append(share * torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().mean(),
+                                              chosen_rewards.detach().mean(), rejected_rewards.detach().mean()]))
         step += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if common.finite_or_stop(torch.stack(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
@@ -225,7 +236,7 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         progress.update()
         if step % 20 == 0 or step == total_steps:
-            loss_v, acc, rc, rr = torch.stack(stats).mean(0).tolist()
+            loss_v, acc, rc, rr = torch.stack(stats).sum(0).tolist()  # the batch's means
             progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc:.2f}")
             log({"train/loss": loss_v, "train/accuracy": acc, "train/chosen_rewards": rc, "train/rejected_rewards": rr,
                  "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)
@@ -242,10 +253,6 @@ if __name__ == "__main__":
 
     # ---- normalisation (detail 7): the SFT demonstrations' mean reward becomes 0 ------------------
     model.eval()
-    demos, _, _ = common.load_splits(args.sft_dataset_name, [["prompt", "completion"]], seed=args.seed)
-    demos = demos.select(range(min(args.num_normalisation_rows, len(demos))))
-    seqs = [common.encode_prompt(tok, r["prompt"]) + common.encode_completion(tok, r["prompt"], r["completion"]) for r in demos]
-    seqs = [s for s in seqs if len(s) <= args.max_length]
     with autocast:
         hidden = torch.cat([last_hidden_states(model, seqs[i:i + 2 * micro], tok.pad_token_id, device)
                             for i in range(0, len(seqs), 2 * micro)])

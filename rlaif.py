@@ -8,7 +8,7 @@ The labeller (Bai et al. 2022, "Constitutional AI"; Lee et al. 2023, "RLAIF vs. 
 It reads a preamble, one principle sampled from the constitution for this comparison, the prompt and
 two responses, and is asked "Which response is better? Answer A or B." Its preference is the softmax
 over its log-probs of the two answer tokens. Position bias is removed by asking again with the responses
-swapped and averaging: p(A) = (p(A | A, B) + p(A | B, A)) / 2.
+swapped and averaging: p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2.
 
   --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current
                  policy, the labeller picks one, and a DPO-family update learns from that fresh pair
@@ -91,7 +91,7 @@ class Args:
     max_new_tokens: int = 64
     """longest sampled response"""
     max_prompt_length: int = 128
-    """longest prompt in tokens; longer ones are dropped (counted)"""
+    """longest prompt to sample from in tokens (online, and label mode for {prompt} rows); longer ones are dropped (counted)"""
     judge_max_length: int = 512
     """longest labeller question in tokens; longer ones count as ties and are skipped"""
     judge_batch_size: int = 64
@@ -127,8 +127,11 @@ def load_constitution(path):
     if not os.path.isfile(path):
         common.fail(f"constitution {path!r} does not exist")
     text = open(path).read()
-    principles = json.loads(text) if path.endswith(".json") else [l.strip() for l in text.splitlines() if l.strip()]
-    if not principles or not all(isinstance(p, str) and p for p in principles):
+    try:
+        principles = json.loads(text) if path.endswith(".json") else [l.strip() for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as e:
+        common.fail(f"constitution {path!r} is not valid JSON: {e}")
+    if not isinstance(principles, list) or not principles or not all(isinstance(p, str) and p for p in principles):
         common.fail(f"constitution {path!r} holds no principles (a text file, one per line, or a JSON list of strings)")
     return principles
 
@@ -243,6 +246,7 @@ def dpo_losses(logps, ref_logps, lengths, n, loss_type, beta):
 
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
+    common.check_args(args)
     common.seed_everything(args.seed)
     common.check_output_dir(args.output_dir, "rlaif.py", args.resume)
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
@@ -271,13 +275,16 @@ if __name__ == "__main__":
         results, splits = {}, {}
         for split, rows in (("train", train_rows), ("test", eval_rows)):
             rows = rows.select(range(min(len(rows), args.max_steps or len(rows))))
+            if policy is not None:  # prompts to sample from: those over max_prompt_length are dropped (counted)
+                prompt_ids, kept = common.encode_prompts(tok, rows, args.max_prompt_length, split)
+                rows = rows.select(kept)
             prompts = [r["prompt"] for r in rows]
             if policy is None:  # given pairs: label them as they are
                 firsts, seconds = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
             else:  # prompts only: two samples from the policy per prompt
                 firsts, seconds = [], []
                 for i in tqdm(range(0, len(prompts), 64), desc=f"sampling {split}", mininterval=5):
-                    a, b = sample_pairs(policy, tok, [common.encode_prompt(tok, p) for p in prompts[i:i + 64]], args, device, autocast)
+                    a, b = sample_pairs(policy, tok, prompt_ids[i:i + 64], args, device, autocast)
                     firsts += tok.batch_decode(a, skip_special_tokens=True)
                     seconds += tok.batch_decode(b, skip_special_tokens=True)
             p, flipped, skipped = label([text_of(x) for x in prompts], [text_of(x) for x in firsts],
@@ -293,6 +300,8 @@ if __name__ == "__main__":
             splits[split] = [{"prompt": q, "chosen": a if pa >= 0.5 else b, "rejected": b if pa >= 0.5 else a,
                               "label": round(max(pa, 1 - pa), 4)}
                              for q, a, b, pa, s in zip(prompts, firsts, seconds, p.tolist(), skipped.tolist()) if not s]
+            if not splits[split]:
+                common.fail(f"{split}: every labeller question is over judge_max_length {args.judge_max_length} tokens: nothing labelled")
         print(json.dumps(results, indent=2))
 
         def write(tmp):
@@ -357,6 +366,9 @@ if __name__ == "__main__":
         gold = gold_first_better(first_texts, second_texts) if args.gold_eval else None
         labeller_stats.append(labeller_metrics(p, flipped, skipped, gold))
         keep = [i for i in range(len(batch)) if not skipped[i]]
+        if not keep:
+            common.fail(f"update {update}: every labeller question is over judge_max_length {args.judge_max_length} tokens: "
+                        "nothing to learn from")
         chosen = [firsts[i] if p[i] >= 0.5 else seconds[i] for i in keep]
         rejected = [seconds[i] if p[i] >= 0.5 else firsts[i] for i in keep]
         pair_prompts = [batch[i] for i in keep]

@@ -42,7 +42,7 @@ class Args:
     learning_rate: float = 2e-3
     """peak AdamW learning rate (the world trains from scratch; use ~1e-5 to fine-tune a real model)"""
     warmup_steps: int = 30
-    """linear warmup steps, then cosine decay to 0"""
+    """linear warmup steps (at most a tenth of all steps), then cosine decay to 0"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -107,6 +107,7 @@ def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
 
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
+    common.check_args(args)
     common.seed_everything(args.seed)
     common.check_output_dir(args.output_dir, "sft.py", args.resume)
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)

@@ -113,8 +113,9 @@ def one_line(proc):
 
 
 # ---- the bad-input matrix: every script, every mistake, run in-process (no 5 s import per case) ------
-def run_inprocess(script, *args):
-    """Run a script as __main__ with these arguments; return its error line (it must exit with one)."""
+def run_inprocess(script, *args, stdout=False):
+    """Run a script as __main__ with these arguments; return its error line (it must exit with one), and
+    what it printed when `stdout`."""
     argv, out = sys.argv, io.StringIO()
     sys.argv = [script, *map(str, args)]
     try:
@@ -124,7 +125,7 @@ def run_inprocess(script, *args):
         sys.argv = argv
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
-    return message
+    return (message, out.getvalue()) if stdout else message
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +184,39 @@ def test_bad_input_matrix(bad, script, case, tmp_path):
         assert str(w) in message, message
     assert not os.path.exists(tmp_path / "out") or case == "resume without checkpoint"
     assert (bad["dir"] / "other" / "notes.txt").read_text() == "someone else's work"
+
+
+@pytest.mark.parametrize("script,args,words", [
+    ("sft.py", ["--micro_batch_size", 0], "--micro_batch_size must be greater than 0, got 0"),
+    ("dpo.py", ["--temperature", 0], "--temperature must be greater than 0"),  # not greedy: softmax(logits / 0)
+    ("dpo.py", ["--beta", 0], "--beta must be greater than 0"),
+    ("dpo.py", ["--label_smoothing", 0.6], "--label_smoothing is the probability that a label is flipped"),
+    ("ppo.py", ["--batch_size", 0], "--batch_size must be greater than 0"),
+    ("reward.py", ["--num_normalisation_rows", 0], "--num_normalisation_rows must be greater than 0"),
+    ("rlaif.py", ["--sample_temperature", 0], "--sample_temperature must be greater than 0"),
+])
+def test_arguments_out_of_range(script, args, words, tmp_path):
+    """Checked before anything is loaded: no model or data is read, nothing is written."""
+    assert words in run_inprocess(script, *args, "--output_dir", tmp_path / "o")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_every_labeller_question_too_long(bad, tmp_path):
+    """Label mode writes no empty dataset, and online mode stops at the first update with nothing to learn from."""
+    args = [*SCRIPTS["rlaif.py"](bad), "--judge_max_length", 10, "--output_dir", tmp_path / "o"]
+    assert "nothing labelled" in run_inprocess("rlaif.py", *args, "--mode", "label", "--dataset_name",
+                                               f"{WORLD}/preference", "--max_steps", 4)
+    assert "update 1: every labeller question" in run_inprocess(
+        "rlaif.py", *args, "--dataset_name", f"{WORLD}/prompts", "--max_steps", 1, "--batch_size", 4,
+        "--micro_batch_size", 2, "--num_eval_prompts", 4, "--max_new_tokens", 8)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_reward_reads_its_normalisation_data_before_training(bad, tmp_path):
+    message, stdout = run_inprocess("reward.py", *SCRIPTS["reward.py"](bad), "--sft_dataset_name",
+                                    bad["dir"] / "nope.jsonl", "--output_dir", tmp_path / "o", stdout=True)
+    assert "nope.jsonl" in message and "parameters" not in stdout  # the model is not even loaded
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_chat_responses_need_chat_prompts(bad, tmp_path):

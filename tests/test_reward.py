@@ -90,10 +90,19 @@ def test_reward_with_soft_labels_and_margins(sft_model, tmp_path):
     for i, r in enumerate(rows):
         r["label"], r["margin"] = [0.9, 0.6, 0.2][i % 3], float(i % 2)
     data = write_jsonl(tmp_path / "soft.jsonl", rows)
+    # the normalisation's demonstrations as conversations ({messages}), as sft.py also reads them
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
+                                                                 {"role": "assistant", "content": r["completion"]}]}
+                                                   for r in read_jsonl(f"{WORLD}/sft/train.jsonl")[:64]])
     out = tmp_path / "rm"
     run("reward.py", "--model_name_or_path", sft_model, "--dataset_name", data, "--label_column", "label",
         "--margin_column", "margin", "--center_rewards_coef", 0.01, "--max_steps", 2, "--batch_size", 16,
-        "--micro_batch_size", 8, "--num_normalisation_rows", 64, "--output_dir", out)
-    assert "accuracy" in json.load(open(out / "eval.json"))
+        "--micro_batch_size", 8, "--sft_dataset_name", demos, "--output_dir", out)
+    results = json.load(open(out / "eval.json"))
+    assert "accuracy" in results and abs(results["reward_mean_after_normalisation"]) < 1e-3
+    rows[5]["label"] = "high"
+    one_line_error(run("reward.py", "--model_name_or_path", sft_model, "--dataset_name",
+                       write_jsonl(tmp_path / "text_label.jsonl", rows), "--label_column", "label", "--output_dir",
+                       tmp_path / "o", ok=False), "'label' must hold a finite number")
     one_line_error(run("reward.py", "--model_name_or_path", sft_model, "--dataset_name", data, "--label_column",
                        "prob", "--output_dir", tmp_path / "o", ok=False), "prob")

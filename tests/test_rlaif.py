@@ -114,6 +114,13 @@ def test_constitution_from_text_or_json(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(SystemExit, match="no principles"):
         rlaif.load_constitution(str(tmp_path / "empty.txt"))
+    for name, text in (("object.json", '{"a": "Be kind."}'), ("string.json", '"Be kind."')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match="no principles"):
+            rlaif.load_constitution(str(tmp_path / name))
+    (tmp_path / "broken.json").write_text('["Be kind.",')
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        rlaif.load_constitution(str(tmp_path / "broken.json"))
 
 
 def test_world_judge_data_asks_rlaif_questions():
