@@ -526,7 +526,8 @@ def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer,
     for name, model in models.items():
         save_model(model, os.path.join(tmp, f"{name}.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **state},
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **state},
                os.path.join(tmp, "state.pt"))
     write_run_info(tmp, script, args)
     replace_dir(tmp, target)
@@ -546,6 +547,9 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
         scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(state.pop("torch_rng"))
     random.setstate(state.pop("python_rng"))
+    cuda_rng = state.pop("cuda_rng", None)  # sampling on the GPU draws from its generators
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
     print(f"resumed from {path} at step {state.get('step')}")
     return state
 
