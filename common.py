@@ -488,9 +488,14 @@ def write_run_info(directory: str, script: str, args):
         json.dump({"script": script, "args": vars(args)}, f, indent=2, default=str)
 
 
-def check_output_dir(output_dir: str, script: str, resume: bool = False):
+RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "skip_nonfinite", "track", "wandb_project")
+"""arguments a resumed run may set differently; any other change would make it another run"""
+
+
+def check_output_dir(args, script: str):
     """Refuse, before any training, to overwrite a directory holding anything but a run of this script;
-    with resume, require its checkpoint."""
+    with --resume, require its checkpoint, written with the same arguments."""
+    output_dir = args.output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         fail(f"--output_dir {output_dir!r} is a file")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
@@ -499,8 +504,14 @@ def check_output_dir(output_dir: str, script: str, resume: bool = False):
         if previous != script:
             what = f"the output of {previous}" if previous else "files that no run of this project wrote"
             fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
-    if resume and not os.path.isfile(os.path.join(output_dir, CHECKPOINT, "state.pt")):
-        fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
+    if args.resume:
+        if not os.path.isfile(os.path.join(output_dir, CHECKPOINT, "state.pt")):
+            fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
+        saved = json.load(open(os.path.join(output_dir, CHECKPOINT, "run.json")))["args"]
+        now = json.loads(json.dumps(vars(args), default=str))  # as run.json holds them
+        changed = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+        if changed:
+            fail(f"--resume with other arguments than the checkpoint's run: {', '.join(changed)}")
 
 
 def save_atomic(output_dir: str, script: str, args, write):

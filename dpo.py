@@ -146,7 +146,7 @@ if __name__ == "__main__":
     if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
         common.fail(f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}")
     common.seed_everything(args.seed)
-    common.check_output_dir(args.output_dir, "dpo.py", args.resume)
+    common.check_output_dir(args, "dpo.py")
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
     run_name, log, history = common.start_tracking(args, "dpo")
     ref_name = args.ref_model_name_or_path or args.model_name_or_path

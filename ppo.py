@@ -191,7 +191,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     common.check_args(args)
     common.seed_everything(args.seed)
-    common.check_output_dir(args.output_dir, "ppo.py", args.resume)
+    common.check_output_dir(args, "ppo.py")
     device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
     run_name, log, history = common.start_tracking(args, "ppo")
     if args.batch_size % args.num_mini_batches or (args.batch_size // args.num_mini_batches) % args.micro_batch_size:

@@ -55,6 +55,9 @@ def test_sft_killed_and_resumed_ends_with_the_same_weights(small_sft, tmp_path):
     run("sft.py", "--output_dir", tmp_path / "straight", *args)
     step = kill_after_first_checkpoint("sft.py", tmp_path / "killed", *args)
     assert step == 10
+    # resuming with other arguments would be another run: refused, naming what changed
+    changed = run("sft.py", "--output_dir", tmp_path / "killed", *args, "--resume", "--max_steps", 40, ok=False)
+    assert "--max_steps 30 -> 40" in one_line(changed)
     run("sft.py", "--output_dir", tmp_path / "killed", *args, "--resume")
     assert_same_weights(tmp_path / "straight", tmp_path / "killed")
     straight, resumed = (untimed(read_jsonl(tmp_path / d / "metrics.jsonl")) for d in ("straight", "killed"))
