@@ -199,11 +199,12 @@ def label_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng
 
 def labeller_metrics(p, flipped, skipped, reference_first_better=None):
     """Agreement with a reference (gold rater or given labels; ties in the reference count half), flip rate
-    and mean confidence, over the pairs that were labelled."""
+    and mean confidence, over the pairs that were labelled; and the share of questions skipped (over
+    judge_max_length), the same figure per split in label mode and per run in online mode."""
     keep = ~skipped
     metrics = {"labeller_flip_rate": float(flipped[keep].float().mean()),
                "labeller_confidence": float(torch.maximum(p, 1 - p)[keep].mean()),
-               "labeller_skipped": int(skipped.sum())}
+               "labeller_skip_rate": float(skipped.float().mean())}
     if reference_first_better is not None:
         ref = torch.as_tensor(reference_first_better, dtype=torch.float)[keep]
         agree = ((p[keep] > 0.5).float() == ref).float()

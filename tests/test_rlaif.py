@@ -182,7 +182,7 @@ def test_the_world_labeller_agrees_with_the_gold_rater_on_held_out_pairs(tmp_pat
     run("rlaif.py", "--mode", "label", "--dataset_name", f"{WORLD}/preference", "--max_steps", 1000,
         "--output_dir", out)
     info = json.load(open(out / "labelling.json"))
-    assert info["test_labeller_skipped"] == 0
+    assert info["test_labeller_skip_rate"] == 0
     assert info["test_gold_agreement"] >= 0.75
 
 
