@@ -218,6 +218,19 @@ def encode_completion(tok, prompt, completion) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
 
 
+def encode_demonstration(tok, row, fmt: list[str]) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a demonstration in the column set `fmt` that load_splits found:
+    {prompt, completion}, {messages} (the last message is the completion) or {text} (no prompt: [] or [BOS])."""
+    if fmt == ["messages"]:
+        prompt, completion = row["messages"][:-1], row["messages"][-1:]
+    elif fmt == ["text"]:
+        prompt, completion = "", row["text"]
+    else:
+        prompt, completion = row["prompt"], row["completion"]
+    p = encode_prompt(tok, prompt) if prompt else tok("")["input_ids"]
+    return p, encode_completion(tok, prompt, completion)
+
+
 def tokenize_pairs(tok, rows, max_length: int, extra_columns=()):
     """(prompt_ids, chosen_ids, rejected_ids, extras, row index) per preference pair; each response ends
     with EOS. Pairs with prompt + response over max_length are dropped, and the count is said. The ids are

@@ -142,12 +142,12 @@ if __name__ == "__main__":
     train = common.tokenize_pairs(tok, train_rows, args.max_length, extra)
     evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
     # the demonstrations of the normalisation (detail 7), read now: a mistake in them fails before training
-    demos, _, _ = common.load_splits(args.sft_dataset_name, [["prompt", "completion"], ["messages"]], seed=args.seed)
+    demos, _, demo_fmt = common.load_splits(args.sft_dataset_name, [["prompt", "completion"], ["messages"]], seed=args.seed)
     seqs = []
     for row in demos.select(range(min(args.num_normalisation_rows, len(demos)))):
-        prompt, completion = (row["prompt"], row["completion"]) if "prompt" in row else (row["messages"][:-1], row["messages"][-1:])
-        seqs.append(common.encode_prompt(tok, prompt) + common.encode_completion(tok, prompt, completion))
-    seqs = [s for s in seqs if len(s) <= args.max_length]
+        prompt_ids, completion_ids = common.encode_demonstration(tok, row, demo_fmt)
+        if len(prompt_ids) + len(completion_ids) <= args.max_length:
+            seqs.append(prompt_ids + completion_ids)
     if not seqs:
         common.fail(f"no demonstration of {args.sft_dataset_name!r} fits in max_length {args.max_length}: nothing to normalise with")
     model = common.load_model(AutoModelForSequenceClassification, args.model_name_or_path, tok, device, new_head=True, num_labels=1)

@@ -84,14 +84,7 @@ def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
     over-long completions are cut (losing their EOS); both are counted and said."""
     out, dropped, cut = [], 0, 0
     for row in rows:
-        if fmt == ["messages"]:
-            prompt, completion = row["messages"][:-1], row["messages"][-1:]
-        elif fmt == ["text"]:
-            prompt, completion = "", row["text"]
-        else:
-            prompt, completion = row["prompt"], row["completion"]
-        p = common.encode_prompt(tok, prompt) if prompt else tok("")["input_ids"]  # [] or [BOS]
-        c = common.encode_completion(tok, prompt, completion)
+        p, c = common.encode_demonstration(tok, row, fmt)
         if len(p) >= max_length:
             dropped += 1
             continue
