@@ -10,7 +10,8 @@ script is executed as __main__ with the shapes below as its arguments, and torch
 timestamp after every optimizer step and count the real (non-pad) tokens of every training forward.
 As in the peer harness: steps 3..32 are timed (rollouts 3..12 for PPO), examples are sequences (SFT),
 pairs (reward, DPO) or episodes (PPO), and peak memory is the process's max RSS (CPU) or
-max_memory_allocated (CUDA). On CUDA, MFU = 6 * parameters * tokens/s / the device's bf16 peak.
+max_memory_allocated (CUDA). On CUDA, MFU = 6 * parameters * tokens/s / the device's bf16 peak. PPO's
+lines add the rollouts' sampling speed (new tokens per second inside common.sample) and its share of the time.
 """
 import json
 import os
@@ -130,6 +131,23 @@ def child(args):
 
     stamps_tokens = []
     torch.nn.modules.module.register_module_forward_pre_hook(count_tokens)
+    generations = []  # (start, end, tokens drawn) of every common.sample call: PPO's generation speed
+
+    if name.startswith("ppo"):
+        sys.path.insert(0, ROOT)
+        import common  # the module ppo.py imports: sampling is timed through it
+
+        untimed_sample, sync = common.sample, torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+
+        def timed_sample(*a, **k):
+            sync()
+            start = time.perf_counter()
+            out = untimed_sample(*a, **k)
+            sync()
+            generations.append((start, time.perf_counter(), out.numel()))
+            return out
+
+        common.sample = timed_sample
     register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     sys.argv, sys.path[0] = [script, *argv], ROOT  # as `python script.py` from the repository root
     with open(os.devnull, "w") as quiet:
@@ -155,6 +173,10 @@ def child(args):
         token_count = tokens[0] - max((t for s, t in stamps_tokens if s < warm), default=0)
     result = {"trainer": name, "impl": "ours", "steps": n, "examples_per_s": n * args.batch_size / wall,
               "tokens_per_s": token_count / wall, "wall_s": wall, "torch_threads": torch.get_num_threads()}
+    timed = [(end - start, drawn) for start, end, drawn in generations if start > rounds[warm - 1] and end <= rounds[-1]]
+    if timed:  # the rollouts' sampling alone: new tokens per second, and its share of the timed wall clock
+        seconds = sum(t for t, _ in timed)
+        result.update(generation_tokens_per_s=sum(d for _, d in timed) / seconds, generation_share=seconds / wall)
     if torch.cuda.is_available():
         from transformers import AutoConfig
 
@@ -214,6 +236,12 @@ def main(args):
         ours, trl = med("ours", "examples_per_s"), med("trl", "examples_per_s")
         print(f"| {name} | {ours:.2f} | {trl:.2f} | {ours / trl:.2f}x | {med('ours', 'tokens_per_s'):.0f} | "
               f"{med('ours', mem):.0f} | {med('trl', 'peak_rss_mb'):.0f} |")
+    for name in args.scripts:
+        generation = [r for r in results if r["trainer"] == name and "generation_tokens_per_s" in r]
+        if generation:
+            tokens_per_s = statistics.median(r["generation_tokens_per_s"] for r in generation)
+            share = statistics.median(r["generation_share"] for r in generation)
+            print(f"{name}: sampling {tokens_per_s:.0f} new tokens/s, {share:.0%} of the timed time (medians)")
 
 
 if __name__ == "__main__":
