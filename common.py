@@ -60,45 +60,93 @@ def is_local(name: str) -> bool:
 
 
 # ---- loading ----------------------------------------------------------------------------------------
+def read_json_rows(path: str) -> list[dict]:
+    """The rows of a .jsonl file (one object per line) or a .json file (a list of objects, or lines)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    rows = None
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSON Lines under a .json name, as `datasets` also reads them
+    if rows is None:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    fail(f"dataset {path!r}, line {n}: not JSON ({e.msg})")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        fail(f"dataset {path!r} must hold one JSON object per row")
+    return rows
+
+
+def json_splits(name: str):
+    """{split: rows} of a .json/.jsonl file (all "train") or of a directory of train/test/validation .json(l)
+    files, read with the json module; None for anything else, which `datasets` loads. Importing `datasets`
+    (with pyarrow and pandas) adds ~90 MB of resident memory to a process that only needs the rows."""
+    if os.path.isfile(name):
+        return {"train": read_json_rows(name)} if name.endswith((".json", ".jsonl")) else None
+    if not os.path.isdir(name):
+        return None
+    files = [f for f in os.listdir(name) if not f.startswith(".") and f != "README.md"]
+    splits = {os.path.splitext(f)[0]: f for f in files if f.endswith((".json", ".jsonl"))}
+    if not files or len(splits) < len(files) or not set(splits) <= {"train", "test", "validation"}:
+        return None
+    return {split: read_json_rows(os.path.join(name, f)) for split, f in splits.items()}
+
+
 def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
-    """Train and eval splits of a hub dataset, a local directory, or a local .json/.jsonl file.
+    """Train and eval rows (lists of dicts) of a hub dataset, a local directory, or a local .json/.jsonl file.
 
     `columns` lists the accepted column sets (e.g. [["prompt","completion"], ["messages"], ["text"]]);
     the first one the data has is returned with the splits. The eval split is "test" or "validation"
-    when there is one, otherwise a seeded `eval_fraction` of train held out.
+    when there is one, otherwise a seeded `eval_fraction` of train held out (the rows `datasets`'
+    train_test_split would hold out).
     """
-    from datasets import load_dataset
-
     if is_local(name) and not os.path.exists(name):
         fail(f"dataset {name!r} does not exist")
     if os.path.isfile(name) and os.path.getsize(name) == 0:
         fail(f"dataset {name!r} is empty")
-    try:
-        if os.path.isfile(name):
-            ext = os.path.splitext(name)[1].lstrip(".")
-            ds = load_dataset({"jsonl": "json", "txt": "text"}.get(ext, ext), data_files=name)
-        else:
-            ds = load_dataset(name)
-    except Exception as e:  # the datasets library raises many types; the first line says what went wrong
-        where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
-        fail(f"could not load dataset {name!r}{where}: {describe(e)}")
-    if "train" not in ds:
-        fail(f"dataset {name!r} has no 'train' split (it has {list(ds)})")
-    train = ds["train"]
-    found = next((c for c in columns if set(c) <= set(train.column_names)), None)
-    if found is None:
-        fail(f"dataset {name!r} has columns {train.column_names}; expected one of "
-             + " or ".join("{" + ", ".join(c) + "}" for c in columns))
-    if len(train) == 0:
+    splits = json_splits(name)
+    if splits is None:
+        from datasets import load_dataset
+
+        try:
+            if os.path.isfile(name):
+                ext = os.path.splitext(name)[1].lstrip(".")
+                ds = load_dataset({"txt": "text"}.get(ext, ext), data_files=name)
+            else:
+                ds = load_dataset(name)
+        except Exception as e:  # the datasets library raises many types; the first line says what went wrong
+            where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
+            fail(f"could not load dataset {name!r}{where}: {describe(e)}")
+        splits = {split: ds[split].to_list() for split in ds}
+    if "train" not in splits:
+        fail(f"dataset {name!r} has no 'train' split (it has {list(splits)})")
+    train = splits["train"]
+    if not train:
         fail(f"dataset {name!r} is empty")
-    eval_name = next((s for s in ("test", "validation") if s in ds and len(ds[s])), None)
+    names = list(dict.fromkeys(k for row in train for k in row))
+    found = next((c for c in columns if set(c) <= set(names)), None)
+    if found is None:
+        fail(f"dataset {name!r} has columns {names}; expected one of "
+             + " or ".join("{" + ", ".join(c) + "}" for c in columns))
+    eval_name = next((s for s in ("test", "validation") if splits.get(s)), None)
+    for split in ("train", eval_name) if eval_name else ("train",):  # a row without a column of the set
+        missing = next(((i, c) for i, row in enumerate(splits[split]) for c in found if row.get(c) is None), None)
+        if missing:
+            fail(f"dataset {name!r}: row {missing[0]} of {split} has no {missing[1]!r}")
     if eval_name:
-        evals = ds[eval_name]
+        evals = splits[eval_name]
     else:
         if len(train) < 2:
             fail(f"dataset {name!r} has {len(train)} row and no test split: nothing to hold out")
-        parts = train.train_test_split(test_size=eval_fraction, seed=seed)
-        train, evals = parts["train"], parts["test"]
+        order = np.random.default_rng(seed).permutation(len(train))
+        n_eval = math.ceil(eval_fraction * len(train))
+        train, evals = [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
     return train, evals, found
 
 

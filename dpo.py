@@ -157,7 +157,7 @@ if __name__ == "__main__":
     train = common.tokenize_pairs(tok, train_rows, args.max_length)
     evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
     _, prompt_rows, _ = common.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
-    eval_prompts, _ = common.encode_prompts(tok, prompt_rows.select(range(min(args.num_eval_prompts, len(prompt_rows)))),
+    eval_prompts, _ = common.encode_prompts(tok, prompt_rows[:args.num_eval_prompts],
                                             args.max_length - args.max_new_tokens, "eval")
     policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     needs_ref = args.loss_type != "simpo"

@@ -203,7 +203,7 @@ if __name__ == "__main__":
     tok = common.load_tokenizer(args.model_name_or_path)
     train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
-    eval_prompts, _ = common.encode_prompts(tok, eval_rows.select(range(min(args.num_eval_prompts, len(eval_rows)))),
+    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:args.num_eval_prompts],
                                             args.max_prompt_length, "eval")
     frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)

@@ -144,7 +144,7 @@ if __name__ == "__main__":
     # the demonstrations of the normalisation (detail 7), read now: a mistake in them fails before training
     demos, _, demo_fmt = common.load_splits(args.sft_dataset_name, [["prompt", "completion"], ["messages"]], seed=args.seed)
     seqs = []
-    for row in demos.select(range(min(args.num_normalisation_rows, len(demos)))):
+    for row in demos[:args.num_normalisation_rows]:
         prompt_ids, completion_ids = common.encode_demonstration(tok, row, demo_fmt)
         if len(prompt_ids) + len(completion_ids) <= args.max_length:
             seqs.append(prompt_ids + completion_ids)

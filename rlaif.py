@@ -275,10 +275,10 @@ if __name__ == "__main__":
             policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
         results, splits = {}, {}
         for split, rows in (("train", train_rows), ("test", eval_rows)):
-            rows = rows.select(range(min(len(rows), args.max_steps or len(rows))))
+            rows = rows[:args.max_steps or len(rows)]
             if policy is not None:  # prompts to sample from: those over max_prompt_length are dropped (counted)
                 prompt_ids, kept = common.encode_prompts(tok, rows, args.max_prompt_length, split)
-                rows = rows.select(kept)
+                rows = [rows[i] for i in kept]
             prompts = [r["prompt"] for r in rows]
             if policy is None:  # given pairs: label them as they are
                 firsts, seconds = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
@@ -320,7 +320,7 @@ if __name__ == "__main__":
     tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [text_of(train_rows[i]["prompt"]) for i in kept]
-    eval_prompts, _ = common.encode_prompts(tok, eval_rows.select(range(min(args.num_eval_prompts, len(eval_rows)))),
+    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:args.num_eval_prompts],
                                             args.max_prompt_length, "eval")
     policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     ref_policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)

@@ -162,11 +162,10 @@ def child(args):
     n = len(rounds) - warm
     wall = rounds[-1] - rounds[warm - 1]
     if name.startswith("ppo"):  # as the peer: prompt tokens + response_length per episode
-        from datasets import load_dataset
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(models["policy"])
-        prompts = load_dataset("json", data_files=f"{args.world}/prompts.jsonl")["train"]["prompt"][:400]
+        prompts = [row["prompt"] for row in common.read_json_rows(f"{args.world}/prompts.jsonl")[:400]]
         mean_prompt = sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts)
         token_count = n * args.batch_size * (mean_prompt + args.response_length)
     else:  # tokens of the training forwards after the warm-up steps

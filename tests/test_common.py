@@ -207,3 +207,41 @@ def test_completion_logps_sum_the_completion_tokens_only(tiny):
     for i, (p, c) in enumerate(zip(prompts, completions)):
         want = reference_logprobs(tiny, p + c)[-(len(c) if p else len(c) - 1):].sum()
         assert logps[i].item() == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_local_json_rows_are_the_rows_datasets_gives(tmp_path):
+    """.json/.jsonl data is read with the json module; anything else goes through `datasets`, the hub's path
+    (here a directory of parquet files, as the hub stores datasets). Both give the same rows, and the held-out
+    rows are those of `datasets`' train_test_split."""
+    import json
+
+    from datasets import load_dataset
+
+    lines = open(f"{WORLD}/sft/train.jsonl").read().splitlines()[:200]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n\n")  # a blank last line is no row
+    (tmp_path / "rows.json").write_text(json.dumps([json.loads(line) for line in lines]))  # a list of objects
+    arrow = load_dataset("json", data_files=str(tmp_path / "rows.jsonl"))["train"]
+    (tmp_path / "hub").mkdir()
+    arrow.to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    columns = [["messages"], ["prompt", "completion"]]
+    from_jsonl = common.load_splits(str(tmp_path / "rows.jsonl"), columns, seed=3)
+    assert from_jsonl[2] == ["prompt", "completion"] and len(from_jsonl[0]) + len(from_jsonl[1]) == 200
+    assert common.load_splits(str(tmp_path / "rows.json"), columns, seed=3) == from_jsonl
+    assert common.load_splits(str(tmp_path / "hub"), columns, seed=3) == from_jsonl
+    held_out = arrow.train_test_split(test_size=0.05, seed=3)
+    assert from_jsonl[:2] == (held_out["train"].to_list(), held_out["test"].to_list())
+    # a directory of train/test files: the test split is the eval split, as `datasets` names them
+    train, evals, _ = common.load_splits(f"{WORLD}/sft", columns)
+    assert (train, evals) == tuple(load_dataset(f"{WORLD}/sft")[s].to_list() for s in ("train", "test"))
+
+
+def test_json_mistakes_are_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    (tmp_path / "gap").mkdir()
+    (tmp_path / "gap" / "train.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    (tmp_path / "gap" / "test.jsonl").write_text('{"prompt": "c"}\n')
+    (tmp_path / "list.json").write_text('[["a"]]')
+    for name, words in [("bad.jsonl", "line 2: not JSON"), ("gap", "row 1 of train has no 'prompt'"),
+                        ("list.json", "one JSON object per row")]:
+        with pytest.raises(SystemExit, match=words):
+            common.load_splits(str(tmp_path / name), [["prompt"]], eval_fraction=0.5)
