@@ -194,30 +194,32 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head: bool 
     return model.to(device)
 
 
-def device_and_autocast(bf16: bool = True, compile: bool = True):
+def device_and_autocast(bf16: bool = True, compile: bool = True, kernel_cache: int = 16):
     """(device, autocast context, compile?): bf16 autocast and torch.compile on CUDA; fp32 without compile
-    on CPU, where bf16 is emulated (~30x slower than fp32 here) and compile gained only ~7%."""
+    on CPU, where bf16 is emulated (~30x slower than fp32 here) and compile gained only ~7%. `kernel_cache`:
+    see use_onednn_fp32_matmul."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         return torch.device("cuda"), ctx, compile
-    onednn = use_onednn_fp32_matmul()
+    onednn = use_onednn_fp32_matmul(kernel_cache)
     print("note: no CUDA device: training in fp32 without torch.compile on the CPU"
           + (" (matmuls by oneDNN)" if onednn else ""))
     return torch.device("cpu"), nullcontext(), False
 
 
-def use_onednn_fp32_matmul() -> bool:
+def use_onednn_fp32_matmul(kernel_cache: int = 16) -> bool:
     """Send fp32 matmuls to oneDNN instead of MKL, when oneDNN still computes them in fp32 on this CPU.
 
     MKL's fp32 GEMM runs at about half speed on AMD CPUs (185 vs 380 GFLOP/s on this project's 2-core EPYC).
     torch routes fp32 matmuls to oneDNN only when they may use bf16 inside (fp32_precision "bf16"); a CPU
     without bf16 matrix units (AMX) then still computes in fp32. Checked on a product that bf16 would round
     (1 + 2^-10 is 1 in bf16): where it is not exact to fp32, the setting is undone and MKL keeps the work.
-    oneDNN and its torch wrapper cache their kernels per matmul shape (tens of MB each): both caches are kept
-    small (the variables are read at the first matmul) and pad() makes widths multiples of 8, so few shapes
-    recur. Peak memory still ends ~10-30% above MKL's (benchmarks/bench.py)."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+    oneDNN and its torch wrapper cache their kernels per matmul shape: both caches are kept small (the
+    variables are read at the first matmul) and pad() makes widths multiples of 8, so few shapes recur.
+    `kernel_cache` entries suit one training step's shapes (16: 12-26 MB lower peaks than 32 for SFT, reward
+    and DPO at the same speed); PPO and RLAIF, which also sample, keep 32 (16 cost PPO with 4 epochs ~8%)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernel_cache))
     os.environ.setdefault("LRU_CACHE_CAPACITY", "4")
     torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     x = torch.full((64, 64), 1 + 2 ** -10)

@@ -192,7 +192,7 @@ if __name__ == "__main__":
     common.check_args(args)
     common.seed_everything(args.seed)
     common.check_output_dir(args, "ppo.py")
-    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
+    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     run_name, log, history = common.start_tracking(args, "ppo")
     if args.batch_size % args.num_mini_batches or (args.batch_size // args.num_mini_batches) % args.micro_batch_size:
         common.fail(f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "

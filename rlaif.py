@@ -250,7 +250,7 @@ if __name__ == "__main__":
     common.check_args(args)
     common.seed_everything(args.seed)
     common.check_output_dir(args, "rlaif.py")
-    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
+    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     run_name, log, history = common.start_tracking(args, f"rlaif_{args.mode}")
     rng = random.Random(args.seed)
     principles = load_constitution(args.constitution)
