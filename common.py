@@ -135,7 +135,7 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
         fail(f"dataset {name!r} has columns {names}; expected one of "
              + " or ".join("{" + ", ".join(c) + "}" for c in columns))
     eval_name = next((s for s in ("test", "validation") if splits.get(s)), None)
-    for split in ("train", eval_name) if eval_name else ("train",):  # a row without a column of the set
+    for split in filter(None, ("train", eval_name)):  # a row without a column of the set
         missing = next(((i, c) for i, row in enumerate(splits[split]) for c in found if row.get(c) is None), None)
         if missing:
             fail(f"dataset {name!r}: row {missing[0]} of {split} has no {missing[1]!r}")
@@ -208,7 +208,7 @@ def device_and_autocast(bf16: bool = True, compile: bool = True, kernel_cache: i
     return torch.device("cpu"), nullcontext(), False
 
 
-def use_onednn_fp32_matmul(kernel_cache: int = 16) -> bool:
+def use_onednn_fp32_matmul(kernel_cache: int) -> bool:
     """Send fp32 matmuls to oneDNN instead of MKL, when oneDNN still computes them in fp32 on this CPU.
 
     MKL's fp32 GEMM runs at about half speed on AMD CPUs (185 vs 380 GFLOP/s on this project's 2-core EPYC).
