@@ -3,8 +3,8 @@
     python dpo.py                               # the offline world: from runs/sft, on data/world/preference
     python dpo.py --loss_type ipo --beta 0.1    # or cdpo, hinge, simpo; --rpo_alpha 1 adds NLL on chosen
 
-DPO (Rafailov et al. 2023, eq. 7) fits the policy whose implicit reward beta * log(pi / pi_ref) explains
-the preferences under Bradley-Terry. With h = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_r)]:
+DPO (Rafailov et al. 2023, eq. 7) fits the policy whose implicit reward beta * log(pi / pi_ref) explains the
+preferences under Bradley-Terry. With h = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_r)]:
 
     sigmoid  -log sigmoid(beta * h)                                     DPO
     cdpo     -(1 - e) log sigmoid(beta * h) - e log sigmoid(-beta * h)  conservative DPO (label smoothing e)
@@ -13,10 +13,12 @@ the preferences under Bradley-Terry. With h = [log pi(y_c) - log pi_ref(y_c)] - 
     simpo    -log sigmoid(beta * h' - gamma), h' the difference of per-token average log-probs of the
              policy alone: no reference model                           SimPO (Meng et al. 2024, eq. 6)
 
-and --rpo_alpha adds alpha * (per-token NLL of the chosen response) (RPO, Pang et al. 2024). The
-reference log-probs are computed once before training (--precompute_ref_logps, on by default), so only
-the policy is in memory while training; the reference is loaded again to evaluate against it.
+and --rpo_alpha adds alpha * (per-token NLL of the chosen response) (RPO, Pang et al. 2024). The reference
+log-probs are computed once before training (--precompute_ref_logps, on by default), so only the policy is
+in memory while training; the reference is loaded again to evaluate against it. Details 18-19 of
+docs/implementation_details.md; the steps below are numbered as its "dpo.py" list.
 """
+
 import json
 import math
 import os
@@ -32,20 +34,12 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = "runs/sft"
-    """the SFT model: the policy starts from it and, unless --ref_model_name_or_path, is the reference"""
-    ref_model_name_or_path: str | None = None
-    """a different reference model (defaults to model_name_or_path)"""
-    dataset_name: str = "data/world/preference"
-    """preference pairs {prompt, chosen, rejected} (text or chat messages): hub id, directory or .json/.jsonl"""
-    eval_prompts_name: str = "data/world/prompts"
-    """prompts whose held-out split the policy and the reference are sampled on for evaluation"""
-    output_dir: str = "runs/dpo"
-    """where the policy, tokenizer and eval.json are written (atomically)"""
+    # ---- algorithm ----
     loss_type: Literal["sigmoid", "cdpo", "ipo", "hinge", "simpo"] = "sigmoid"
     """the preference loss (see the module docstring)"""
     beta: float = 0.1
@@ -58,35 +52,60 @@ class Args:
     """weight of the NLL of the chosen response added to the loss (RPO); 0 turns it off"""
     precompute_ref_logps: bool = True
     """compute the reference log-probs once before training: one model in memory, the same result"""
-    seed: int = 1
-    """seed of the data order and sampling"""
+    learning_rate: float = 2e-5
+    """peak AdamW learning rate (~5e-7 to 1e-6 for a real model)"""
     num_epochs: float = 1.0
     """passes over the training pairs"""
     max_steps: int | None = None
-    """stop after this many optimizer steps (a cap for quick runs; the schedule follows it)"""
-    learning_rate: float = 2e-5
-    """peak AdamW learning rate (~5e-7 to 1e-6 for a real model)"""
+    """stop after this many steps (a cap for quick runs; the schedule follows it)"""
+    batch_size: int = 32
+    """pairs per step (one optimizer step)"""
+    micro_batch_size: int = 32
+    """pairs per forward/backward pass (2x sequences), in training and evaluation"""
     warmup_steps: int = 20
-    """linear warmup steps (at most a tenth of all steps), then cosine decay to 0"""
+    """linear warmup steps, then cosine decay to 0"""
+    max_warmup_fraction: float = 0.1
+    """the warmup takes at most this share of all steps (short runs)"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (torch's defaults, as the reference implementations use them)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (detail 15)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (torch's default)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    batch_size: int = 32
-    """pairs per optimizer step"""
-    micro_batch_size: int = 32
-    """pairs per forward pass (2x sequences), in training and evaluation; batch_size / micro_batch_size steps of
-    gradient accumulation"""
+    # ---- data ----
+    model_name_or_path: str = "runs/sft"
+    """the SFT model: the policy starts from it and, unless --ref_model_name_or_path, is the reference"""
+    ref_model_name_or_path: str | None = None
+    """a different reference model (defaults to model_name_or_path)"""
+    dataset_name: str = "data/world/preference"
+    """preference pairs {prompt, chosen, rejected} (text or chat messages): hub id, directory or .json/.jsonl"""
     max_length: int = 256
     """longest prompt + response in tokens; longer pairs are dropped (counted)"""
+    # ---- evaluation ----
     eval_every: int = 100
-    """steps between evaluations of the held-out implicit-reward accuracy"""
+    """steps between evaluations of the held-out pairs"""
+    eval_prompts_name: str = "data/world/prompts"
+    """prompts whose held-out split the policy and the reference are sampled on at the end"""
     num_eval_prompts: int = 256
     """held-out prompts sampled from the policy and the reference at the end"""
     max_new_tokens: int = 64
-    """longest sampled response"""
-    temperature: float = 0.7
-    """sampling temperature of the evaluation (the same in dpo.py, ppo.py and rlaif.py)"""
-    gold_eval: bool = True
-    """score samples with the offline world's gold rater (data/gold.py); turn off for other tasks"""
+    """longest evaluation sample in tokens"""
+    eval_temperature: float = 0.7
+    """sampling temperature of the evaluation samples (the same in dpo.py, ppo.py and rlaif.py)"""
+    eval_batch_size: int = 64
+    """prompts sampled at once in evaluation"""
+    gold_scorer: str | None = "data.gold:score"
+    """the task's true score of samples, "module:function" taking (prompts, responses) and returning one score
+    each; the offline world's gold rater by default; None turns it off"""
+    log_every: int = 20
+    """steps between logged training metrics"""
+    # ---- run ----
+    output_dir: str = "runs/dpo"
+    """where the policy, tokenizer and eval.json are written (atomically)"""
+    seed: int = 1
+    """seed of the data order and sampling"""
     save_every: int = 0
     """write a checkpoint (policy, optimizer, scheduler, RNG, data position) every this many steps; 0: never"""
     resume: bool = False
@@ -103,9 +122,9 @@ class Args:
     """wandb project name"""
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-             rejected_lengths, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=0.0):
-    """Per-pair losses and the implicit rewards (chosen_rewards, rejected_rewards) of the DPO family.
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+             loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=0.0):  # fmt: skip
+    """Per-pair losses and the implicit rewards (chosen_rewards, rejected_rewards) of the DPO family (detail 18).
     Log-probs are sums over each response's tokens; lengths count those tokens."""
     if loss_type in ("ipo", "simpo"):  # these compare per-token averages
         chosen_logps, rejected_logps = chosen_logps / chosen_lengths, rejected_logps / rejected_lengths
@@ -132,62 +151,81 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def pair_logps(model, pairs, pad_id, device):
-    """Summed log-probs and lengths of chosen and rejected responses, in one forward of 2B sequences."""
-    prompts = [p for p, *_ in pairs] * 2
-    responses = [c for _, c, *_ in pairs] + [r for _, _, r, *_ in pairs]
+def pair_logps(model, pairs: list[common.Pair], pad_id, device):
+    """Summed log-probs and lengths of chosen and rejected responses, in one forward of 2B sequences:
+    (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)."""
+    prompts = [x.prompt for x in pairs] * 2
+    responses = [x.chosen for x in pairs] + [x.rejected for x in pairs]
     logps, lengths = common.completion_logps(model, prompts, responses, pad_id, device)
-    return logps[:len(pairs)], logps[len(pairs):], lengths[:len(pairs)], lengths[len(pairs):]
+    n = len(pairs)
+    return logps[:n], logps[n:], lengths[:n], lengths[n:]
+
+
+def pair_metrics(losses, chosen_rewards, rejected_rewards):
+    """(B, 5) per-pair loss and implicit-reward statistics; their means are the logged metrics (PAIR_METRICS)."""
+    accuracies = (chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)
+    return torch.stack([losses.detach(), chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
+                        accuracies], 1)  # fmt: skip
+
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 if __name__ == "__main__":
+    # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    common.check_args(args)
+    plumbing.check_positive(args, "beta", "num_epochs", "max_steps", "batch_size", "micro_batch_size",
+                            "max_length", "eval_every", "num_eval_prompts", "max_new_tokens",
+                            "eval_temperature", "eval_batch_size", "log_every")  # fmt: skip
     if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
-        common.fail(f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}")
-    common.seed_everything(args.seed)
-    common.check_output_dir(args, "dpo.py")
-    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
-    run_name, log, history = common.start_tracking(args, "dpo")
+        plumbing.fail(f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}")
+    plumbing.seed_everything(args.seed)
+    plumbing.check_output_dir(args, "dpo.py")
+    gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile)
+    log, history = plumbing.start_tracking(args, "dpo")
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
 
-    # ---- data and models --------------------------------------------------------------------------
+    # ---- 1. data and models -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
-    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed)
+    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed)
     train = common.tokenize_pairs(tok, train_rows, args.max_length)
     evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
-    _, prompt_rows, _ = common.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
-    eval_prompts, _ = common.encode_prompts(tok, prompt_rows[:args.num_eval_prompts],
-                                            args.max_length - args.max_new_tokens, "eval")
-    policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
+    max_prompt_length = args.max_length - args.max_new_tokens
+    eval_prompts, _ = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
+    policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     needs_ref = args.loss_type != "simpo"
     ref_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
 
     def load_ref():
-        return common.load_model(AutoModelForCausalLM, ref_name, tok, device, ref_dtype).eval().requires_grad_(False)
+        ref = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device, ref_dtype)
+        return ref.eval().requires_grad_(False)  # eval(): no dropout, as the policy's (below)
 
     micro = min(args.micro_batch_size, args.batch_size)
-
-    @torch.inference_mode()
-    def ref_logps_of(pairs, model):
-        """(chosen, rejected) reference log-probs of every pair, in batches."""
-        out = []
-        for i in range(0, len(pairs), micro):  # training's batch shape: no larger peak memory than training's
-            with autocast:
-                out.append(torch.stack(pair_logps(model, pairs[i:i + micro], tok.pad_token_id, device)[:2], 1).float())
-        return torch.cat(out)
-
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
-        common.fail(f"{len(train)} training pairs is fewer than one batch of {args.batch_size}")
+        plumbing.fail(f"{len(train)} training pairs is fewer than one batch of {args.batch_size}")
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     if total_steps * args.batch_size < len(train):  # a capped run sees only some pairs: keep just those
-        keep = np.random.default_rng(args.seed).permutation(len(train))[:total_steps * args.batch_size]
+        keep = np.random.default_rng(args.seed).permutation(len(train))[: total_steps * args.batch_size]
         train = [train[i] for i in sorted(keep)]
-    ref_model = None
-    if needs_ref and args.precompute_ref_logps:  # once, with the reference in eval mode (no dropout)
+
+    # ---- ALGO LOGIC: 2. the reference's log-probs of every pair, computed once (detail 19) -------------------
+    @torch.inference_mode()
+    def ref_logps_of(pairs, model):
+        """(chosen, rejected) reference log-probs of every pair: (N, 2)."""
+        out = []
+        for i in range(0, len(pairs), micro):  # training's batch shape: no larger peak memory than training's
+            with autocast:
+                chosen, rejected, _, _ = pair_logps(model, pairs[i : i + micro], tok.pad_token_id, device)
+            out.append(torch.stack([chosen, rejected], 1).float())
+        return torch.cat(out)
+
+    ref_model, train_ref_logps, eval_ref_logps = None, None, None
+    if needs_ref and args.precompute_ref_logps:
         ref_model = load_ref()
         train_ref_logps, eval_ref_logps = ref_logps_of(train, ref_model), ref_logps_of(evals, ref_model)
         ref_model = None  # freed: only the policy stays in memory while training
@@ -195,42 +233,40 @@ if __name__ == "__main__":
     elif needs_ref:
         ref_model = load_ref()
     forward_policy = torch.compile(policy) if use_compile else policy
-
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
+    warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
     def loss_on(pairs, indices, ref_table):
-        """Per-pair losses and implicit rewards for a micro-batch, under the policy's current weights."""
+        """3. Per-pair losses and implicit rewards for a micro-batch, under the policy's current weights."""
         if not needs_ref:
             ref_chosen = ref_rejected = torch.zeros(len(pairs), device=device)
         elif ref_model is None:
             ref_chosen, ref_rejected = ref_table[indices].unbind(1)
         else:  # before the policy's forward, so its logits are gone when the policy's activations are alive
             with torch.inference_mode():
-                ref_chosen, ref_rejected = (x.float() for x in pair_logps(ref_model, pairs, tok.pad_token_id, device)[:2])
-        chosen, rejected, chosen_len, rejected_len = pair_logps(forward_policy, pairs, tok.pad_token_id, device)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, args.loss_type,
-                        args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)
+                ref_chosen, ref_rejected, _, _ = pair_logps(ref_model, pairs, tok.pad_token_id, device)
+            ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
+        chosen, rejected, chosen_lengths, rejected_lengths = pair_logps(forward_policy, pairs, tok.pad_token_id, device)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, args.loss_type,
+                        args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)  # fmt: skip
 
     @torch.inference_mode()
     def evaluate_pairs():
-        """Held-out preference metrics: does the implicit reward order the pairs as the labels do?"""
+        """4. Held-out preference metrics: does the implicit reward order the pairs as the labels do?"""
         stats = []
         for i in range(0, len(evals), micro):
             with autocast:
-                losses, rc, rr = loss_on(evals[i:i + micro], torch.arange(i, min(i + micro, len(evals))),
-                                         eval_ref_logps if needs_ref and args.precompute_ref_logps else None)
-            stats.append(torch.stack([losses, rc, rr, (rc > rr).float()], 1))
-        loss, rc, rr, acc = torch.cat(stats).mean(0).tolist()
-        return {"loss": loss, "rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr,
-                "rewards/accuracies": acc}
+                indices = torch.arange(i, min(i + micro, len(evals)))
+                stats.append(pair_metrics(*loss_on(evals[i : i + micro], indices, eval_ref_logps)))
+        return dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist()))
 
-    # ---- training ---------------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r, *_ in train]
+    lengths = [len(x.prompt) + max(len(x.chosen), len(x.rejected)) for x in train]
     batches, step, elapsed = [], 0, 0.0
     if args.resume:
-        state = common.load_checkpoint(args.output_dir, {"policy": policy}, optimizer, scheduler)
+        state = plumbing.load_checkpoint(args.output_dir, {"policy": policy}, optimizer, scheduler)
         step, batches, elapsed, history[:] = state["step"], state["batches"], state["elapsed"], state["history"]
         rng.bit_generator.state = state["numpy_rng"]
     start = time.time() - elapsed
@@ -238,62 +274,60 @@ if __name__ == "__main__":
     progress = tqdm(total=total_steps, initial=step, desc="dpo", mininterval=5)
     while step < total_steps:
         if not batches:  # a new epoch: shuffled batches of pairs of similar length
-            batches = [[int(i) for i in b] for b in common.length_grouped_batches(lengths, args.batch_size, rng)
-                       if len(b) == args.batch_size]
+            grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
+            batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         indices = batches.pop()
         stats = []
         for m in range(0, len(indices), micro):
-            part = indices[m:m + micro]
+            part = indices[m : m + micro]
             with autocast:
-                losses, chosen_rewards, rejected_rewards = loss_on(
-                    [train[i] for i in part], torch.tensor(part), train_ref_logps if needs_ref and args.precompute_ref_logps else None)
+                losses, chosen_rewards, rejected_rewards = loss_on([train[i] for i in part], torch.tensor(part),
+                                                                   train_ref_logps)  # fmt: skip
             (losses.sum() / len(indices)).backward()
-            stats.append(torch.stack([losses.detach(), chosen_rewards, rejected_rewards,
-                                      (chosen_rewards > rejected_rewards).float()], 1))
+            stats.append(pair_metrics(losses, chosen_rewards, rejected_rewards))
         step += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        if common.finite_or_stop(torch.cat(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
+        if plumbing.finite_or_stop(torch.cat(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update()
-        if step % 20 == 0 or step == total_steps:
-            loss, rc, rr, acc = torch.cat(stats).mean(0).tolist()
-            progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
-            log({"train/loss": loss, "rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr,
-                 "rewards/accuracies": acc, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)
+
+        # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
+        if step % args.log_every == 0 or step == total_steps:
+            metrics = dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist()))
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            metrics["train/loss"] = metrics.pop("loss")
+            log({**metrics, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)
         if step % args.eval_every == 0 and step < total_steps:
             metrics = evaluate_pairs()
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            common.save_checkpoint(args.output_dir, "dpo.py", args, {"policy": policy}, optimizer, scheduler,
-                                   {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
-                                    "elapsed": time.time() - start, "history": history})
+            state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
+                     "elapsed": time.time() - start, "history": history}  # fmt: skip
+            plumbing.save_checkpoint(args.output_dir, "dpo.py", args, {"policy": policy}, optimizer, scheduler, state)
     progress.close()
     train_seconds = time.time() - start
 
-    # ---- evaluation: held-out pairs, then samples from the policy against the reference -------------
-    pair_metrics = evaluate_pairs()
+    # ---- 4. evaluation: held-out pairs, then samples from the policy against the reference ---------------
+    pair_results = evaluate_pairs()
     ref_model = ref_model or load_ref()
-    metrics, samples = common.evaluate(policy, tok, eval_prompts, args.max_new_tokens, args.temperature, 64,
-                                       autocast, ref=ref_model, gold=args.gold_eval)
-    results = {**metrics, "implicit_reward_accuracy": pair_metrics["rewards/accuracies"],
-               **{f"eval_{k}": v for k, v in pair_metrics.items()}, "steps": step,
-               "train_seconds": round(train_seconds, 1)}
+    metrics, samples = common.evaluate(policy, tok, eval_prompts, args.max_new_tokens, args.eval_temperature,
+                                       args.eval_batch_size, autocast, ref=ref_model, gold_scorer=gold_scorer)  # fmt: skip
+    results = {**metrics, **pair_results, "steps": step, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))
     log({f"eval/{k}": v for k, v in results.items()}, step)
 
-    # ---- saving -----------------------------------------------------------------------------------
+    # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
     def write(tmp):
         policy.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        common.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)
-        common.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
+        plumbing.write_json(os.path.join(tmp, "eval.json"), results)
+        plumbing.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)
+        plumbing.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
 
-    common.save_atomic(args.output_dir, "dpo.py", args, write)
+    plumbing.write_atomic(args.output_dir, "dpo.py", args, write)
     print(f"saved {args.output_dir}")

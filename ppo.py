@@ -1,23 +1,27 @@
 """PPO against a reward model, with a per-token KL penalty that keeps the policy near the SFT model.
 
     python ppo.py                               # the offline world: runs/sft against runs/reward
-    python ppo.py --kl_coef 0 --total_episodes 32768 --output_dir runs/ppo_nokl   # watch Goodhart's law
+    python ppo.py --kl_coef 0 --total_episodes 6144 --output_dir runs/ppo_nokl   # watch Goodhart's law
 
-RLHF as in Ziegler et al. 2019 and Ouyang et al. 2022, with the implementation details of Huang et al.
-("The N+ Implementation Details of RLHF with PPO", 2024), numbered as in GUIDE.md section 3:
+RLHF as in Ziegler et al. 2019 and Ouyang et al. 2022, with the implementation details of Huang et al. (2022,
+2024) numbered as in docs/implementation_details.md. Each step rolls out `batch_size` episodes (an episode: a
+prompt and the response sampled for it) and learns from them; the comments number the step's parts as that
+file's "ppo.py" list does:
 
-  rollout   sample `response_length` tokens from left-padded prompts at `temperature` (3); cut each
-            response after its first EOS, and score responses without one `missing_eos_score` (10)
-  reward    r_t = -kl_coef * KL_t (the non-score reward, per token) + score at the last token (11),
-            KL_t from the k1 (log pi - log pi_ref) or k3 estimator; kl_coef fixed or adaptive
-  advantage GAE (gamma, lam) over the response tokens; advantages whitened (13)
-  update    `num_ppo_epochs` passes of shuffled minibatches over the rollout batch, each made of
-            micro-batches (gradient accumulation): clipped policy loss + vf_coef * clipped value loss (14)
+  1-2  sample `response_length` tokens per left-padded prompt; cut after the first EOS, and score responses
+       without one `missing_eos_score` (details 3, 10)
+  3    log-probs of the policy and the reference at the rollout temperature, values, scores (details 4, 12)
+  4    r_t = -kl_coef * KL_t (the non-score reward) + the score at the last token (detail 11)
+  5    GAE over the response tokens, advantages whitened (detail 13)
+  6    `num_ppo_epochs` passes of shuffled minibatches of micro-batches (gradient accumulation), minimising
+       the clipped objective (details 14, 15)
+  7    adaptive kl_coef (detail 11)
 
-batch_size episodes per rollout = num_mini_batches minibatches per optimizer step set = micro-batches of
-micro_batch_size per forward. The value model starts from the reward model and predicts a value per
-token (12); dropout is off in every model (9); the learning rate anneals linearly to 0 (15).
+Sizes: batch_size episodes per step = num_mini_batches minibatches (one optimizer step each, per epoch) =
+micro-batches of micro_batch_size per forward. The value model starts from the reward model and predicts a
+value per token (12); dropout is off in every model (9); the learning rate anneals linearly to 0 (15).
 """
+
 import json
 import os
 import time
@@ -31,42 +35,38 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = "runs/sft"
-    """the SFT policy: PPO starts from it, and it is the frozen reference of the KL penalty"""
-    reward_model_name_or_path: str = "runs/reward"
-    """the reward model (a one-label sequence classifier, e.g. reward.py's output); the value model starts from it"""
-    dataset_name: str = "data/world/prompts"
-    """prompts {prompt} (text or chat messages): the train split is rolled out, the held-out split evaluated"""
-    output_dir: str = "runs/ppo"
-    """where the policy (and value_model/) and eval.json are written (atomically)"""
-    seed: int = 1
-    """seed of the data order, sampling and minibatch shuffling"""
+    # ---- algorithm ----
     total_episodes: int = 4096
-    """prompts rolled out in all"""
+    """episodes (prompts rolled out) in all"""
     max_steps: int | None = None
-    """stop after this many PPO updates (rollout batches); the learning-rate schedule follows it"""
+    """stop after this many steps (rollout batches); the learning-rate schedule follows it"""
     batch_size: int = 64
-    """episodes per rollout batch; each rollout batch gives one PPO update"""
+    """episodes per step: one rollout batch, learnt from in num_ppo_epochs x num_mini_batches optimizer steps"""
     num_mini_batches: int = 1
     """minibatches (optimizer steps) per PPO epoch"""
     micro_batch_size: int = 64
-    """episodes per forward/backward pass; minibatch / micro_batch_size steps of gradient accumulation"""
+    """episodes per forward/backward pass; minibatch / micro_batch_size passes of gradient accumulation"""
     num_ppo_epochs: int = 4
     """passes over each rollout batch"""
     learning_rate: float = 3e-5
     """AdamW learning rate, annealed linearly to 0 (3e-6 for Pythia on TL;DR)"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (torch's defaults, as the reference implementations use them)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (detail 15)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (torch's default)"""
     max_grad_norm: float = 1.0
     """gradient clipping of policy and value model together"""
     response_length: int = 48
-    """tokens sampled per response (the EOS trick cuts after the first EOS)"""
-    max_prompt_length: int = 128
-    """longest prompt in tokens; longer ones are dropped (counted)"""
-    temperature: float = 0.7
-    """sampling temperature of rollouts; log-probs are computed at the same temperature"""
+    """tokens sampled per rollout response (the EOS trick cuts after the first EOS)"""
+    rollout_temperature: float = 0.7
+    """sampling temperature of rollouts; their log-probs are computed at the same temperature (detail 4)"""
     missing_eos_score: float = -1.0
     """the score given to a response with no EOS in response_length tokens, instead of the reward model's"""
     kl_coef: float = 0.05
@@ -93,16 +93,42 @@ class Args:
     """weight of the value loss"""
     entropy_coef: float = 0.0
     """weight of an entropy bonus (0: entropy only reported)"""
+    # ---- data ----
+    model_name_or_path: str = "runs/sft"
+    """the SFT policy: PPO starts from it, and it is the frozen reference of the KL penalty"""
+    reward_model_name_or_path: str = "runs/reward"
+    """the reward model (a one-label sequence classifier, e.g. reward.py's output); the value model starts from it"""
+    dataset_name: str = "data/world/prompts"
+    """prompts {prompt} (text or chat messages): the train split is rolled out, the held-out split evaluated"""
+    max_prompt_length: int = 128
+    """longest prompt in tokens; longer ones are dropped (counted)"""
+    # ---- evaluation ----
     eval_every: int = 16
-    """updates between evaluations on held-out prompts (appended to curve.jsonl)"""
+    """steps between evaluations on held-out prompts (appended to curve.jsonl)"""
+    num_periodic_eval_prompts: int = 64
+    """held-out prompts of the evaluations every eval_every steps"""
     num_eval_prompts: int = 256
-    """held-out prompts of the final evaluation (periodic ones use a quarter)"""
+    """held-out prompts of the final evaluation"""
+    max_new_tokens: int = 48
+    """longest evaluation sample in tokens"""
+    eval_temperature: float = 0.7
+    """sampling temperature of the evaluation samples (the same in dpo.py, ppo.py and rlaif.py)"""
+    eval_batch_size: int = 64
+    """prompts sampled at once in evaluation"""
+    gold_scorer: str | None = "data.gold:score"
+    """the task's true score of samples, "module:function" taking (prompts, responses) and returning one score
+    each; the offline world's gold rater by default; None turns it off"""
+    log_every: int = 4
+    """steps between logged training metrics"""
     log_samples_every: int = 16
-    """updates between tables of sample responses (stdout, and wandb with --track)"""
-    gold_eval: bool = True
-    """score samples with the offline world's gold rater (data/gold.py); turn off for other tasks"""
+    """steps between tables of sample responses (stdout, and wandb with --track)"""
+    # ---- run ----
+    output_dir: str = "runs/ppo"
+    """where the policy (and value_model/) and eval.json are written (atomically)"""
+    seed: int = 1
+    """seed of the data order, sampling and minibatch shuffling"""
     save_every: int = 0
-    """write a checkpoint (policy, value model, optimizer, RNG, data position) every this many updates; 0: never"""
+    """write a checkpoint (policy, value model, optimizer, RNG, data position) every this many steps; 0: never"""
     resume: bool = False
     """continue from the checkpoint in --output_dir"""
     skip_nonfinite: bool = False
@@ -117,6 +143,36 @@ class Args:
     """wandb project name"""
 
 
+# ---- masked statistics: means and variances over the real response tokens only (detail 13) ------------
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim) if dim is not None else (x * mask).sum() / mask.sum()
+
+
+def masked_var(x, mask, unbiased=True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    return var * n / (n - 1) if unbiased else var
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the real tokens only; shift_mean=False keeps the mean."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    return white if shift_mean else white + mean
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits), as logsumexp - E[logit]: no log_softmax copy."""
+    return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position entropy of the temperature-scaled policy, (B, T), in blocks of rows like the log-probs."""
+    return common.in_row_blocks(token_entropy, logits, temperature=temperature)
+
+
+# ---- the algorithm's parts ------------------------------------------------------------------------------
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020, "Approximating KL")."""
     log_ratio = logprobs - ref_logprobs
@@ -158,226 +214,246 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 
 
 def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange=0.2):
-    """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7), averaged over real response tokens, with
-    its diagnostics."""
+    """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7), averaged over real response tokens, with its
+    diagnostics."""
     ratio = torch.exp(new_logprobs - old_logprobs)
     pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
     stats = {
-        "policy/approxkl": 0.5 * common.masked_mean((new_logprobs - old_logprobs) ** 2, mask),
-        "policy/clipfrac": common.masked_mean((pg_losses > -advantages * ratio).float(), mask),
-        "val/ratio": common.masked_mean(ratio, mask),  # the policy's ratio, under the reference implementations' name
+        "policy/approxkl": 0.5 * masked_mean((new_logprobs - old_logprobs) ** 2, mask),
+        "policy/clipfrac": masked_mean((pg_losses > -advantages * ratio).float(), mask),
+        "val/ratio": masked_mean(ratio, mask),  # the policy's ratio, under the reference implementations' name
     }
-    return common.masked_mean(pg_losses, mask), stats
+    return masked_mean(pg_losses, mask), stats
 
 
 def value_loss(new_values, old_values, returns, mask, cliprange_value=0.2):
-    """Clipped value loss (the value clipping of the OpenAI baselines), averaged over real response tokens,
-    and the share of tokens where clipping decided it."""
+    """Clipped value loss (the value clipping of the OpenAI baselines), averaged over real response tokens, and
+    the share of tokens where clipping decided it."""
     values_clipped = old_values + (new_values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_losses = torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2)
-    clipfrac = common.masked_mean(((new_values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask)
-    return 0.5 * common.masked_mean(vf_losses, mask), clipfrac
+    clipfrac = masked_mean(((new_values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask)
+    return 0.5 * masked_mean(vf_losses, mask), clipfrac
 
 
 def token_values(backbone, head, seq, mask, start):
     """The value head on every position from `start` - 1 to the second last: V(state before response token t)
     (detail 12: a value per token, from the reward model's backbone and head)."""
-    hidden = backbone(input_ids=seq, attention_mask=mask, position_ids=common.position_ids(mask),
-                      use_cache=False).last_hidden_state
-    return head(hidden[:, start - 1:-1]).squeeze(-1).float()
+    out = backbone(input_ids=seq, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False)
+    return head(out.last_hidden_state[:, start - 1 : -1]).squeeze(-1).float()
 
 
 if __name__ == "__main__":
+    # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    common.check_args(args)
-    common.seed_everything(args.seed)
-    common.check_output_dir(args, "ppo.py")
-    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
-    run_name, log, history = common.start_tracking(args, "ppo")
+    plumbing.check_positive(args, "total_episodes", "max_steps", "batch_size", "num_mini_batches",
+                            "micro_batch_size", "num_ppo_epochs", "response_length", "rollout_temperature",
+                            "max_prompt_length", "eval_every", "num_periodic_eval_prompts", "num_eval_prompts",
+                            "max_new_tokens", "eval_temperature", "eval_batch_size", "log_every",
+                            "log_samples_every")  # fmt: skip
     if args.batch_size % args.num_mini_batches or (args.batch_size // args.num_mini_batches) % args.micro_batch_size:
-        common.fail(f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
-                    f"minibatches of whole micro-batches of {args.micro_batch_size}")
+        plumbing.fail(f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
+                      f"minibatches of whole micro-batches of {args.micro_batch_size}")  # fmt: skip
     minibatch_size = args.batch_size // args.num_mini_batches
+    plumbing.seed_everything(args.seed)
+    plumbing.check_output_dir(args, "ppo.py")
+    gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
+    log, history = plumbing.start_tracking(args, "ppo")
 
-    # ---- data and models ----------------------------------------------------------------------------
+    # ---- TRY NOT TO MODIFY: data and models -----------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
-    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
+    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
-    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:args.num_eval_prompts],
-                                            args.max_prompt_length, "eval")
+    num_eval = max(args.num_eval_prompts, args.num_periodic_eval_prompts)
+    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:num_eval], args.max_prompt_length, "eval")
     frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    ref_policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)
-    reward_model = common.load_model(AutoModelForSequenceClassification, args.reward_model_name_or_path, tok, device, frozen_dtype)
-    value_model = common.load_model(AutoModelForSequenceClassification, args.reward_model_name_or_path, tok, device)
+    policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)
+    rm_name = args.reward_model_name_or_path
+    reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, frozen_dtype)
+    value_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device)  # detail 12
     if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
-        common.fail(f"{args.reward_model_name_or_path} is not a reward model: expected a sequence classifier with "
-                    f"one label (reward.py's output), got {type(reward_model).__name__} with {reward_model.config.num_labels}")
+        plumbing.fail(f"{rm_name} is not a reward model: expected a sequence classifier with one label "
+                      f"(reward.py's output), got {type(reward_model).__name__} with {reward_model.config.num_labels}")  # fmt: skip
     for model in (ref_policy, reward_model):
         model.requires_grad_(False)
-    # detail 9: dropout off everywhere. eval() mode for every model, also while training: gradients still
-    # flow, and the log-probs of the update match those of the rollout exactly.
+    # detail 9: dropout off everywhere. eval() mode for every model, also while training: gradients still flow,
+    # and the log-probs of the update match those of the rollout exactly.
     for model in (policy, ref_policy, reward_model, value_model):
         model.eval()
     # the training forwards are compiled on CUDA; sampling and the rollout forwards run eagerly
     forward_policy, value_backbone = (torch.compile(m) if use_compile else m for m in (policy, value_model.base_model))
-    num_updates = args.total_episodes // args.batch_size
+    num_steps = args.total_episodes // args.batch_size
     if args.max_steps is not None:
-        num_updates = min(num_updates, args.max_steps)
-    if num_updates == 0 or len(prompts) < args.batch_size:
-        common.fail(f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}")
+        num_steps = min(num_steps, args.max_steps)
+    if num_steps == 0 or len(prompts) < args.batch_size:
+        plumbing.fail(f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}")
     params = list(policy.parameters()) + list(value_model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, fused=True)  # eps as in the references (15)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay, fused=True)  # fmt: skip
     print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M + value "
-          f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.2f}M parameters; {num_updates} updates of "
-          f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} minibatches")
+          f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.2f}M parameters; {num_steps} steps of "
+          f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} minibatches")  # fmt: skip
 
     def evaluate(n):
-        metrics, samples = common.evaluate(policy, tok, eval_prompts[:n], args.response_length, args.temperature,
-                                           64, autocast, ref=ref_policy, gold=args.gold_eval, reward_model=reward_model)
-        return metrics, samples
+        return common.evaluate(policy, tok, eval_prompts[:n], args.max_new_tokens, args.eval_temperature,
+                               args.eval_batch_size, autocast, ref=ref_policy, gold_scorer=gold_scorer,
+                               reward_model=reward_model)  # fmt: skip
 
-    # ---- training -----------------------------------------------------------------------------------
+    # ---- ALGO LOGIC: the PPO loop ------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
-    order, kl_coef, curve, first_update, elapsed = [], args.kl_coef, [], 1, 0.0
+    order, kl_coef, curve, first_step, elapsed = [], args.kl_coef, [], 1, 0.0
     if args.resume:
-        state = common.load_checkpoint(args.output_dir, {"policy": policy, "value_model": value_model}, optimizer, None)
-        order, kl_coef, curve, elapsed, history[:] = (state[k] for k in ("order", "kl_coef", "curve", "elapsed", "history"))
-        first_update = state["step"] + 1
+        models = {"policy": policy, "value_model": value_model}
+        state = plumbing.load_checkpoint(args.output_dir, models, optimizer, None)
+        order, kl_coef, curve, elapsed = state["order"], state["kl_coef"], state["curve"], state["elapsed"]
+        history[:], first_step = state["history"], state["step"] + 1
         rng.bit_generator.state = state["numpy_rng"]
     start = time.time() - elapsed
     eos, pad_id = tok.eos_token_id, tok.pad_token_id
     if args.eval_every and not curve:  # where the curve starts: the SFT policy itself
-        curve.append({"update": 0, "episodes": 0, **evaluate(args.num_eval_prompts // 4)[0]})
-    progress = tqdm(total=num_updates, initial=first_update - 1, desc="ppo", mininterval=5)
-    for update in range(first_update, num_updates + 1):
-        # detail 15: the learning rate anneals linearly to 0 over the updates
-        optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (update - 1) / num_updates)
+        curve.append({"step": 0, "episodes": 0, **evaluate(args.num_periodic_eval_prompts)[0]})
+    progress = tqdm(total=num_steps, initial=first_step - 1, desc="ppo", mininterval=5)
+    for step in range(first_step, num_steps + 1):
+        # detail 15: the learning rate anneals linearly to 0 over the steps
+        optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)
         if len(order) < args.batch_size:
             order = [int(i) for i in rng.permutation(len(prompts))]
         batch = [prompts[order.pop()] for _ in range(args.batch_size)]
 
-        # -- rollout: sample, cut after EOS, score, and the log-probs and values of what was sampled
         with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
+            # 1. rollout: response_length tokens sampled from left-padded prompts (detail 3)
             queries, query_mask = (t.to(device) for t in common.pad(batch, pad_id, "left"))
-            raw = common.sample(policy, queries, query_mask, args.response_length, args.temperature, eos)
+            raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
+            # 2. the EOS trick: cut after the first EOS (its score is replaced in step 4 when there is none)
             responses, response_mask, has_eos = common.truncate_after_eos(raw, eos, pad_id)
             R = int(response_mask.sum(1).max())  # columns that are padding in every row are dropped: exact, cheaper
             responses, response_mask = responses[:, :R], response_mask[:, :R]
             seq, seq_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
             Q = queries.shape[1]
-            # detail 4: log-probs of the sampled tokens under the same temperature that sampled them
-            logprobs = common.forward_logprobs(policy, seq, seq_mask, args.temperature, keep=R).float()
-            ref_logprobs = common.forward_logprobs(ref_policy, seq, seq_mask, args.temperature, keep=R).float()
+            # 3. log-probs of the sampled tokens at the temperature that sampled them (detail 4), values, scores
+            logprobs = common.forward_logprobs(policy, seq, seq_mask, args.rollout_temperature, keep=R).float()
+            ref_logprobs = common.forward_logprobs(ref_policy, seq, seq_mask, args.rollout_temperature, keep=R).float()
             values = token_values(value_model.base_model, value_model.score, seq, seq_mask, Q)
             scores = common.sequence_scores(reward_model, seq, seq_mask)
         mask = response_mask.float()
-        if not common.finite_or_stop(scores, "reward-model score", update, args.skip_nonfinite):
+        if not plumbing.finite_or_stop(scores, "reward-model score", step, args.skip_nonfinite):
             continue
 
-        # -- rewards: the per-token KL penalty (non-score reward), plus the score at the last real token
+        # 4. rewards: the per-token KL penalty (the non-score reward), plus the score at the last real token
         rewards, non_score_reward, kl, scores = shaped_rewards(scores, has_eos, logprobs, ref_logprobs, mask, kl_coef,
-                                                               args.kl_estimator, args.missing_eos_score)
+                                                               args.kl_estimator, args.missing_eos_score)  # fmt: skip
         if args.whiten_rewards:
-            rewards = common.masked_whiten(rewards, mask, shift_mean=False) * mask
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        # 5. advantages: GAE, whitened over the batch's real tokens
         advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
-        advantages = common.masked_whiten(advantages, mask) * mask  # detail 13
+        advantages = masked_whiten(advantages, mask) * mask
 
-        # -- PPO epochs over shuffled minibatches of micro-batches
+        # 6. PPO epochs over shuffled minibatches of micro-batches
         stats = []
         for epoch in range(args.num_ppo_epochs):
             perm = torch.randperm(args.batch_size, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
             for mb_start in range(0, args.batch_size, minibatch_size):
                 for micro_start in range(mb_start, mb_start + minibatch_size, args.micro_batch_size):
-                    idx = perm[micro_start:micro_start + args.micro_batch_size].to(device)
+                    idx = perm[micro_start : micro_start + args.micro_batch_size].to(device)
                     m = mask[idx]
                     scale = len(idx) / minibatch_size  # the micro-batch's share of the minibatch's mean loss
-                    # The policy and the value model share no weights, so the total loss
-                    # pg_loss - entropy_coef * entropy + vf_coef * vf_loss is backpropagated in two parts: only one
-                    # model's activations are alive at a time (same gradients, less peak memory).
+                    # PPO's objective (Schulman et al. 2017, eq. 9), minimised:
+                    #     loss = pg_loss - entropy_coef * entropy + vf_coef * vf_loss
+                    # The policy and the value model share no weights, so the two parts are backpropagated one
+                    # after the other: the same gradients, with one model's activations alive at a time.
                     with autocast:
                         out = forward_policy(input_ids=seq[idx], attention_mask=seq_mask[idx], use_cache=False,
-                                             position_ids=common.position_ids(seq_mask[idx]), logits_to_keep=R + 1)
-                        new_logprobs = common.logprobs_from_logits(out.logits[:, :-1], responses[idx], args.temperature)
+                                             position_ids=common.position_ids(seq_mask[idx]), logits_to_keep=R + 1)  # fmt: skip
+                        logits = out.logits[:, :-1]
+                        new_logprobs = common.logprobs_from_logits(logits, responses[idx], args.rollout_temperature)
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, args.cliprange)
-                    # entropy of the (temperature-scaled) policy, in blocks of rows like the log-probs; differentiated
-                    # only when it is a bonus in the loss (a full-vocabulary softmax is costly to backpropagate)
+                    # the entropy is differentiated only as a bonus in the loss (a softmax is costly to backpropagate)
                     with torch.set_grad_enabled(args.entropy_coef != 0):
-                        entropy = common.masked_mean(common.entropy_from_logits(out.logits[:, :-1], args.temperature), m)
+                        entropy = masked_mean(entropy_from_logits(logits, args.rollout_temperature), m)
                     ((pg_loss - args.entropy_coef * entropy) * scale).backward()
-                    del out  # free the policy's logits before the value model's pass
+                    del out, logits  # free the policy's logits before the value model's pass
                     with autocast:
                         new_values = token_values(value_backbone, value_model.score, seq[idx], seq_mask[idx], Q)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], m, args.cliprange_value)
                     (args.vf_coef * vf_loss * scale).backward()
-                    stats.append(torch.stack([pg_loss, vf_loss, entropy, pg_stats["policy/approxkl"],
-                                              pg_stats["policy/clipfrac"], vf_clipfrac, pg_stats["val/ratio"]]).detach())
+                    stats.append(torch.stack([pg_loss, vf_loss, entropy, *pg_stats.values(), vf_clipfrac]).detach())
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                if common.finite_or_stop(grad_norm, "loss", update, args.skip_nonfinite):
+                if plumbing.finite_or_stop(grad_norm, "loss", step, args.skip_nonfinite):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # -- adaptive KL (Ziegler et al. 2019): nudge kl_coef so the KL per response tracks target_kl
+        # 7. adaptive KL (Ziegler et al. 2019): nudge kl_coef so that the KL per response tracks target_kl
         mean_kl = kl.sum(1).mean()
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, float(mean_kl), args.target_kl, args.batch_size, args.kl_horizon)
 
-        # -- logging: the reference implementations' metric names (detail 17)
-        if update % 4 == 0 or update == num_updates:
-            pg, vf, ent, approxkl, clipfrac, vclipfrac, ratio = torch.stack(stats).mean(0).tolist()
+        # ---- TRY NOT TO MODIFY: logging (the reference implementations' names, detail 17), evaluation ------
+        if step % args.log_every == 0 or step == num_steps:
+            pg, vf, entropy, approxkl, clipfrac, ratio, vf_clipfrac = torch.stack(stats).mean(0).tolist()
             metrics = {
-                "objective/kl": float(mean_kl), "objective/entropy": float((-logprobs * mask).sum(1).mean()),
+                "objective/kl": float(mean_kl),
+                "objective/entropy": float((-logprobs * mask).sum(1).mean()),
                 "objective/non_score_reward": float(non_score_reward.sum(1).mean()),
                 "objective/rlhf_reward": float((scores + non_score_reward.sum(1)).mean()),
-                "objective/scores": float(scores.mean()), "objective/eos_rate": float(has_eos.float().mean()),
-                "policy/approxkl": approxkl, "policy/clipfrac": clipfrac, "policy/entropy": ent,
-                "loss/policy": pg, "loss/value": vf, "val/clipfrac": vclipfrac, "val/ratio": ratio,
-                "val/mean_length": float(mask.sum(1).mean()), "lr": optimizer.param_groups[0]["lr"],
-                "kl_coef": kl_coef, "episodes": update * args.batch_size,
+                "objective/scores": float(scores.mean()),
+                "objective/eos_rate": float(has_eos.float().mean()),
+                "policy/approxkl": approxkl,
+                "policy/clipfrac": clipfrac,
+                "policy/entropy": entropy,
+                "loss/policy": pg,
+                "loss/value": vf,
+                "val/clipfrac": vf_clipfrac,
+                "val/ratio": ratio,
+                "val/mean_length": float(mask.sum(1).mean()),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": optimizer.param_groups[0]["lr"],
+                "train/kl_coef": kl_coef,
+                "train/episodes": step * args.batch_size,
             }
             progress.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
-            log(metrics, update)
-        if update % args.log_samples_every == 0:
+            log(metrics, step)
+        if step % args.log_samples_every == 0:
             texts = tok.batch_decode(responses[:4], skip_special_tokens=True)
-            table = [[tok.decode(batch[i], skip_special_tokens=True), texts[i], float(scores[i])] for i in range(len(texts))]
-            tqdm.write(f"update {update} samples:" + "".join(f"\n  {q} ->{r}   [score {s:.2f}]" for q, r, s in table))
+            table = [[tok.decode(batch[i], skip_special_tokens=True), t, float(scores[i])] for i, t in enumerate(texts)]
+            tqdm.write(f"step {step} samples:" + "".join(f"\n  {q} ->{r}   [score {s:.2f}]" for q, r, s in table))
             if args.track:
                 import wandb
 
-                log({"samples": wandb.Table(columns=["query", "response", "score"], data=table)}, update)
-        if update % args.eval_every == 0 and update < num_updates:
-            metrics, _ = evaluate(args.num_eval_prompts // 4)
-            curve.append({"update": update, "episodes": update * args.batch_size, **metrics})
-            tqdm.write(f"update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            log({f"eval/{k}": v for k, v in metrics.items()}, update)
-        if args.save_every and update % args.save_every == 0 and update < num_updates:
-            common.save_checkpoint(args.output_dir, "ppo.py", args, {"policy": policy, "value_model": value_model},
-                                   optimizer, None, {"step": update, "order": order, "kl_coef": kl_coef, "curve": curve,
-                                                     "numpy_rng": rng.bit_generator.state, "history": history,
-                                                     "elapsed": time.time() - start})
+                log({"samples": wandb.Table(columns=["query", "response", "score"], data=table)}, step)
+        if step % args.eval_every == 0 and step < num_steps:
+            metrics, _ = evaluate(args.num_periodic_eval_prompts)
+            curve.append({"step": step, "episodes": step * args.batch_size, **metrics})
+            tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        if args.save_every and step % args.save_every == 0 and step < num_steps:
+            state = {"step": step, "order": order, "kl_coef": kl_coef, "curve": curve,
+                     "numpy_rng": rng.bit_generator.state, "history": history, "elapsed": time.time() - start}  # fmt: skip
+            models = {"policy": policy, "value_model": value_model}
+            plumbing.save_checkpoint(args.output_dir, "ppo.py", args, models, optimizer, None, state)
         progress.update()
     progress.close()
     train_seconds = time.time() - start
 
-    # ---- evaluation ---------------------------------------------------------------------------------
+    # ---- evaluation -----------------------------------------------------------------------------------------
     metrics, samples = evaluate(args.num_eval_prompts)
-    curve.append({"update": num_updates, "episodes": num_updates * args.batch_size, **metrics})
-    results = {**metrics, "updates": num_updates, "episodes": num_updates * args.batch_size,
-               "final_kl_coef": kl_coef, "train_seconds": round(train_seconds, 1)}
+    episodes = num_steps * args.batch_size
+    curve.append({"step": num_steps, "episodes": episodes, **metrics})
+    results = {**metrics, "steps": num_steps, "episodes": episodes, "final_kl_coef": kl_coef,
+               "train_seconds": round(train_seconds, 1)}  # fmt: skip
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))
-    log({f"eval/{k}": v for k, v in results.items()}, num_updates)
+    log({f"eval/{k}": v for k, v in results.items()}, num_steps)
 
-    # ---- saving -------------------------------------------------------------------------------------
+    # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
     def write(tmp):
         policy.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         value_model.save_pretrained(os.path.join(tmp, "value_model"))
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
-            common.write_jsonl(os.path.join(tmp, name), rows)
-        with open(os.path.join(tmp, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+            plumbing.write_jsonl(os.path.join(tmp, name), rows)
+        plumbing.write_json(os.path.join(tmp, "eval.json"), results)
 
-    common.save_atomic(args.output_dir, "ppo.py", args, write)
+    plumbing.write_atomic(args.output_dir, "ppo.py", args, write)
     print(f"saved {args.output_dir}")

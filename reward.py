@@ -2,17 +2,18 @@
 
     python reward.py                            # the offline world: from runs/sft, on data/world/preference
 
-The Bradley-Terry model (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1) says a labeller prefers y_c over
-y_r with probability sigmoid(r(x, y_c) - r(x, y_r)); training minimises -log sigmoid(r_c - r_r). Options:
-a per-pair margin subtracted inside the sigmoid (Touvron et al. 2023, Llama 2), soft labels p for
-distilling an AI labeller (cross-entropy against the pair softmax, as in RLAIF), and the reward-centering
-regulariser coef * (r_c + r_r)^2 (Eisenstein et al. 2023).
+The Bradley-Terry model (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1) says a labeller prefers y_c over y_r
+with probability sigmoid(r(x, y_c) - r(x, y_r)); training minimises -log sigmoid(r_c - r_r). Options: a
+per-pair margin subtracted inside the sigmoid (Touvron et al. 2023, Llama 2), soft labels p for distilling
+an AI labeller (cross-entropy against the pair softmax, as in RLAIF), and the reward-centering regulariser
+coef * (r_c + r_r)^2 (Eisenstein et al. 2023).
 
-The score head sits on the last real token (EOS) and is initialised N(0, 1/sqrt(d_model + 1)) (GUIDE
-detail 6). After training the reward is normalised so the SFT demonstrations score 0 on average
-(detail 7), inside the saved weights: `AutoModelForSequenceClassification.from_pretrained(output_dir)`
-gives the normalised score every script uses.
+The score head sits on the last real token (EOS), initialised N(0, 1/sqrt(d_model + 1)) (detail 6 of
+docs/implementation_details.md; the steps below are numbered as its "reward.py" list). After training the
+reward is normalised so the SFT demonstrations score 0 on average (detail 7), inside the saved weights:
+`AutoModelForSequenceClassification.from_pretrained(output_dir)` gives the normalised score.
 """
+
 import json
 import math
 import os
@@ -27,49 +28,64 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, get_cosine_schedule_with_warmup
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
+    # ---- algorithm ----
+    learning_rate: float = 1e-3
+    """peak AdamW learning rate (the world's 4M-parameter model; ~5e-6 for a real model)"""
+    num_epochs: float = 1.5
+    """passes over the training pairs"""
+    max_steps: int | None = None
+    """stop after this many steps (a cap for quick runs; the schedule follows it)"""
+    batch_size: int = 64
+    """pairs per step (one optimizer step)"""
+    micro_batch_size: int = 64
+    """pairs per forward/backward pass (2x sequences), in training and evaluation"""
+    warmup_steps: int = 20
+    """linear warmup steps, then cosine decay to 0"""
+    max_warmup_fraction: float = 0.1
+    """the warmup takes at most this share of all steps (short runs)"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (torch's defaults, as the reference implementations use them)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (detail 15)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (torch's default)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    center_rewards_coef: float = 0.0
+    """weight of the reward-centering regulariser mean((r_c + r_r)^2); 0.01 in Eisenstein et al."""
+    # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the SFT model (hub id or local directory) whose backbone the reward model starts from"""
     dataset_name: str = "data/world/preference"
     """preference pairs {prompt, chosen, rejected} (text or chat messages): hub id, directory or .json/.jsonl"""
-    output_dir: str = "runs/reward"
-    """where the reward model, tokenizer and eval.json are written (atomically)"""
-    sft_dataset_name: str = "data/world/sft"
-    """demonstrations {prompt, completion} or {messages} whose mean reward is shifted to 0 after training"""
-    num_normalisation_rows: int = 2000
-    """demonstrations used to measure that mean"""
     margin_column: str | None = None
     """a column of per-pair margins m: loss -log sigmoid(r_c - r_r - m)"""
     label_column: str | None = None
     """a column with the probability p that chosen is preferred (soft labels, e.g. from rlaif.py --mode label)"""
-    center_rewards_coef: float = 0.0
-    """weight of the reward-centering regulariser mean((r_c + r_r)^2); 0.01 in Eisenstein et al."""
-    seed: int = 1
-    """seed of the head's initialisation and of the data order"""
-    num_epochs: float = 1.5
-    """passes over the training pairs"""
-    max_steps: int | None = None
-    """stop after this many optimizer steps (a cap for quick runs; the schedule follows it)"""
-    learning_rate: float = 1e-3
-    """peak AdamW learning rate (the world's 4M-parameter model; ~5e-6 for a real model)"""
-    warmup_steps: int = 20
-    """linear warmup steps (at most a tenth of all steps), then cosine decay to 0"""
-    max_grad_norm: float = 1.0
-    """gradient clipping"""
-    batch_size: int = 64
-    """pairs per optimizer step"""
-    micro_batch_size: int = 64
-    """pairs per forward pass (2x sequences), in training and evaluation; batch_size / micro_batch_size steps of
-    gradient accumulation"""
+    sft_dataset_name: str = "data/world/sft"
+    """demonstrations {prompt, completion} or {messages} whose mean reward is shifted to 0 after training"""
+    num_normalisation_rows: int = 2000
+    """demonstrations used to measure that mean"""
     max_length: int = 256
     """longest prompt + response in tokens; longer pairs are dropped (counted)"""
+    # ---- evaluation ----
     eval_every: int = 125
-    """steps between held-out accuracy evaluations"""
-    gold_eval: bool = True
-    """also report how often the reward model orders held-out pairs as the offline world's gold rater does"""
+    """steps between held-out evaluations"""
+    gold_scorer: str | None = "data.gold:score"
+    """the task's true score, "module:function" taking (prompts, responses) and returning one score each: how
+    often the reward model orders held-out pairs as it does (the offline world's gold rater; None: off)"""
+    log_every: int = 20
+    """steps between logged training metrics"""
+    # ---- run ----
+    output_dir: str = "runs/reward"
+    """where the reward model, tokenizer and eval.json are written (atomically)"""
+    seed: int = 1
+    """seed of the head's initialisation and of the data order"""
     save_every: int = 0
     """write a checkpoint (model, optimizer, scheduler, RNG, data position) every this many steps; 0: never"""
     resume: bool = False
@@ -100,19 +116,40 @@ def rewards(model, seqs, pad_id, device):
     return common.sequence_scores(model, *(t.to(device) for t in common.pad(seqs, pad_id)))
 
 
+def pair_rewards(model, pairs: list[common.Pair], pad_id, device):
+    """(chosen_rewards, rejected_rewards) of the pairs, chosen and rejected in one forward (step 2)."""
+    r = rewards(model, [x.prompt + x.chosen for x in pairs] + [x.prompt + x.rejected for x in pairs], pad_id, device)
+    return r[: len(pairs)], r[len(pairs) :]
+
+
+def pair_metrics(chosen_rewards, rejected_rewards):
+    """The pairwise metrics, as dpo.py reports them for its implicit reward."""
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": ((chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)).mean(),
+    }
+
+
+def texts_of(rows, pairs, column):
+    """The column's text of each pair's row, for the gold scorer; a list of chat messages gives its last one."""
+    return [m if isinstance(m, str) else m[-1]["content"] for m in (rows[x.row][column] for x in pairs)]
+
+
 @torch.no_grad()
 def last_hidden_states(model, seqs, pad_id, device):
     """The final (normalised) hidden state at each sequence's last real token: what the score head reads."""
     ids, mask = (t.to(device) for t in common.pad(seqs, pad_id))
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False).last_hidden_state
-    return hidden[torch.arange(len(seqs)), mask.sum(1) - 1].float()
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False)
+    return out.last_hidden_state[torch.arange(len(seqs)), mask.sum(1) - 1].float()
 
 
 def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
     """Make the mean reward of `hidden` (the demonstrations' last-token states) exactly 0 inside the weights.
 
-    Decoder classification heads in transformers have no bias, so a constant cannot be added. Instead find
-    v with v.h close to 1 for every demonstration (least squares; hidden states share a common direction),
+    Decoder classification heads in transformers have no bias, so a constant cannot be added. Instead find v
+    with v.h close to 1 for every demonstration (least squares; hidden states share a common direction),
     scaled so its mean over them is exactly 1, and set w <- w - mean_reward * v: rewards move by
     -mean_reward * (v.h), a constant shift up to the fit's residual, which is reported."""
     w = head.weight.data[0].float()
@@ -122,86 +159,90 @@ def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
     v = v / (hidden @ v).mean()
     shift = scores.mean()
     head.weight.data[0] = (w - shift * v).to(head.weight.dtype)
-    return {"reward_mean_before_normalisation": float(shift),
-            "reward_mean_after_normalisation": float((hidden @ head.weight.data[0].float()).mean()),
-            "normalisation_shift_residual_std": float((shift * (hidden @ v - 1)).std())}
+    return {
+        "reward_mean_before_normalisation": float(shift),
+        "reward_mean_after_normalisation": float((hidden @ head.weight.data[0].float()).mean()),
+        "normalisation_shift_residual_std": float((shift * (hidden @ v - 1)).std()),
+    }
 
 
 if __name__ == "__main__":
+    # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    common.check_args(args)
-    common.seed_everything(args.seed)
-    common.check_output_dir(args, "reward.py")
-    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
-    run_name, log, history = common.start_tracking(args, "reward")
+    plumbing.check_positive(args, "num_epochs", "max_steps", "batch_size", "micro_batch_size",
+                            "num_normalisation_rows", "max_length", "eval_every", "log_every")  # fmt: skip
+    plumbing.seed_everything(args.seed)
+    plumbing.check_output_dir(args, "reward.py")
+    gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile)
+    log, history = plumbing.start_tracking(args, "reward")
 
-    # ---- data and model --------------------------------------------------------------------------
+    # ---- 1. data and model -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
     extra = [c for c in (args.margin_column, args.label_column) if c]
-    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected", *extra]], seed=args.seed)
+    columns = [["prompt", "chosen", "rejected", *extra]]
+    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
     train = common.tokenize_pairs(tok, train_rows, args.max_length, extra)
     evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
-    # the demonstrations of the normalisation (detail 7), read now: a mistake in them fails before training
-    demos, _, demo_fmt = common.load_splits(args.sft_dataset_name, [["prompt", "completion"], ["messages"]], seed=args.seed)
-    seqs = []
-    for row in demos[:args.num_normalisation_rows]:
-        prompt_ids, completion_ids = common.encode_demonstration(tok, row, demo_fmt)
-        if len(prompt_ids) + len(completion_ids) <= args.max_length:
-            seqs.append(prompt_ids + completion_ids)
+    # the demonstrations of the normalisation (step 4), read now: a mistake in them fails before training
+    demo_columns = [["prompt", "completion"], ["messages"]]
+    demos, _, demo_fmt = plumbing.load_splits(args.sft_dataset_name, demo_columns, seed=args.seed)
+    seqs = [sum(common.encode_demonstration(tok, row, demo_fmt), []) for row in demos[: args.num_normalisation_rows]]
+    seqs = [s for s in seqs if len(s) <= args.max_length]
     if not seqs:
-        common.fail(f"no demonstration of {args.sft_dataset_name!r} fits in max_length {args.max_length}: nothing to normalise with")
-    model = common.load_model(AutoModelForSequenceClassification, args.model_name_or_path, tok, device, new_head=True, num_labels=1)
+        plumbing.fail(f"no demonstration of {args.sft_dataset_name!r} fits in max_length {args.max_length}")
+    model = plumbing.load_model(AutoModelForSequenceClassification, args.model_name_or_path, tok, device,
+                                new_head=True, num_labels=1)  # fmt: skip
     if not hasattr(model, "score") or model.score.out_features != 1:
-        common.fail(f"{args.model_name_or_path} does not give a one-output score head")
+        plumbing.fail(f"{args.model_name_or_path} does not give a one-output score head")
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
-    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"{len(train)} train / {len(evals)} eval pairs")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"reward model: {n_params:.2f}M parameters; {len(train)} train / {len(evals)} eval pairs")
     forward_model = torch.compile(model) if use_compile else model
 
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
-        common.fail(f"{len(train)} training pairs is fewer than one batch of {args.batch_size}")
+        plumbing.fail(f"{len(train)} training pairs is fewer than one batch of {args.batch_size}")
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     micro = min(args.micro_batch_size, args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
+    warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
     def evaluate():
-        """Held-out accuracy (the RM agrees with the label) and, on the world, agreement with the gold rater."""
+        """Held-out loss and pairwise metrics and, given a gold scorer, agreement with it (step 5)."""
         model.eval()
         chosen, rejected = [], []
         for i in range(0, len(evals), micro):  # training's batch shape: no larger peak memory than training's
-            batch = evals[i:i + micro]
             with autocast:
-                r = rewards(forward_model, [p + c for p, c, *_ in batch] + [p + r for p, _, r, *_ in batch], tok.pad_token_id, device)
-            chosen.append(r[:len(batch)])
-            rejected.append(r[len(batch):])
+                rc, rr = pair_rewards(forward_model, evals[i : i + micro], tok.pad_token_id, device)
+            chosen.append(rc)
+            rejected.append(rr)
         model.train()
-        chosen, rejected = torch.cat(chosen).cpu().numpy(), torch.cat(rejected).cpu().numpy()
-        metrics = {"accuracy": float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected))),
-                   "chosen_rewards": float(chosen.mean()), "rejected_rewards": float(rejected.mean()),
-                   "margin": float((chosen - rejected).mean())}
-        if args.gold_eval:
-            from data.gold import gold_score
-
-            text = lambda m: m if isinstance(m, str) else m[-1]["content"]  # a chat response: its last message
-            gold_c = np.array([gold_score(text(eval_rows[i]["chosen"])) for *_, i in evals])
-            gold_r = np.array([gold_score(text(eval_rows[i]["rejected"])) for *_, i in evals])
-            metrics["gold_agreement"] = float(np.mean(np.sign(chosen - rejected) == np.sign(gold_c - gold_r)))
-            # the gold rater's own agreement with the noisy held-out labels: the ceiling for `accuracy`
+        chosen, rejected = torch.cat(chosen).cpu().double(), torch.cat(rejected).cpu().double()
+        metrics = {"loss": preference_loss(chosen, rejected).mean(), **pair_metrics(chosen, rejected)}
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if gold_scorer is not None:
+            prompts = texts_of(eval_rows, evals, "prompt")
+            gold_c = np.array(gold_scorer(prompts, texts_of(eval_rows, evals, "chosen")))
+            gold_r = np.array(gold_scorer(prompts, texts_of(eval_rows, evals, "rejected")))
+            diff = (chosen - rejected).numpy()
+            metrics["gold_agreement"] = float(np.mean(np.sign(diff) == np.sign(gold_c - gold_r)))
+            # the gold rater's own agreement with the noisy held-out labels: the ceiling for the accuracy
             metrics["gold_label_agreement"] = float(np.mean((gold_c > gold_r) + 0.5 * (gold_c == gold_r)))
         return metrics
 
-    # ---- training ---------------------------------------------------------------------------------
+    # ---- ALGO LOGIC: training ------------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r, *_ in train]
+    lengths = [len(x.prompt) + max(len(x.chosen), len(x.rejected)) for x in train]
     batches, step, elapsed = [], 0, 0.0
     if args.resume:
-        state = common.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
+        state = plumbing.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
         step, batches, elapsed, history[:] = state["step"], state["batches"], state["elapsed"], state["history"]
         rng.bit_generator.state = state["numpy_rng"]
     start = time.time() - elapsed
@@ -209,67 +250,70 @@ if __name__ == "__main__":
     progress = tqdm(total=total_steps, initial=step, desc="reward", mininterval=5)
     while step < total_steps:
         if not batches:  # a new epoch: shuffled batches of pairs of similar length
-            batches = [[int(i) for i in b] for b in common.length_grouped_batches(lengths, args.batch_size, rng)
-                       if len(b) == args.batch_size]
+            grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
+            batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
         stats = []
         for m in range(0, len(batch), micro):
-            part = batch[m:m + micro]
-            extras = torch.tensor([e for *_, e, _ in part], device=device).reshape(len(part), len(extra))
+            part = batch[m : m + micro]
+            extras = torch.tensor([x.extras for x in part], device=device).reshape(len(part), len(extra))
             margins = extras[:, extra.index(args.margin_column)] if args.margin_column else None
             labels = extras[:, extra.index(args.label_column)] if args.label_column else None
-            with autocast:  # chosen and rejected in one forward: 2 x micro sequences
-                r = rewards(forward_model, [p + c for p, c, *_ in part] + [p + r for p, _, r, *_ in part], tok.pad_token_id, device)
-            chosen_rewards, rejected_rewards = r[:len(part)], r[len(part):]
+            # 2. chosen and rejected in one forward: 2 x micro sequences, scored at their last real token
+            with autocast:
+                chosen_rewards, rejected_rewards = pair_rewards(forward_model, part, tok.pad_token_id, device)
+            # 3. the Bradley-Terry loss (with margins, soft labels), and the centering regulariser
             loss = preference_loss(chosen_rewards, rejected_rewards, margins, labels).mean()
             if args.center_rewards_coef:
                 loss = loss + args.center_rewards_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
             share = len(part) / len(batch)  # the micro-batch's share of the batch's means
             (loss * share).backward()
-            stats.append(share * torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().mean(),
-                                              chosen_rewards.detach().mean(), rejected_rewards.detach().mean()]))
+            pair_stats = pair_metrics(chosen_rewards.detach(), rejected_rewards.detach())
+            stats.append(share * torch.stack([loss.detach(), *pair_stats.values()]))
         step += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if common.finite_or_stop(torch.stack(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
+        if plumbing.finite_or_stop(torch.stack(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update()
-        if step % 20 == 0 or step == total_steps:
-            loss_v, acc, rc, rr = torch.stack(stats).sum(0).tolist()  # the batch's means
-            progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc:.2f}")
-            log({"train/loss": loss_v, "train/accuracy": acc, "train/chosen_rewards": rc, "train/rejected_rewards": rr,
-                 "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)
+
+        # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
+        if step % args.log_every == 0 or step == total_steps:
+            loss_value, *means = torch.stack(stats).sum(0).tolist()  # the batch's means
+            metrics = {"train/loss": loss_value, **dict(zip(pair_stats, means)), "train/grad_norm": float(grad_norm),
+                       "train/lr": scheduler.get_last_lr()[0]}  # fmt: skip
+            progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
             metrics = evaluate()
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            common.save_checkpoint(args.output_dir, "reward.py", args, {"model": model}, optimizer, scheduler,
-                                   {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
-                                    "elapsed": time.time() - start, "history": history})
+            state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
+                     "elapsed": time.time() - start, "history": history}  # fmt: skip
+            plumbing.save_checkpoint(args.output_dir, "reward.py", args, {"model": model}, optimizer, scheduler, state)
     progress.close()
     train_seconds = time.time() - start
 
-    # ---- normalisation (detail 7): the SFT demonstrations' mean reward becomes 0 ------------------
+    # ---- 4. normalisation: the SFT demonstrations' mean reward becomes 0 (detail 7) ------------------------
     model.eval()
     with autocast:
-        hidden = torch.cat([last_hidden_states(model, seqs[i:i + 2 * micro], tok.pad_token_id, device)
-                            for i in range(0, len(seqs), 2 * micro)])
-    normalisation = fold_shift_into_head(model.score, hidden)
+        hidden = [last_hidden_states(model, seqs[i : i + 2 * micro], tok.pad_token_id, device)
+                  for i in range(0, len(seqs), 2 * micro)]  # fmt: skip
+    normalisation = fold_shift_into_head(model.score, torch.cat(hidden))
 
-    # ---- evaluation -------------------------------------------------------------------------------
+    # ---- 5. evaluation ----------------------------------------------------------------------------------
     results = {**evaluate(), **normalisation, "steps": step, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))
     log({f"eval/{k}": v for k, v in results.items()}, step)
 
-    # ---- saving -----------------------------------------------------------------------------------
+    # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
     def write(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        common.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
+        plumbing.write_json(os.path.join(tmp, "eval.json"), results)
+        plumbing.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
 
-    common.save_atomic(args.output_dir, "reward.py", args, write)
+    plumbing.write_atomic(args.output_dir, "reward.py", args, write)
     print(f"saved {args.output_dir}")

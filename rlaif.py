@@ -4,23 +4,24 @@
     python rlaif.py --mode label --dataset_name data/world/preference --output_dir runs/rlaif_labels
     python reward.py --dataset_name runs/rlaif_labels --label_column label --output_dir runs/reward_rlaif
 
-The labeller (Bai et al. 2022, "Constitutional AI"; Lee et al. 2023, "RLAIF vs. RLHF") is any causal LM.
-It reads a preamble, one principle sampled from the constitution for this comparison, the prompt and
-two responses, and is asked "Which response is better? Answer A or B." Its preference is the softmax
-over its log-probs of the two answer tokens. Position bias is removed by asking again with the responses
-swapped and averaging: p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2.
+The labeller (Bai et al. 2022, "Constitutional AI"; Lee et al. 2023, "RLAIF vs. RLHF") is any causal LM. It
+reads a preamble, one principle sampled from the constitution for this comparison, the prompt and two
+responses, and is asked "Which response is better? Answer A or B." Its preference is the softmax over its
+log-probs of the two answer tokens. Position bias is removed by asking again with the responses swapped and
+averaging: p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2 (details 20-23 of
+docs/implementation_details.md; the steps below are numbered as its "rlaif.py" lists).
 
-  --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current
-                 policy, the labeller picks one, and a DPO-family update learns from that fresh pair
-                 (the reference is the SFT policy).
-  --mode label   labels pairs, given ({prompt, chosen, rejected}) or sampled from the policy for
-                 {prompt} rows, and writes a preference dataset with a soft `label` column
-                 (p(chosen is better) >= 0.5) that reward.py (--label_column label) and dpo.py read:
-                 distilled RLAIF.
+  --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current policy,
+                 the labeller picks one, and a DPO-family update learns from that fresh pair (the reference
+                 is the SFT policy). An episode is a prompt and its two samples.
+  --mode label   labels pairs, given ({prompt, chosen, rejected}) or sampled from the policy for {prompt}
+                 rows, and writes a preference dataset with a soft `label` column (p(chosen is better) >=
+                 0.5) that reward.py (--label_column label) and dpo.py read: distilled RLAIF.
 
-Reported: the labeller's agreement with the gold rater (the offline world) or with given labels, how
-often its choice flips when the order is swapped, and its mean confidence.
+Reported: the labeller's agreement with the gold scorer or with given labels, how often its choice flips when
+the order is swapped, and its mean confidence.
 """
+
 import json
 import os
 import random
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 import common
+import plumbing
 
 PREAMBLE = "You compare two responses to the same prompt."
 CONSTITUTION = [  # the built-in constitution; --constitution replaces it with a text (one per line) or JSON file
@@ -48,34 +50,27 @@ CONSTITUTION = [  # the built-in constitution; --constitution replaces it with a
 
 def judge_query(preamble, principle, prompt, a, b):
     """The labeller's question about one ordered pair (responses are shown as they continue the prompt)."""
-    return (f"{preamble}\nPrinciple: {principle}\nPrompt: {prompt}\nResponse A:{a}\nResponse B:{b}\n"
-            "Which response is better? Answer A or B.")
+    return (
+        f"{preamble}\nPrinciple: {principle}\nPrompt: {prompt}\nResponse A:{a}\nResponse B:{b}\n"
+        "Which response is better? Answer A or B."
+    )
 
 
 @dataclass
 class Args:
     mode: Literal["online", "label"] = "online"
     """online: OAIF training of the policy; label: write an AI-labelled preference dataset"""
-    model_name_or_path: str = "runs/sft"
-    """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows)"""
-    judge_model_name_or_path: str = "data/world/judge_model"
-    """the AI labeller: any causal LM (the offline world's: sft.py trained on data/world/judge)"""
+    # ---- algorithm ----
     constitution: str | None = None
     """a text file (one principle per line) or JSON list of principles replacing the built-in constitution"""
     preamble: str = PREAMBLE
     """the first line of every question to the labeller"""
-    dataset_name: str = "data/world/prompts"
-    """online: prompts {prompt}; label: pairs {prompt, chosen, rejected} or prompts {prompt}"""
-    output_dir: str = "runs/rlaif"
-    """online: the trained policy; label: the labelled dataset (train.jsonl, test.jsonl)"""
-    seed: int = 1
-    """seed of sampling, principle choice and data order"""
-    total_prompts: int = 6144
-    """online: prompts rolled out in all (two responses each)"""
+    total_episodes: int = 6144
+    """online: episodes (prompts, each with two samples) in all"""
     max_steps: int | None = None
-    """online: stop after this many updates; label: label at most this many pairs per split"""
+    """online: stop after this many steps; the learning-rate schedule follows it"""
     batch_size: int = 64
-    """online: prompts per update (one optimizer step on their fresh pairs)"""
+    """online: episodes per step (one optimizer step on their fresh pairs); label: prompts sampled at once"""
     micro_batch_size: int = 32
     """online: pairs per forward/backward pass (gradient accumulation)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -83,29 +78,59 @@ class Args:
     beta: float = 0.1
     """online: the KL strength of the DPO-family loss"""
     learning_rate: float = 1e-4
-    """online: AdamW learning rate, annealed linearly to 0 (higher than dpo.py's: 96 fresh updates, not 500)"""
+    """online: AdamW learning rate, annealed linearly to 0 (higher than dpo.py's: 96 fresh steps, not 500)"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """online: AdamW betas (torch's defaults, as the reference implementations use them)"""
+    adam_eps: float = 1e-5
+    """online: AdamW epsilon (detail 15)"""
+    weight_decay: float = 0.01
+    """online: AdamW weight decay (torch's default)"""
     max_grad_norm: float = 1.0
     """online: gradient clipping"""
-    sample_temperature: float = 1.0
+    response_length: int = 64
+    """longest sampled response of a pair in tokens (online, and label mode for {prompt} rows)"""
+    rollout_temperature: float = 1.0
     """temperature of the two samples per prompt (online, and label mode for {prompt} rows)"""
-    max_new_tokens: int = 64
-    """longest sampled response"""
+    # ---- data ----
+    model_name_or_path: str = "runs/sft"
+    """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows)"""
+    judge_model_name_or_path: str = "data/world/judge_model"
+    """the AI labeller: any causal LM (the offline world's: sft.py trained on data/world/judge)"""
+    dataset_name: str = "data/world/prompts"
+    """online: prompts {prompt}; label: pairs {prompt, chosen, rejected} or prompts {prompt}"""
     max_prompt_length: int = 128
-    """longest prompt to sample from in tokens (online, and label mode for {prompt} rows); longer ones are dropped (counted)"""
+    """longest prompt to sample from in tokens (online, and label mode for {prompt} rows); longer ones dropped"""
     judge_max_length: int = 512
     """longest labeller question in tokens; longer ones count as ties and are skipped"""
     judge_batch_size: int = 64
     """questions per labeller forward"""
+    max_label_rows: int | None = None
+    """label: label at most this many rows of each split"""
+    # ---- evaluation ----
     eval_every: int = 24
-    """online: updates between evaluations on held-out prompts"""
+    """online: steps between evaluations on held-out prompts"""
+    num_periodic_eval_prompts: int = 64
+    """online: held-out prompts of the evaluations every eval_every steps"""
     num_eval_prompts: int = 256
     """online: held-out prompts sampled from the policy and the reference at the end"""
-    temperature: float = 0.7
-    """sampling temperature of the evaluation (the same in dpo.py, ppo.py and rlaif.py)"""
-    gold_eval: bool = True
-    """score with the offline world's gold rater (data/gold.py); turn off for other tasks"""
+    max_new_tokens: int = 64
+    """online: longest evaluation sample in tokens"""
+    eval_temperature: float = 0.7
+    """online: sampling temperature of the evaluation samples (the same in dpo.py, ppo.py and rlaif.py)"""
+    eval_batch_size: int = 64
+    """online: prompts sampled at once in evaluation"""
+    gold_scorer: str | None = "data.gold:score"
+    """the task's true score of responses, "module:function" taking (prompts, responses) and returning one score
+    each: the labeller's agreement with it, and the evaluation (the offline world's gold rater; None: off)"""
+    log_every: int = 4
+    """online: steps between logged training metrics"""
+    # ---- run ----
+    output_dir: str = "runs/rlaif"
+    """online: the trained policy; label: the labelled dataset (train.jsonl, test.jsonl)"""
+    seed: int = 1
+    """seed of sampling, principle choice and data order"""
     save_every: int = 0
-    """online: write a checkpoint (policy, optimizer, RNG, data position) every this many updates; 0: never"""
+    """online: write a checkpoint (policy, optimizer, RNG, data position) every this many steps; 0: never"""
     resume: bool = False
     """online: continue from the checkpoint in --output_dir"""
     skip_nonfinite: bool = False
@@ -125,14 +150,14 @@ def load_constitution(path):
     if path is None:
         return list(CONSTITUTION)
     if not os.path.isfile(path):
-        common.fail(f"constitution {path!r} does not exist")
+        plumbing.fail(f"constitution {path!r} does not exist")
     text = open(path).read()
     try:
         principles = json.loads(text) if path.endswith(".json") else [l.strip() for l in text.splitlines() if l.strip()]
     except json.JSONDecodeError as e:
-        common.fail(f"constitution {path!r} is not valid JSON: {e}")
+        plumbing.fail(f"constitution {path!r} is not valid JSON: {e}")
     if not isinstance(principles, list) or not principles or not all(isinstance(p, str) and p for p in principles):
-        common.fail(f"constitution {path!r} holds no principles (a text file, one per line, or a JSON list of strings)")
+        plumbing.fail(f"constitution {path!r} holds no principles (a text file, one per line, or a JSON list of strings)")
     return principles
 
 
@@ -146,7 +171,7 @@ def answer_token_ids(tok):
         else:
             ids.append(tok(" " + answer, add_special_tokens=False)["input_ids"][0])
     if ids[0] == ids[1]:
-        common.fail("the labeller's tokenizer does not tell the answers 'A' and 'B' apart by their first token")
+        plumbing.fail("the labeller's tokenizer does not tell the answers 'A' and 'B' apart by their first token")
     return ids
 
 
@@ -217,10 +242,9 @@ def text_of(x):
     return x if isinstance(x, str) else "\n".join(f"{m['role']}: {m['content']}" for m in x)
 
 
-def gold_first_better(firsts, seconds):
-    from data.gold import gold_score
-
-    g1, g2 = np.array([gold_score(a) for a in firsts]), np.array([gold_score(b) for b in seconds])
+def gold_first_better(gold_scorer, prompts, firsts, seconds):
+    """1 where the gold scorer prefers the first response, 0 where the second, 0.5 for a tie."""
+    g1, g2 = np.array(gold_scorer(prompts, firsts)), np.array(gold_scorer(prompts, seconds))
     return (g1 > g2) + 0.5 * (g1 == g2)
 
 
@@ -229,212 +253,234 @@ def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
     """Two responses per prompt from the policy: (first_ids, second_ids) lists, each cut after its EOS."""
     ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
     ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    eos = tok.eos_token_id
     with autocast:
-        raw = common.sample(policy, ids, mask, args.max_new_tokens, args.sample_temperature, tok.eos_token_id, stop_at_eos=True)
-    responses, resp_mask, _ = common.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
-    lists = [r[:int(n)].tolist() for r, n in zip(responses.cpu(), resp_mask.sum(1).cpu())]
-    return lists[:len(prompt_ids)], lists[len(prompt_ids):]
+        raw = common.sample(policy, ids, mask, args.response_length, args.rollout_temperature, eos, stop_at_eos=True)
+    responses, response_mask, _ = common.truncate_after_eos(raw, eos, tok.pad_token_id)
+    lists = [r[: int(n)].tolist() for r, n in zip(responses.cpu(), response_mask.sum(1).cpu())]
+    return lists[: len(prompt_ids)], lists[len(prompt_ids) :]
 
 
 def dpo_losses(logps, ref_logps, lengths, n, loss_type, beta):
     """Per-pair losses and log-ratio differences h of DPO (Rafailov et al. 2023, eq. 7) on summed response
-    log-probs, or IPO (Azar et al. 2023, eq. 17) on per-token averages, as in dpo.py. The first n entries of
-    each tensor are the chosen responses, the next n the rejected."""
+    log-probs, or IPO (Azar et al. 2023, eq. 17) on per-token averages, as in dpo.py (detail 18). The first n
+    entries of each tensor are the chosen responses, the next n the rejected."""
     ratios = (logps - ref_logps) / (lengths if loss_type == "ipo" else 1)
     h = ratios[:n] - ratios[n:]
     return (-F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2), h
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
-    common.check_args(args)
-    common.seed_everything(args.seed)
-    common.check_output_dir(args, "rlaif.py")
-    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
-    run_name, log, history = common.start_tracking(args, f"rlaif_{args.mode}")
-    rng = random.Random(args.seed)
-    principles = load_constitution(args.constitution)
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
-    judge = common.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, frozen_dtype)
-    judge.eval().requires_grad_(False)
+# ---- ALGO LOGIC: label mode, a labelled dataset ---------------------------------------------------------
+def label_dataset(args, label, gold_scorer, device, autocast):
+    """Label every pair of each split (given, or two samples of the policy per prompt) and write
+    {prompt, chosen, rejected, label} rows: distilled RLAIF."""
+    columns = [["prompt", "chosen", "rejected"], ["prompt"]]
+    train_rows, eval_rows, fmt = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
+    policy = None
+    if fmt == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
+        tok = common.load_tokenizer(args.model_name_or_path)
+        policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
+    results, splits = {}, {}
+    for split, rows in (("train", train_rows), ("test", eval_rows)):
+        rows = rows[: args.max_label_rows or len(rows)]
+        # 1. the pairs: as given, or two samples per prompt (prompts over max_prompt_length dropped, counted)
+        if policy is None:
+            firsts, seconds = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+        else:
+            prompt_ids, kept = common.encode_prompts(tok, rows, args.max_prompt_length, split)
+            rows, firsts, seconds = [rows[i] for i in kept], [], []
+            for i in tqdm(range(0, len(rows), args.batch_size), desc=f"sampling {split}", mininterval=5):
+                a, b = sample_pairs(policy, tok, prompt_ids[i : i + args.batch_size], args, device, autocast)
+                firsts += tok.batch_decode(a, skip_special_tokens=True)
+                seconds += tok.batch_decode(b, skip_special_tokens=True)
+        prompts = [r["prompt"] for r in rows]
+        # 2. the labeller's debiased preference, and how it agrees with the given labels and the gold scorer
+        texts = [[text_of(x) for x in xs] for xs in (prompts, firsts, seconds)]
+        chunks = range(0, len(rows), 512)  # in chunks, so that the progress shows
+        labels = [label(*(t[i : i + 512] for t in texts)) for i in tqdm(chunks, desc=f"labelling {split}", mininterval=5)]
+        p, flipped, skipped = (torch.cat(x) for x in zip(*labels))
+        metrics = labeller_metrics(p, flipped, skipped)
+        if policy is None:  # agreement with the labels the data came with (chosen was preferred)
+            metrics["label_agreement"] = labeller_metrics(p, flipped, skipped, torch.ones(len(p)))["agreement"]
+        if gold_scorer is not None:
+            metrics["gold_agreement"] = labeller_metrics(p, flipped, skipped, gold_first_better(gold_scorer, *texts))["agreement"]
+        results.update({f"{split}_{k}": v for k, v in metrics.items()})
+        # 3. chosen = the labeller's pick; label = its probability that chosen is better (>= 0.5)
+        splits[split] = [
+            {"prompt": q, "chosen": a if pa >= 0.5 else b, "rejected": b if pa >= 0.5 else a,
+             "label": round(max(pa, 1 - pa), 4)}
+            for q, a, b, pa, s in zip(prompts, firsts, seconds, p.tolist(), skipped.tolist()) if not s
+        ]  # fmt: skip
+        if not splits[split]:
+            plumbing.fail(f"{split}: every labeller question is over judge_max_length {args.judge_max_length} "
+                          "tokens: nothing labelled")  # fmt: skip
+    print(json.dumps(results, indent=2))
 
-    def label(prompts, firsts, seconds):
-        """Debiased labels of text pairs, in chunks (so the progress shows)."""
-        out = [label_pairs(judge, judge_tok, prompts[i:i + 512], firsts[i:i + 512], seconds[i:i + 512], principles,
-                           rng, args, device, autocast) for i in tqdm(range(0, len(prompts), 512), desc="labelling", mininterval=5)]
-        return tuple(torch.cat(x) for x in zip(*out))
+    def write(tmp):
+        for split, rows in splits.items():
+            plumbing.write_jsonl(os.path.join(tmp, f"{split}.jsonl"), rows)
+        plumbing.write_json(os.path.join(tmp, "labelling.json"), results)
 
-    # ============================ label mode: write an AI-labelled preference dataset ==================
-    if args.mode == "label":
-        train_rows, eval_rows, fmt = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"], ["prompt"]],
-                                                        seed=args.seed)
-        policy = None
-        if fmt == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
-            tok = common.load_tokenizer(args.model_name_or_path)
-            policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
-        results, splits = {}, {}
-        for split, rows in (("train", train_rows), ("test", eval_rows)):
-            rows = rows[:args.max_steps or len(rows)]
-            if policy is not None:  # prompts to sample from: those over max_prompt_length are dropped (counted)
-                prompt_ids, kept = common.encode_prompts(tok, rows, args.max_prompt_length, split)
-                rows = [rows[i] for i in kept]
-            prompts = [r["prompt"] for r in rows]
-            if policy is None:  # given pairs: label them as they are
-                firsts, seconds = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
-            else:  # prompts only: two samples from the policy per prompt
-                firsts, seconds = [], []
-                for i in tqdm(range(0, len(prompts), 64), desc=f"sampling {split}", mininterval=5):
-                    a, b = sample_pairs(policy, tok, prompt_ids[i:i + 64], args, device, autocast)
-                    firsts += tok.batch_decode(a, skip_special_tokens=True)
-                    seconds += tok.batch_decode(b, skip_special_tokens=True)
-            p, flipped, skipped = label([text_of(x) for x in prompts], [text_of(x) for x in firsts],
-                                        [text_of(x) for x in seconds])
-            metrics = labeller_metrics(p, flipped, skipped)
-            if policy is None:  # agreement with the labels the data came with (chosen was preferred)
-                metrics["label_agreement"] = labeller_metrics(p, flipped, skipped, torch.ones(len(p)))["agreement"]
-            if args.gold_eval:
-                gold = gold_first_better([text_of(x) for x in firsts], [text_of(x) for x in seconds])
-                metrics["gold_agreement"] = labeller_metrics(p, flipped, skipped, gold)["agreement"]
-            results.update({f"{split}_{k}": v for k, v in metrics.items()})
-            # chosen = the labeller's pick; label = its probability that chosen is better (>= 0.5)
-            splits[split] = [{"prompt": q, "chosen": a if pa >= 0.5 else b, "rejected": b if pa >= 0.5 else a,
-                              "label": round(max(pa, 1 - pa), 4)}
-                             for q, a, b, pa, s in zip(prompts, firsts, seconds, p.tolist(), skipped.tolist()) if not s]
-            if not splits[split]:
-                common.fail(f"{split}: every labeller question is over judge_max_length {args.judge_max_length} tokens: nothing labelled")
-        print(json.dumps(results, indent=2))
+    plumbing.write_atomic(args.output_dir, "rlaif.py", args, write)
+    print(f"saved {args.output_dir}: {len(splits['train'])} train / {len(splits['test'])} test labelled pairs")
 
-        def write(tmp):
-            for split, rows in splits.items():
-                common.write_jsonl(os.path.join(tmp, f"{split}.jsonl"), rows)
-            with open(os.path.join(tmp, "labelling.json"), "w") as f:
-                json.dump(results, f, indent=2)
 
-        common.save_atomic(args.output_dir, "rlaif.py", args, write)
-        print(f"saved {args.output_dir}: {len(splits['train'])} train / {len(splits['test'])} test labelled pairs")
-        raise SystemExit
-
-    # ============================ online mode: OAIF ====================================================
-    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
+# ---- ALGO LOGIC: online mode, OAIF -----------------------------------------------------------------------
+def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
+    """Online AI feedback: two fresh samples per prompt, the labeller's pick, one DPO-family step a batch."""
+    # ---- TRY NOT TO MODIFY: data and models ----
+    log, history = plumbing.start_tracking(args, "rlaif_online")
+    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [text_of(train_rows[i]["prompt"]) for i in kept]
-    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:args.num_eval_prompts],
-                                            args.max_prompt_length, "eval")
-    policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    ref_policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)
+    num_eval = max(args.num_eval_prompts, args.num_periodic_eval_prompts)
+    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:num_eval], args.max_prompt_length, "eval")
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)
     ref_policy.requires_grad_(False)
     for model in (policy, ref_policy):
         model.eval()  # dropout off: the log-probs of the update are those of the policy that sampled
     forward_policy = torch.compile(policy) if use_compile else policy
-    num_updates = args.total_prompts // args.batch_size
+    num_steps = args.total_episodes // args.batch_size
     if args.max_steps is not None:
-        num_updates = min(num_updates, args.max_steps)
-    if num_updates == 0 or len(prompts) < args.batch_size:
-        common.fail(f"total_prompts {args.total_prompts} / {len(prompts)} prompts give no batch of {args.batch_size}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    print(f"online AI feedback: {num_updates} updates of {args.batch_size} prompts x 2 samples, "
-          f"{len(principles)} principles, labeller {args.judge_model_name_or_path}")
+        num_steps = min(num_steps, args.max_steps)
+    if num_steps == 0 or len(prompts) < args.batch_size:
+        plumbing.fail(f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
+    print(f"online AI feedback: {num_steps} steps of {args.batch_size} prompts x 2 samples, "
+          f"labeller {args.judge_model_name_or_path}")  # fmt: skip
 
     def evaluate(n):
-        return common.evaluate(policy, tok, eval_prompts[:n], args.max_new_tokens, args.temperature, 64, autocast,
-                               ref=ref_policy, gold=args.gold_eval)
+        return common.evaluate(policy, tok, eval_prompts[:n], args.max_new_tokens, args.eval_temperature,
+                               args.eval_batch_size, autocast, ref=ref_policy, gold_scorer=gold_scorer)  # fmt: skip
 
-    order, curve, labeller_stats, first_update, elapsed = [], [], [], 1, 0.0
+    order, curve, labeller_stats, first_step, elapsed = [], [], [], 1, 0.0
     data_rng = np.random.default_rng(args.seed)
     if args.resume:
-        state = common.load_checkpoint(args.output_dir, {"policy": policy}, optimizer, None)
-        order, curve, labeller_stats, elapsed, history[:] = (state[k] for k in ("order", "curve", "labeller_stats", "elapsed", "history"))
-        first_update = state["step"] + 1
+        state = plumbing.load_checkpoint(args.output_dir, {"policy": policy}, optimizer, None)
+        order, curve, labeller_stats = state["order"], state["curve"], state["labeller_stats"]
+        elapsed, history[:], first_step = state["elapsed"], state["history"], state["step"] + 1
         data_rng.bit_generator.state = state["numpy_rng"]
         rng.setstate(state["principle_rng"])
     start = time.time() - elapsed
-    progress = tqdm(total=num_updates, initial=first_update - 1, desc="rlaif", mininterval=5)
-    for update in range(first_update, num_updates + 1):
-        optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (update - 1) / num_updates)
+    progress = tqdm(total=num_steps, initial=first_step - 1, desc="rlaif", mininterval=5)
+    for step in range(first_step, num_steps + 1):
+        optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)
         if len(order) < args.batch_size:
             order = [int(i) for i in data_rng.permutation(len(prompts))]
         idx = [order.pop() for _ in range(args.batch_size)]
         batch = [prompts[i] for i in idx]
 
-        # -- two fresh samples per prompt from the current policy, judged by the labeller
+        # 1. two fresh samples per prompt from the current policy
         firsts, seconds = sample_pairs(policy, tok, batch, args, device, autocast)
-        first_texts = tok.batch_decode(firsts, skip_special_tokens=True)
-        second_texts = tok.batch_decode(seconds, skip_special_tokens=True)
-        p, flipped, skipped = label_pairs(judge, judge_tok, [prompt_texts[i] for i in idx], first_texts, second_texts,
-                                          principles, rng, args, device, autocast)
-        gold = gold_first_better(first_texts, second_texts) if args.gold_eval else None
+        texts = [[prompt_texts[i] for i in idx], tok.batch_decode(firsts, skip_special_tokens=True),
+                 tok.batch_decode(seconds, skip_special_tokens=True)]  # fmt: skip
+        # 2. the labeller's debiased preference, one principle per pair
+        p, flipped, skipped = label(*texts)
+        gold = gold_first_better(gold_scorer, *texts) if gold_scorer is not None else None
         labeller_stats.append(labeller_metrics(p, flipped, skipped, gold))
         keep = [i for i in range(len(batch)) if not skipped[i]]
         if not keep:
-            common.fail(f"update {update}: every labeller question is over judge_max_length {args.judge_max_length} tokens: "
-                        "nothing to learn from")
+            plumbing.fail(f"step {step}: every labeller question is over judge_max_length {args.judge_max_length} "
+                          "tokens: nothing to learn from")  # fmt: skip
         chosen = [firsts[i] if p[i] >= 0.5 else seconds[i] for i in keep]
         rejected = [seconds[i] if p[i] >= 0.5 else firsts[i] for i in keep]
         pair_prompts = [batch[i] for i in keep]
 
-        # -- one DPO-family step on the labelled pairs, against the frozen SFT reference
+        # 3. one DPO-family step on the labelled pairs, against the frozen SFT reference
         losses_sum, margins = 0.0, []
         for m in range(0, len(keep), args.micro_batch_size):
             sl = slice(m, m + args.micro_batch_size)
-            both_prompts = pair_prompts[sl] * 2
-            both = chosen[sl] + rejected[sl]
+            both_prompts, both = pair_prompts[sl] * 2, chosen[sl] + rejected[sl]
             with torch.inference_mode(), autocast:
-                ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0].float()
+                ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0]
             with autocast:
                 logps, lengths = common.completion_logps(forward_policy, both_prompts, both, tok.pad_token_id, device)
-            losses, h = dpo_losses(logps.float(), ref_logps, lengths, len(chosen[sl]), args.loss_type, args.beta)
+            losses, h = dpo_losses(logps.float(), ref_logps.float(), lengths, len(chosen[sl]), args.loss_type, args.beta)
             (losses.sum() / len(keep)).backward()
             losses_sum = losses_sum + losses.detach().sum()  # a tensor: no host sync per micro-batch
             margins.append(args.beta * h.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        if common.finite_or_stop(grad_norm + losses_sum, "loss", update, args.skip_nonfinite):
+        if plumbing.finite_or_stop(grad_norm + losses_sum, "loss", step, args.skip_nonfinite):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if update % 4 == 0 or update == num_updates:
-            recent = {k: float(np.mean([s[k] for s in labeller_stats[-4:]])) for k in labeller_stats[-1]}
-            metrics = {"train/loss": float(losses_sum) / max(1, len(keep)), "rewards/margins": float(torch.cat(margins).mean()),
-                       "rewards/accuracies": float((torch.cat(margins) > 0).float().mean()),
-                       "lr": optimizer.param_groups[0]["lr"], **{f"labeller/{k}": v for k, v in recent.items()}}
-            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", agree=f"{recent.get('agreement', float('nan')):.2f}")
-            log(metrics, update)
-        if update % args.eval_every == 0 and update < num_updates:
-            metrics, _ = evaluate(args.num_eval_prompts // 4)
-            curve.append({"update": update, **metrics})
-            tqdm.write(f"update {update}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            log({f"eval/{k}": v for k, v in metrics.items()}, update)
-        if args.save_every and update % args.save_every == 0 and update < num_updates:
-            common.save_checkpoint(args.output_dir, "rlaif.py", args, {"policy": policy}, optimizer, None,
-                                   {"step": update, "order": order, "curve": curve, "labeller_stats": labeller_stats,
-                                    "numpy_rng": data_rng.bit_generator.state, "principle_rng": rng.getstate(),
-                                    "history": history, "elapsed": time.time() - start})
+        # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ----
+        if step % args.log_every == 0 or step == num_steps:
+            recent = {k.removeprefix("labeller_"): float(np.mean([s[k] for s in labeller_stats[-args.log_every :]]))
+                      for k in labeller_stats[-1]}  # fmt: skip
+            margins = torch.cat(margins)
+            metrics = {"train/loss": float(losses_sum) / len(keep), "rewards/margins": float(margins.mean()),
+                       "rewards/accuracies": float((margins > 0).float().mean()), "train/grad_norm": float(grad_norm),
+                       "train/lr": optimizer.param_groups[0]["lr"], **{f"labeller/{k}": v for k, v in recent.items()}}  # fmt: skip
+            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", agree=f"{recent.get('agreement', np.nan):.2f}")
+            log(metrics, step)
+        if step % args.eval_every == 0 and step < num_steps:
+            metrics, _ = evaluate(args.num_periodic_eval_prompts)
+            curve.append({"step": step, "episodes": step * args.batch_size, **metrics})
+            tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        if args.save_every and step % args.save_every == 0 and step < num_steps:
+            state = {"step": step, "order": order, "curve": curve, "labeller_stats": labeller_stats,
+                     "numpy_rng": data_rng.bit_generator.state, "principle_rng": rng.getstate(),
+                     "history": history, "elapsed": time.time() - start}  # fmt: skip
+            plumbing.save_checkpoint(args.output_dir, "rlaif.py", args, {"policy": policy}, optimizer, None, state)
         progress.update()
     progress.close()
     train_seconds = time.time() - start
 
-    # ---- evaluation ---------------------------------------------------------------------------------
+    # ---- 4. evaluation against the reference, with the labeller's figures over the whole run ----
     metrics, samples = evaluate(args.num_eval_prompts)
-    curve.append({"update": num_updates, **metrics})
-    labeller = {f"labeller_{k.removeprefix('labeller_')}": float(np.mean([s[k] for s in labeller_stats]))
-                for k in labeller_stats[0]}
-    if "labeller_agreement" in labeller:
-        labeller["labeller_gold_agreement"] = labeller.pop("labeller_agreement")
-    results = {**metrics, **labeller, "updates": num_updates, "train_seconds": round(train_seconds, 1)}
+    episodes = num_steps * args.batch_size
+    curve.append({"step": num_steps, "episodes": episodes, **metrics})
+    labeller = {k: float(np.mean([s[k] for s in labeller_stats])) for k in labeller_stats[0]}
+    if "agreement" in labeller:
+        labeller["labeller_gold_agreement"] = labeller.pop("agreement")
+    results = {**metrics, **labeller, "steps": num_steps, "episodes": episodes, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))
-    log({f"eval/{k}": v for k, v in results.items()}, num_updates)
+    log({f"eval/{k}": v for k, v in results.items()}, num_steps)
 
-    # ---- saving -------------------------------------------------------------------------------------
+    # ---- TRY NOT TO MODIFY: saving ----
     def write(tmp):
         policy.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
-            common.write_jsonl(os.path.join(tmp, name), rows)
-        with open(os.path.join(tmp, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+            plumbing.write_jsonl(os.path.join(tmp, name), rows)
+        plumbing.write_json(os.path.join(tmp, "eval.json"), results)
 
-    common.save_atomic(args.output_dir, "rlaif.py", args, write)
+    plumbing.write_atomic(args.output_dir, "rlaif.py", args, write)
     print(f"saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    # ---- TRY NOT TO MODIFY: arguments, seeding, device, the labeller ----------------------------------
+    args = tyro.cli(Args, use_underscores=True)
+    plumbing.check_positive(args, "total_episodes", "max_steps", "batch_size", "micro_batch_size", "beta",
+                            "response_length", "rollout_temperature", "max_prompt_length", "judge_max_length",
+                            "judge_batch_size", "max_label_rows", "eval_every", "num_periodic_eval_prompts",
+                            "num_eval_prompts", "max_new_tokens", "eval_temperature", "eval_batch_size",
+                            "log_every")  # fmt: skip
+    plumbing.seed_everything(args.seed)
+    plumbing.check_output_dir(args, "rlaif.py")
+    gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
+    rng = random.Random(args.seed)  # the principle of each comparison
+    principles = load_constitution(args.constitution)
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
+    judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, frozen_dtype)
+    judge.eval().requires_grad_(False)
+
+    def label(prompts, firsts, seconds):
+        """The labeller's debiased p(first better), flips and skips for text pairs (details 20-22)."""
+        return label_pairs(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
+
+    if args.mode == "label":
+        label_dataset(args, label, gold_scorer, device, autocast)
+    else:
+        train_online(args, label, rng, gold_scorer, device, autocast, use_compile)

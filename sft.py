@@ -4,12 +4,13 @@
     python sft.py --model_name_or_path EleutherAI/pythia-1b-deduped \\
         --dataset_name trl-lib/tldr --learning_rate 3e-6 --output_dir runs/sft_tldr
 
-Data: {"prompt", "completion"} (text or chat messages), {"messages"} (the last message is the
-completion) or {"text"} (loss on every token). The loss is the mean negative log-likelihood of the
-completion tokens only, with EOS appended so the model learns to stop (GUIDE details 1-3).
-Writes a `save_pretrained` model + tokenizer to --output_dir, and eval.json with eval_loss, eos_rate
-and, on the offline world, gold_score.
+Data: {"prompt", "completion"} (text or chat messages), {"messages"} (the last message is the completion) or
+{"text"} (loss on every token). The loss is the mean negative log-likelihood of the completion tokens only,
+with EOS appended so the model learns to stop (docs/implementation_details.md, details 1-3; the steps below
+are numbered as its "sft.py" list). Writes a `save_pretrained` model + tokenizer to --output_dir, with
+eval.json (held-out loss, EOS rate and, given a gold scorer, gold_score).
 """
+
 import json
 import math
 import os
@@ -23,46 +24,64 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
-    model_name_or_path: str = "data/world/base"
-    """hub id or local directory; a directory with a config but no weights is initialised at random"""
-    dataset_name: str = "data/world/sft"
-    """hub id, local directory or .json/.jsonl file with prompt/completion, messages or text columns"""
-    output_dir: str = "runs/sft"
-    """where the trained model, tokenizer and eval.json are written (atomically)"""
-    seed: int = 1
-    """seed of initialisation, data order and sampling"""
+    # ---- algorithm ----
+    learning_rate: float = 2e-3
+    """peak AdamW learning rate (the world trains from scratch; use ~1e-5 to fine-tune a real model)"""
     num_epochs: float = 2.0
     """passes over the training data"""
     max_steps: int | None = None
-    """stop after this many optimizer steps (a cap for quick runs; the schedule follows it)"""
-    learning_rate: float = 2e-3
-    """peak AdamW learning rate (the world trains from scratch; use ~1e-5 to fine-tune a real model)"""
+    """stop after this many steps (a cap for quick runs; the schedule follows it)"""
+    batch_size: int = 32
+    """sequences per step (one optimizer step)"""
+    micro_batch_size: int = 32
+    """sequences per forward/backward pass; batch_size / micro_batch_size passes of gradient accumulation"""
     warmup_steps: int = 30
-    """linear warmup steps (at most a tenth of all steps), then cosine decay to 0"""
+    """linear warmup steps, then cosine decay to 0"""
+    max_warmup_fraction: float = 0.1
+    """the warmup takes at most this share of all steps (short runs)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (0.95: the usual choice when training from scratch, as in nanoGPT)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    batch_size: int = 32
-    """sequences per optimizer step"""
-    micro_batch_size: int = 32
-    """sequences per forward pass; batch_size / micro_batch_size steps of gradient accumulation"""
+    # ---- data ----
+    model_name_or_path: str = "data/world/base"
+    """hub id or local directory; a directory with a config but no weights is initialised at random"""
+    dataset_name: str = "data/world/sft"
+    """hub id, local directory or .json/.jsonl file with prompt/completion, messages or text columns"""
     max_length: int = 256
     """longest prompt + completion in tokens: longer completions are cut, too-long prompts dropped (counted)"""
+    # ---- evaluation ----
     eval_every: int = 200
-    """steps between evaluations of the held-out loss and sample generations"""
-    num_eval_samples: int = 256
-    """held-out prompts sampled at the end for eos_rate and gold_score"""
+    """steps between evaluations (held-out loss and samples)"""
+    num_periodic_eval_prompts: int = 64
+    """held-out prompts sampled at the evaluations during training"""
+    num_eval_prompts: int = 256
+    """held-out prompts sampled at the end"""
     max_new_tokens: int = 64
-    """longest sampled completion"""
-    temperature: float = 1.0
-    """sampling temperature of the evaluation samples"""
-    gold_eval: bool = True
-    """score samples with the offline world's gold rater (data/gold.py); turn off for other tasks"""
+    """longest evaluation sample in tokens"""
+    eval_temperature: float = 1.0
+    """sampling temperature of the evaluation samples (1: the distribution the model learnt)"""
+    eval_batch_size: int = 64
+    """prompts sampled at once in evaluation"""
+    gold_scorer: str | None = "data.gold:score"
+    """the task's true score of samples, "module:function" taking (prompts, responses) and returning one score
+    each; the offline world's gold rater by default; None turns it off"""
+    log_every: int = 20
+    """steps between logged training metrics"""
+    # ---- run ----
+    output_dir: str = "runs/sft"
+    """where the trained model, tokenizer and eval.json are written (atomically)"""
+    seed: int = 1
+    """seed of initialisation, data order and sampling"""
     save_every: int = 0
     """write a checkpoint (model, optimizer, scheduler, RNG, data position) every this many steps; 0: never"""
     resume: bool = False
@@ -80,8 +99,8 @@ class Args:
 
 
 def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
-    """(prompt_ids, completion_ids) per row. Rows whose prompt leaves no room for a completion are dropped,
-    over-long completions are cut (losing their EOS); both are counted and said."""
+    """(prompt_ids, completion_ids) per row (step 1). Rows whose prompt leaves no room for a completion are
+    dropped, over-long completions are cut (losing their EOS); both are counted."""
     out, dropped, cut = [], 0, 0
     for row in rows:
         p, c = common.encode_demonstration(tok, row, fmt)
@@ -92,24 +111,28 @@ def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
             c, cut = c[: max_length - len(p)], cut + 1
         out.append((p, c))
     if dropped or cut:
-        print(f"note: {split}: {dropped} rows dropped (prompt >= max_length {max_length}), {cut} completions cut to fit")
+        print(f"note: {split}: {dropped} rows dropped (prompt >= max_length {max_length}), {cut} completions cut")
     if not out:
-        common.fail(f"no {split} row fits in max_length {max_length}")
+        plumbing.fail(f"no {split} row fits in max_length {max_length}")
     return out
 
 
 if __name__ == "__main__":
+    # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    common.check_args(args)
-    common.seed_everything(args.seed)
-    common.check_output_dir(args, "sft.py")
-    device, autocast, use_compile = common.device_and_autocast(args.bf16, args.compile)
-    run_name, log, history = common.start_tracking(args, "sft")
+    plumbing.check_positive(args, "num_epochs", "max_steps", "batch_size", "micro_batch_size",
+                            "max_length", "eval_every", "num_periodic_eval_prompts", "num_eval_prompts",
+                            "max_new_tokens", "eval_temperature", "eval_batch_size", "log_every")  # fmt: skip
+    plumbing.seed_everything(args.seed)
+    plumbing.check_output_dir(args, "sft.py")
+    gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile)
+    log, history = plumbing.start_tracking(args, "sft")
 
-    # ---- data and model --------------------------------------------------------------------------
+    # ---- TRY NOT TO MODIFY: data and model ------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
-    train_rows, eval_rows, fmt = common.load_splits(
-        args.dataset_name, [["prompt", "completion"], ["messages"], ["text"]], seed=args.seed)
+    columns = [["prompt", "completion"], ["messages"], ["text"]]
+    train_rows, eval_rows, fmt = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
     train = tokenize(tok, train_rows, fmt, args.max_length)
     evals = tokenize(tok, eval_rows, fmt, args.max_length, "eval")
     path = args.model_name_or_path
@@ -120,29 +143,33 @@ if __name__ == "__main__":
         model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
         model = model.to(device)
     else:
-        model = common.load_model(AutoModelForCausalLM, path, tok, device)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"data: {len(train)} train / {len(evals)} eval rows ({fmt})")
+        model = plumbing.load_model(AutoModelForCausalLM, path, tok, device)
+    print(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"data: {len(train)} train / {len(evals)} eval rows ({fmt})"
+    )
     forward_model = torch.compile(model) if use_compile else model  # sampling uses the eager model
 
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
-        common.fail(f"{len(train)} training rows is fewer than one batch of {args.batch_size}")
+        plumbing.fail(f"{len(train)} training rows is fewer than one batch of {args.batch_size}")
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-5, fused=True,
-                                  weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps // 10), total_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
+    warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
     def eval_loss():
+        """The held-out loss: mean NLL per completion token."""
         model.eval()
         total, count = 0.0, 0
         for i in range(0, len(evals), args.micro_batch_size):
-            batch = evals[i:i + args.micro_batch_size]
+            prompts, completions = zip(*evals[i : i + args.micro_batch_size])
             with autocast:
-                logps, n = common.completion_logps(forward_model, *zip(*batch), tok.pad_token_id, device)
+                logps, n = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)
             total, count = total - logps.sum().item(), count + int(n.sum())
         model.train()
         return total / count
@@ -150,79 +177,82 @@ if __name__ == "__main__":
     def generate_samples(n):
         model.eval()
         prompts = [p or c[:8] for p, c in evals[:n]]  # {"text"} rows have no prompt: start from their first tokens
-        metrics, samples = common.evaluate(model, tok, prompts, args.max_new_tokens,
-                                           args.temperature, 64, autocast, gold=args.gold_eval)
+        metrics, samples = common.evaluate(model, tok, prompts, args.max_new_tokens, args.eval_temperature,
+                                           args.eval_batch_size, autocast, gold_scorer=gold_scorer)  # fmt: skip
         model.train()
         return metrics, samples
 
-    # ---- training ---------------------------------------------------------------------------------
+    # ---- ALGO LOGIC: training ------------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
     lengths = [len(p) + len(c) for p, c in train]
     batches, step, elapsed = [], 0, 0.0
     if args.resume:
-        state = common.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
+        state = plumbing.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
         step, batches, elapsed, history[:] = state["step"], state["batches"], state["elapsed"], state["history"]
         rng.bit_generator.state = state["numpy_rng"]
     start = time.time() - elapsed
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc="sft", mininterval=5)
     while step < total_steps:
-        if not batches:  # a new epoch: shuffled batches of similar lengths (less padding)
-            batches = [[int(i) for i in b] for b in common.length_grouped_batches(lengths, args.batch_size, rng)
-                       if len(b) == args.batch_size]
+        # 2. a new epoch: shuffled batches of similar lengths (less padding), right-padded in completion_logps
+        if not batches:
+            grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
+            batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
-        # loss = mean NLL over every predicted completion token of the step; a row with no prompt ({"text"}
+        # 3. loss = mean NLL over every predicted completion token of the step; a row with no prompt ({"text"}
         # without BOS) cannot predict its first token
         n_tokens = sum(len(c) - (not p) for p, c in batch)
         loss_sum = 0.0
         for m in range(0, len(batch), args.micro_batch_size):
-            micro = batch[m:m + args.micro_batch_size]
+            prompts, completions = zip(*batch[m : m + args.micro_batch_size])
             with autocast:
-                loss = -common.completion_logps(forward_model, *zip(*micro), tok.pad_token_id, device)[0].sum() / n_tokens
+                logps = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)[0]
+                loss = -logps.sum() / n_tokens
             loss.backward()
             loss_sum += loss.detach()
         step += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if common.finite_or_stop(loss_sum + grad_norm, "loss", step, args.skip_nonfinite):
+        if plumbing.finite_or_stop(loss_sum + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update()
-        if step % 20 == 0 or step == total_steps:
+
+        # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
+        if step % args.log_every == 0 or step == total_steps:
             metrics = {"train/loss": float(loss_sum), "train/grad_norm": float(grad_norm),
-                       "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch}
+                       "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch}  # fmt: skip
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
             loss_value = eval_loss()
-            metrics, samples = generate_samples(64)
-            tqdm.write(f"step {step}: eval_loss {loss_value:.4f} eos_rate {metrics['eos_rate']:.2f}"
-                       + "".join(f"\n  {s['prompt']} ->{s['response']}" for s in samples[:2]))
+            metrics, samples = generate_samples(args.num_periodic_eval_prompts)
+            shown = "".join(f"\n  {s['prompt']} ->{s['response']}" for s in samples[:2])
+            tqdm.write(f"step {step}: eval loss {loss_value:.4f} eos_rate {metrics['eos_rate']:.2f}{shown}")
             log({"eval/loss": loss_value, **{f"eval/{k}": v for k, v in metrics.items()}}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            common.save_checkpoint(args.output_dir, "sft.py", args, {"model": model}, optimizer, scheduler,
-                                   {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
-                                    "elapsed": time.time() - start, "history": history})
+            state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
+                     "elapsed": time.time() - start, "history": history}  # fmt: skip
+            plumbing.save_checkpoint(args.output_dir, "sft.py", args, {"model": model}, optimizer, scheduler, state)
     progress.close()
     train_seconds = time.time() - start
 
-    # ---- evaluation -------------------------------------------------------------------------------
-    results = {"eval_loss": eval_loss()}
-    metrics, samples = generate_samples(args.num_eval_samples)
+    # ---- 4. evaluation: the held-out loss, and samples of held-out prompts ------------------------------
+    results = {"loss": eval_loss()}
+    metrics, samples = generate_samples(args.num_eval_prompts)
     results.update(metrics, steps=step, train_seconds=round(train_seconds, 1))
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))
     log({f"eval/{k}": v for k, v in results.items()}, step)
 
-    # ---- saving -----------------------------------------------------------------------------------
+    # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
     def write(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        common.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)
-        common.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
+        plumbing.write_json(os.path.join(tmp, "eval.json"), results)
+        plumbing.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)
+        plumbing.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
 
-    common.save_atomic(args.output_dir, "sft.py", args, write)
+    plumbing.write_atomic(args.output_dir, "sft.py", args, write)
     print(f"saved {args.output_dir}")

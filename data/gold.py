@@ -38,3 +38,9 @@ def sentiment(text: str) -> float:
 def gold_score(text: str) -> float:
     """Gold rating of one completion (the text after the prompt): higher is better."""
     return sentiment(text) - REPETITION_COEF * repetition(text)
+
+
+def score(prompts: list[str], responses: list[str]) -> list[float]:
+    """The scripts' --gold_scorer interface (data.gold:score): one gold rating per response; the world's rater
+    does not read the prompt."""
+    return [gold_score(r) for r in responses]

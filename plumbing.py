@@ -1,0 +1,331 @@
+"""Run plumbing that every script shares and no algorithm depends on: a reader can skip this file.
+
+One-line errors, argument checks, data and model loading, device and precision, checkpoints and resume,
+atomic saves, tracking. The language-model helpers the algorithms use are in common.py.
+"""
+
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+CHECKPOINT = "checkpoint"
+RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "skip_nonfinite", "track", "wandb_project")
+"""arguments a resumed run may set differently; any other change would make it another run"""
+
+
+# ---- one-line errors and argument checks -------------------------------------------------------------
+def fail(message: str):
+    """A user's mistake ends the run with one line naming it, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def describe(e: Exception) -> str:
+    """An exception in one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def check_positive(args, *names: str):
+    """One line naming the first of these arguments that is not above 0, before anything is loaded."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            fail(f"--{name} must be greater than 0, got {value}")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_function(spec: str | None, what: str):
+    """The function a "module:function" argument names (e.g. the offline world's "data.gold:score"), or None."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        fail(f"--{what} {spec!r} names no function (module:function): {describe(e)}")
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def is_local(name: str) -> bool:
+    """A name that exists, or is written like a path, is local; anything else is a hub id."""
+    first = name.split("/")[0]
+    return (
+        os.path.exists(name)
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or name.endswith(DATA_EXTENSIONS)
+        or (first != name and os.path.isdir(first))
+    )
+
+
+def read_json_rows(path: str) -> list[dict]:
+    """The rows of a .jsonl file (one object per line) or a .json file (a list of objects, or lines)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    rows = None
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSON Lines under a .json name, as `datasets` also reads them
+    if rows is None:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                fail(f"dataset {path!r}, line {n}: not JSON ({e.msg})")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        fail(f"dataset {path!r} must hold one JSON object per row")
+    return rows
+
+
+def json_splits(name: str):
+    """{split: rows} of a .json/.jsonl file (all "train") or a directory of train/test/validation .json(l) files,
+    read with the json module (importing `datasets`, with pyarrow and pandas, costs ~90 MB); else None."""
+    if os.path.isfile(name):
+        return {"train": read_json_rows(name)} if name.endswith((".json", ".jsonl")) else None
+    if not os.path.isdir(name):
+        return None
+    files = [f for f in os.listdir(name) if not f.startswith(".") and f != "README.md"]
+    splits = {os.path.splitext(f)[0]: f for f in files if f.endswith((".json", ".jsonl"))}
+    if not files or len(splits) < len(files) or not set(splits) <= {"train", "test", "validation"}:
+        return None
+    return {split: read_json_rows(os.path.join(name, f)) for split, f in splits.items()}
+
+
+def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
+    """(train rows, eval rows, column set) of a hub dataset, a local directory or a .json/.jsonl file.
+
+    `columns` lists the accepted column sets; the first one the data has is returned. The eval split is "test"
+    or "validation" when there is one, else a seeded `eval_fraction` of train (the rows `datasets`'
+    train_test_split would hold out)."""
+    if is_local(name) and not os.path.exists(name):
+        fail(f"dataset {name!r} does not exist")
+    if os.path.isfile(name) and os.path.getsize(name) == 0:
+        fail(f"dataset {name!r} is empty")
+    splits = json_splits(name)
+    if splits is None:
+        from datasets import load_dataset
+
+        try:
+            ext = os.path.splitext(name)[1].lstrip(".")
+            ds = load_dataset({"txt": "text"}.get(ext, ext), data_files=name) if os.path.isfile(name) else load_dataset(name)
+        except Exception as e:  # the datasets library raises many types; the first line says what went wrong
+            where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
+            fail(f"could not load dataset {name!r}{where}: {describe(e)}")
+        splits = {split: ds[split].to_list() for split in ds}
+    if "train" not in splits:
+        fail(f"dataset {name!r} has no 'train' split (it has {list(splits)})")
+    train = splits["train"]
+    if not train:
+        fail(f"dataset {name!r} is empty")
+    names = list(dict.fromkeys(k for row in train for k in row))
+    found = next((c for c in columns if set(c) <= set(names)), None)
+    if found is None:
+        expected = " or ".join("{" + ", ".join(c) + "}" for c in columns)
+        fail(f"dataset {name!r} has columns {names}; expected one of {expected}")
+    eval_name = next((s for s in ("test", "validation") if splits.get(s)), None)
+    for split in filter(None, ("train", eval_name)):  # a row without a column of the set
+        missing = next(((i, c) for i, row in enumerate(splits[split]) for c in found if row.get(c) is None), None)
+        if missing:
+            fail(f"dataset {name!r}: row {missing[0]} of {split} has no {missing[1]!r}")
+    if eval_name:
+        return train, splits[eval_name], found
+    if len(train) < 2:
+        fail(f"dataset {name!r} has {len(train)} row and no test split: nothing to hold out")
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_eval = math.ceil(eval_fraction * len(train))
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], found
+
+
+# ---- models, device, precision -----------------------------------------------------------------------
+def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head: bool = False, **kwargs):
+    """A transformers model whose embeddings fit the tokenizer (a pad token may have been added). Weights come
+    from safetensors only, and no code from the hub runs. The checkpoint must have the head `cls` asks for
+    (a causal LM, a sequence classifier), unless `new_head` allows a fresh one."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(name).architectures or []
+        kind = "ForCausalLM" if "CausalLM" in cls.__name__ else "ForSequenceClassification"
+        if architectures and not new_head and not any(a.endswith(kind) for a in architectures):
+            fail(f"{name!r} holds a {architectures[0]}, not a model ending in {kind}")
+        if device.type == "cpu" and torch.backends.mkldnn.matmul.fp32_precision == "bf16":
+            kwargs.setdefault("attn_implementation", "eager")  # with oneDNN matmuls, faster than SDPA's CPU kernel
+        model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        fail(f"could not load {cls.__name__} from {name!r}: {describe(e)}")
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(device)
+
+
+def device_and_autocast(bf16: bool = True, compile: bool = True, kernel_cache: int = 16):
+    """(device, autocast context, compile?): bf16 autocast and torch.compile on CUDA; fp32 without compile on
+    the CPU, where bf16 is emulated on most processors. `kernel_cache`: see use_onednn_fp32_matmul."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(), compile
+    onednn = use_onednn_fp32_matmul(kernel_cache)
+    print("note: no CUDA device: training in fp32 without torch.compile on the CPU" + " (matmuls by oneDNN)" * onednn)
+    return torch.device("cpu"), nullcontext(), False
+
+
+def use_onednn_fp32_matmul(kernel_cache: int) -> bool:
+    """Send fp32 matmuls to oneDNN instead of MKL where oneDNN still computes them in fp32 (no AMX).
+
+    MKL's fp32 GEMM runs at about half speed on some AMD CPUs (benchmarks/README.md). torch routes fp32 matmuls
+    to oneDNN only when they may use bf16 inside; a CPU without bf16 matrix units still computes in fp32, which
+    a product that bf16 would round (1 + 2^-10) checks: where it is not exact, MKL keeps the work. oneDNN
+    caches a kernel per matmul shape; `kernel_cache` entries suit a training step (scripts that also sample
+    keep more), and pad() rounds widths to multiples of 8 so that few shapes recur."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernel_cache))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", "4")
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    x = torch.full((64, 64), 1 + 2**-10)
+    if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # bf16 gives 64.0, fp32 64.125
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+    return torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
+# ---- outputs, checkpoints, logs ------------------------------------------------------------------------
+def write_run_info(directory: str, script: str, args):
+    with open(os.path.join(directory, "run.json"), "w") as f:
+        json.dump({"script": script, "args": vars(args)}, f, indent=2, default=str)
+
+
+def check_output_dir(args, script: str):
+    """Refuse, before any training, to overwrite a directory holding anything but a run of this script;
+    with --resume, require its checkpoint, written with the same arguments."""
+    output_dir = args.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        fail(f"--output_dir {output_dir!r} is a file")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        infos = [os.path.join(output_dir, "run.json"), os.path.join(output_dir, CHECKPOINT, "run.json")]
+        previous = next((json.load(open(i)).get("script") for i in infos if os.path.isfile(i)), None)
+        if previous != script:
+            what = f"the output of {previous}" if previous else "files that no run of this project wrote"
+            fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
+    if args.resume:
+        if not os.path.isfile(os.path.join(output_dir, CHECKPOINT, "state.pt")):
+            fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
+        saved = json.load(open(os.path.join(output_dir, CHECKPOINT, "run.json")))["args"]
+        now = json.loads(json.dumps(vars(args), default=str))  # as run.json holds them
+        changed = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+        if changed:
+            fail(f"--resume with other arguments than the checkpoint's run: {', '.join(changed)}")
+
+
+def write_atomic(target: str, script: str, args, write):
+    """write(tmp_dir) fills a temporary directory, which then takes target's place by renames: a crash leaves
+    the old directory or the new one, never half of one."""
+    target = target.rstrip("/")
+    tmp, old = f"{target}.tmp-{os.getpid()}", f"{target}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    write_run_info(tmp, script, args)
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer, scheduler, state: dict):
+    """All a run needs to continue exactly as if never stopped: weights (safetensors), optimizer, scheduler,
+    the RNGs and the script's own `state` (data position, ...), written atomically to output_dir/checkpoint."""
+    from safetensors.torch import save_model
+
+    def write(tmp):
+        for name, model in models.items():
+            save_model(model, os.path.join(tmp, f"{name}.safetensors"))
+        rngs = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        rngs["cuda_rng"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None, **rngs, **state},
+            os.path.join(tmp, "state.pt"),
+        )
+
+    write_atomic(os.path.join(output_dir, CHECKPOINT), script, args, write)
+
+
+def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict:
+    """Restore what save_checkpoint wrote; returns the script's own state. Tensors only (weights_only=True)."""
+    from safetensors.torch import load_model
+
+    path = os.path.join(output_dir, CHECKPOINT)
+    for name, model in models.items():
+        load_model(model, os.path.join(path, f"{name}.safetensors"))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler_state = state.pop("scheduler")
+    if scheduler is not None:
+        scheduler.load_state_dict(scheduler_state)
+    torch.set_rng_state(state.pop("torch_rng"))
+    random.setstate(state.pop("python_rng"))
+    cuda_rng = state.pop("cuda_rng", None)  # sampling on the GPU draws from its generators
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
+    print(f"resumed from {path} at step {state.get('step')}")
+    return state
+
+
+def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> bool:
+    """True when `value` is finite. Otherwise the run stops with a message naming the step, before anything
+    more is saved (the last checkpoint and output stay intact), or, with skip, the caller skips the batch."""
+    if bool(torch.isfinite(value).all()):
+        return True
+    if skip:
+        print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
+        return False
+    print(file=sys.stderr)  # end the progress bar's line, so the error is a line of its own
+    fail(
+        f"non-finite {what} at step {step}; stopped before saving anything more "
+        "(the last checkpoint and output are intact; --skip_nonfinite skips such batches)"
+    )
+
+
+def start_tracking(args, script: str):
+    """(log, history): log(metrics, step) appends the numbers to history (saved as metrics.jsonl) and sends
+    everything to wandb when --track asks for it (wandb is never contacted otherwise)."""
+    history, wandb = [], None
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, name=f"{script}__{args.seed}__{int(time.time())}", config=vars(args))
+
+    def log(metrics: dict, step: int):
+        history.append({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        if wandb is not None:
+            wandb.log(metrics, step=step)
+
+    return log, history
+
+
+def write_jsonl(path: str, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
