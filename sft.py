@@ -228,7 +228,7 @@ if __name__ == "__main__":
             loss_value = eval_loss()
             metrics, samples = generate_samples(args.num_periodic_eval_prompts)
             shown = "".join(f"\n  {s['prompt']} ->{s['response']}" for s in samples[:2])
-            tqdm.write(f"step {step}: eval loss {loss_value:.4f} eos_rate {metrics['eos_rate']:.2f}{shown}")
+            tqdm.write(f"step {step}: eval/loss {loss_value:.4f} eval/eos_rate {metrics['eos_rate']:.2f}{shown}")
             log({"eval/loss": loss_value, **{f"eval/{k}": v for k, v in metrics.items()}}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,

@@ -14,9 +14,9 @@ sys.path.insert(0, ROOT)
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
-def run(script, *args, ok=True, timeout=600):
+def run(script, *args, ok=True, timeout=600, env=None):
     """Run `python script args` from the repository root; return the CompletedProcess (text)."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=ENV,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env or ENV,
                           capture_output=True, text=True, timeout=timeout)
     if ok and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -49,7 +49,7 @@ def read_jsonl(path):
 def sft_model(tmp_path_factory):
     """The world's SFT policy, trained from scratch for 300 steps (~90 s): the start of every learning test."""
     out = tmp_path_factory.mktemp("chain") / "sft"
-    run("sft.py", "--output_dir", out, "--max_steps", 300, "--eval_every", 1000, "--num_eval_samples", 128)
+    run("sft.py", "--output_dir", out, "--max_steps", 300, "--eval_every", 1000, "--num_eval_prompts", 128)
     return str(out)
 
 
@@ -112,6 +112,6 @@ def online_runs(sft_model, reward_model, tmp_path_factory):
          out / "ppo", "--total_episodes", 16 * 32, "--batch_size", 32, "--micro_batch_size", 32,
          "--learning_rate", 6e-5, "--num_eval_prompts", 256, "--eval_every", 1000),
         ("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", f"{WORLD}/judge_model",
-         "--output_dir", out / "rlaif", "--total_prompts", 32 * 32, "--batch_size", 32, "--micro_batch_size", 32,
+         "--output_dir", out / "rlaif", "--total_episodes", 32 * 32, "--batch_size", 32, "--micro_batch_size", 32,
          "--learning_rate", 2e-4, "--num_eval_prompts", 256, "--eval_every", 1000))
     return {"ppo": str(out / "ppo"), "rlaif": str(out / "rlaif")}

@@ -1,4 +1,4 @@
-"""common.py against plain, independent formulas."""
+"""common.py (and plumbing.py's data loading) against plain, independent formulas."""
 import math
 
 import numpy as np
@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import common
+import plumbing
 from conftest import WORLD
 
 PAD, EOS = 0, 1
@@ -84,41 +85,6 @@ def test_logprobs_in_blocks_match_log_softmax_and_keep_no_fp32_copy(monkeypatch)
         torch.testing.assert_close(common.logprobs_from_logits(logits, tokens), want)
 
 
-def test_entropy_in_blocks_matches_the_definition(monkeypatch):
-    """-sum p log p of softmax(logits / T), per position, in blocks of rows; its gradient through the recompute."""
-    monkeypatch.setattr(common, "LOGITS_PER_BLOCK", 2 * 7 * 50)  # blocks of 2, 2, 1 rows
-    torch.manual_seed(0)
-    logits, weights = torch.randn(5, 7, 50, requires_grad=True), torch.randn(5, 7)
-    for t in (1.0, 0.7):
-        p = torch.softmax(logits.double() / t, -1)
-        want = -(p * p.log()).sum(-1)
-        (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
-        got = common.entropy_from_logits(logits, t)
-        (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
-        torch.testing.assert_close(got, want.float())
-        torch.testing.assert_close(got_grad, want_grad.float())
-        with torch.no_grad():
-            torch.testing.assert_close(common.entropy_from_logits(logits, t), want.float())
-    uniform = torch.zeros(2, 3, 50)  # the maximum, log V
-    torch.testing.assert_close(common.entropy_from_logits(uniform), torch.full((2, 3), math.log(50)))
-
-
-def test_masked_statistics_match_numpy():
-    torch.manual_seed(0)
-    x, mask = torch.randn(4, 9), (torch.rand(4, 9) > 0.4).float()
-    real = x[mask.bool()].numpy()
-    assert common.masked_mean(x, mask).item() == pytest.approx(real.mean(), abs=1e-6)
-    assert common.masked_var(x, mask).item() == pytest.approx(real.var(ddof=1), rel=1e-5)
-    assert common.masked_var(x, mask, unbiased=False).item() == pytest.approx(real.var(), rel=1e-5)
-    white = common.masked_whiten(x, mask)[mask.bool()].numpy()
-    np.testing.assert_allclose(white, (real - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8), rtol=1e-4, atol=1e-5)
-    kept = common.masked_whiten(x, mask, shift_mean=False)[mask.bool()].numpy()
-    np.testing.assert_allclose(kept, white + real.mean(), rtol=1e-4, atol=1e-5)
-    # per-row means, as the losses use them
-    np.testing.assert_allclose(common.masked_mean(x, mask, 1).numpy(),
-                               [x[i, mask[i].bool()].mean().item() for i in range(4)], rtol=1e-5)
-
-
 def test_pad_sides():
     """Padded to the next multiple of 8: left for generation, right for training."""
     ids, mask = common.pad([[3, 4, 5], [6]], PAD, "left")
@@ -129,9 +95,8 @@ def test_pad_sides():
     assert common.position_ids(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
-def test_first_true_index_and_truncate_after_eos():
+def test_truncate_after_eos():
     responses = torch.tensor([[4, EOS, 5, EOS], [4, 5, 6, 7], [EOS, 4, 4, 4]])
-    assert common.first_true_index(responses == EOS).tolist() == [1, 4, 0]
     out, mask, has_eos = common.truncate_after_eos(responses, EOS, PAD)
     assert out.tolist() == [[4, EOS, PAD, PAD], [4, 5, 6, 7], [EOS, PAD, PAD, PAD]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
@@ -224,14 +189,14 @@ def test_local_json_rows_are_the_rows_datasets_gives(tmp_path):
     (tmp_path / "hub").mkdir()
     arrow.to_parquet(str(tmp_path / "hub" / "train.parquet"))
     columns = [["messages"], ["prompt", "completion"]]
-    from_jsonl = common.load_splits(str(tmp_path / "rows.jsonl"), columns, seed=3)
+    from_jsonl = plumbing.load_splits(str(tmp_path / "rows.jsonl"), columns, seed=3)
     assert from_jsonl[2] == ["prompt", "completion"] and len(from_jsonl[0]) + len(from_jsonl[1]) == 200
-    assert common.load_splits(str(tmp_path / "rows.json"), columns, seed=3) == from_jsonl
-    assert common.load_splits(str(tmp_path / "hub"), columns, seed=3) == from_jsonl
+    assert plumbing.load_splits(str(tmp_path / "rows.json"), columns, seed=3) == from_jsonl
+    assert plumbing.load_splits(str(tmp_path / "hub"), columns, seed=3) == from_jsonl
     held_out = arrow.train_test_split(test_size=0.05, seed=3)
     assert from_jsonl[:2] == (held_out["train"].to_list(), held_out["test"].to_list())
     # a directory of train/test files: the test split is the eval split, as `datasets` names them
-    train, evals, _ = common.load_splits(f"{WORLD}/sft", columns)
+    train, evals, _ = plumbing.load_splits(f"{WORLD}/sft", columns)
     assert (train, evals) == tuple(load_dataset(f"{WORLD}/sft")[s].to_list() for s in ("train", "test"))
 
 
@@ -244,4 +209,4 @@ def test_json_mistakes_are_named(tmp_path):
     for name, words in [("bad.jsonl", "line 2: not JSON"), ("gap", "row 1 of train has no 'prompt'"),
                         ("list.json", "one JSON object per row")]:
         with pytest.raises(SystemExit, match=words):
-            common.load_splits(str(tmp_path / name), [["prompt"]], eval_fraction=0.5)
+            plumbing.load_splits(str(tmp_path / name), [["prompt"]], eval_fraction=0.5)

@@ -68,12 +68,12 @@ def test_gradient_pushes_chosen_up_and_rejected_down(logps):
 def test_dpo_raises_the_gold_score_over_the_sft_policy(preference_models):
     results = json.load(open(os.path.join(preference_models["dpo"], "eval.json")))
     for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length",
-                "implicit_reward_accuracy"):
+                "rewards/accuracies"):
         assert key in results
     assert results["gold_win_rate_vs_ref"] > 0.6
     assert results["gold_score"] > results["gold_score_ref"] + 0.15
     assert results["kl_to_ref"] > 0
-    assert results["implicit_reward_accuracy"] > 0.6
+    assert results["rewards/accuracies"] > 0.6
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_precomputed_and_live_reference_give_the_same_result(sft_model, small_pr
     run("dpo.py", *common_args, "--output_dir", tmp_path / "pre")
     run("dpo.py", *common_args, "--output_dir", tmp_path / "live", "--no_precompute_ref_logps")
     pre, live = (json.load(open(tmp_path / d / "eval.json")) for d in ("pre", "live"))
-    for k in ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "gold_score"):
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "gold_score"):
         assert pre[k] == pytest.approx(live[k], rel=1e-3, abs=1e-5), k
 
 

@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,41 @@ def test_gae_matches_a_plain_loop(gamma, lam):
     want = gae_loop(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(advantages * mask, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(returns * mask, (want + values) * mask, rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_in_blocks_matches_the_definition(monkeypatch):
+    """-sum p log p of softmax(logits / T), per position, in blocks of rows; its gradient through the recompute."""
+    monkeypatch.setattr(common, "LOGITS_PER_BLOCK", 2 * 7 * 50)  # blocks of 2, 2, 1 rows
+    torch.manual_seed(0)
+    logits, weights = torch.randn(5, 7, 50, requires_grad=True), torch.randn(5, 7)
+    for t in (1.0, 0.7):
+        p = torch.softmax(logits.double() / t, -1)
+        want = -(p * p.log()).sum(-1)
+        (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
+        got = ppo.entropy_from_logits(logits, t)
+        (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
+        torch.testing.assert_close(got, want.float())
+        torch.testing.assert_close(got_grad, want_grad.float())
+        with torch.no_grad():
+            torch.testing.assert_close(ppo.entropy_from_logits(logits, t), want.float())
+    uniform = torch.zeros(2, 3, 50)  # the maximum, log V
+    torch.testing.assert_close(ppo.entropy_from_logits(uniform), torch.full((2, 3), math.log(50)))
+
+
+def test_masked_statistics_match_numpy():
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 9), (torch.rand(4, 9) > 0.4).float()
+    real = x[mask.bool()].numpy()
+    assert ppo.masked_mean(x, mask).item() == pytest.approx(real.mean(), abs=1e-6)
+    assert ppo.masked_var(x, mask).item() == pytest.approx(real.var(ddof=1), rel=1e-5)
+    assert ppo.masked_var(x, mask, unbiased=False).item() == pytest.approx(real.var(), rel=1e-5)
+    white = ppo.masked_whiten(x, mask)[mask.bool()].numpy()
+    np.testing.assert_allclose(white, (real - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8), rtol=1e-4, atol=1e-5)
+    kept = ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()].numpy()
+    np.testing.assert_allclose(kept, white + real.mean(), rtol=1e-4, atol=1e-5)
+    # per-row means, as the losses use them
+    np.testing.assert_allclose(ppo.masked_mean(x, mask, 1).numpy(),
+                               [x[i, mask[i].bool()].mean().item() for i in range(4)], rtol=1e-5)
 
 
 def test_kl_estimators_match_their_definitions_and_the_true_kl():
@@ -107,7 +143,7 @@ def test_ppo_end_to_end(sft_model, reward_model, tmp_path):
     results = json.load(open(out / "eval.json"))
     for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length", "rm_score"):
         assert key in results
-    assert [r["update"] for r in read_jsonl(out / "curve.jsonl")] == [0, 1, 2]  # the SFT start, then each update
+    assert [r["step"] for r in read_jsonl(out / "curve.jsonl")] == [0, 1, 2]  # the SFT start, then each step
     assert os.path.exists(out / "value_model" / "model.safetensors")
     one_line_error(run("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", sft_model,
                        "--output_dir", tmp_path / "o", "--max_steps", 1, ok=False), "not a model ending in ForSequenceClassification")

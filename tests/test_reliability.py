@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from conftest import ENV, ROOT, WORLD, read_jsonl, run, write_jsonl
 
 SFT_SMALL = ["--max_steps", 30, "--batch_size", 8, "--micro_batch_size", 4, "--eval_every", 1000,
-             "--num_eval_samples", 4, "--max_new_tokens", 4]
+             "--num_eval_prompts", 4, "--max_new_tokens", 4]
 
 
 def untimed(rows):
@@ -191,12 +191,14 @@ def test_bad_input_matrix(bad, script, case, tmp_path):
 
 @pytest.mark.parametrize("script,args,words", [
     ("sft.py", ["--micro_batch_size", 0], "--micro_batch_size must be greater than 0, got 0"),
-    ("dpo.py", ["--temperature", 0], "--temperature must be greater than 0"),  # not greedy: softmax(logits / 0)
+    ("dpo.py", ["--eval_temperature", 0], "--eval_temperature must be greater than 0"),  # not greedy: softmax(logits / 0)
     ("dpo.py", ["--beta", 0], "--beta must be greater than 0"),
     ("dpo.py", ["--label_smoothing", 0.6], "--label_smoothing is the probability that a label is flipped"),
     ("ppo.py", ["--batch_size", 0], "--batch_size must be greater than 0"),
     ("reward.py", ["--num_normalisation_rows", 0], "--num_normalisation_rows must be greater than 0"),
-    ("rlaif.py", ["--sample_temperature", 0], "--sample_temperature must be greater than 0"),
+    ("rlaif.py", ["--rollout_temperature", 0], "--rollout_temperature must be greater than 0"),
+    ("ppo.py", ["--gold_scorer", "data.gold:nothing"], "--gold_scorer 'data.gold:nothing' names no function"),
+    ("reward.py", ["--gold_scorer", "no_such_module:score"], "names no function (module:function)"),
 ])
 def test_arguments_out_of_range(script, args, words, tmp_path):
     """Checked before anything is loaded: no model or data is read, nothing is written."""
@@ -208,10 +210,10 @@ def test_every_labeller_question_too_long(bad, tmp_path):
     """Label mode writes no empty dataset, and online mode stops at the first update with nothing to learn from."""
     args = [*SCRIPTS["rlaif.py"](bad), "--judge_max_length", 10, "--output_dir", tmp_path / "o"]
     assert "nothing labelled" in run_inprocess("rlaif.py", *args, "--mode", "label", "--dataset_name",
-                                               f"{WORLD}/preference", "--max_steps", 4)
-    assert "update 1: every labeller question" in run_inprocess(
+                                               f"{WORLD}/preference", "--max_label_rows", 4)
+    assert "step 1: every labeller question" in run_inprocess(
         "rlaif.py", *args, "--dataset_name", f"{WORLD}/prompts", "--max_steps", 1, "--batch_size", 4,
-        "--micro_batch_size", 2, "--num_eval_prompts", 4, "--max_new_tokens", 8)
+        "--micro_batch_size", 2, "--num_eval_prompts", 4, "--response_length", 8)
     assert not os.path.exists(tmp_path / "o")
 
 

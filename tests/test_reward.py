@@ -71,10 +71,10 @@ def test_normalisation_folds_into_the_head_and_survives_save_and_load(tiny_rm, t
 
 def test_reward_model_learns_and_is_normalised(reward_model):
     results = json.load(open(os.path.join(reward_model, "eval.json")))
-    assert {"accuracy", "gold_agreement", "chosen_rewards", "rejected_rewards"} <= set(results)
-    assert results["accuracy"] > 0.68  # clearly above chance (0.5 +- 0.016) on 1,000 held-out pairs
+    assert {"rewards/accuracies", "gold_agreement", "rewards/chosen", "rewards/rejected"} <= set(results)
+    assert results["rewards/accuracies"] > 0.68  # clearly above chance (0.5 +- 0.016) on 1,000 held-out pairs
     assert results["gold_agreement"] > 0.7
-    assert results["chosen_rewards"] > results["rejected_rewards"]
+    assert results["rewards/chosen"] > results["rewards/rejected"]
     # plain transformers gives the normalised score: the SFT demonstrations average 0
     tok = AutoTokenizer.from_pretrained(reward_model)
     model = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1).eval()
@@ -99,7 +99,7 @@ def test_reward_with_soft_labels_and_margins(sft_model, tmp_path):
         "--margin_column", "margin", "--center_rewards_coef", 0.01, "--max_steps", 2, "--batch_size", 16,
         "--micro_batch_size", 8, "--sft_dataset_name", demos, "--output_dir", out)
     results = json.load(open(out / "eval.json"))
-    assert "accuracy" in results and abs(results["reward_mean_after_normalisation"]) < 1e-3
+    assert "rewards/accuracies" in results and abs(results["reward_mean_after_normalisation"]) < 1e-3
     rows[5]["label"] = "high"
     one_line_error(run("reward.py", "--model_name_or_path", sft_model, "--dataset_name",
                        write_jsonl(tmp_path / "text_label.jsonl", rows), "--label_column", "label", "--output_dir",

@@ -158,7 +158,7 @@ def test_label_mode_samples_pairs_for_prompts(sft_model, tmp_path):
     constitution.write_text("Choose the response that is more positive about the film.\n")
     out = tmp_path / "labels"
     run("rlaif.py", "--mode", "label", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model,
-        "--dataset_name", prompts, "--constitution", constitution, "--max_new_tokens", 16, "--output_dir", out)
+        "--dataset_name", prompts, "--constitution", constitution, "--response_length", 16, "--output_dir", out)
     rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl")
     assert len(rows) == 24 and all(r["chosen"] != r["rejected"] or r["label"] == 0.5 for r in rows)
 
@@ -166,7 +166,7 @@ def test_label_mode_samples_pairs_for_prompts(sft_model, tmp_path):
 def test_online_mode_end_to_end(sft_model, tmp_path):
     out = tmp_path / "online"
     run("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model, "--output_dir", out,
-        "--max_steps", 2, "--batch_size", 8, "--micro_batch_size", 4, "--max_new_tokens", 16, "--num_eval_prompts", 8,
+        "--max_steps", 2, "--batch_size", 8, "--micro_batch_size", 4, "--response_length", 16, "--max_new_tokens", 16, "--num_eval_prompts", 8,
         "--eval_every", 1, "--loss_type", "ipo")
     results = json.load(open(out / "eval.json"))
     for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length",
@@ -179,7 +179,7 @@ def test_the_world_labeller_agrees_with_the_gold_rater_on_held_out_pairs(tmp_pat
     preference pairs as the gold rater does: data/world/judge, which it learned from, shares no prompt with
     them. Scoring is deterministic (no sampling), so this is a fixed figure (0.790 when committed)."""
     out = tmp_path / "labels"
-    run("rlaif.py", "--mode", "label", "--dataset_name", f"{WORLD}/preference", "--max_steps", 1000,
+    run("rlaif.py", "--mode", "label", "--dataset_name", f"{WORLD}/preference", "--max_label_rows", 1000,
         "--output_dir", out)
     info = json.load(open(out / "labelling.json"))
     assert info["test_labeller_skip_rate"] == 0
