@@ -31,7 +31,9 @@ def load_tokenizer(name: str):
         fail(f"the tokenizer of {name!r} has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|pad|>"})
-        print(f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added <|pad|> (id {tok.pad_token_id})")
+        print(
+            f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added <|pad|> (id {tok.pad_token_id})"
+        )
     return tok
 
 
@@ -129,8 +131,8 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
 
 def pad_completions(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
     """Right-padded prompt + completion ids, attention mask, and the mask of completion tokens."""
-    ids, mask = pad([p + c for p, c in zip(prompts, completions)], pad_id)
-    completion_mask, _ = pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0)
+    ids, mask = pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
+    completion_mask, _ = pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)], 0)
     return ids, mask, completion_mask
 
 
@@ -147,6 +149,11 @@ def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator, g
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding: 0 at the first real token (detail 3)."""
     return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def forward(model, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
+    """A forward pass of padded sequences (no KV cache): the attention mask, and positions that ignore padding."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, **kwargs)
 
 
 # ---- log-probs and scores --------------------------------------------------------------------------------
@@ -171,10 +178,12 @@ def in_row_blocks(fn, logits: torch.Tensor, *tensors: torch.Tensor, temperature:
 
     rows = max(1, LOGITS_PER_BLOCK // (logits.shape[1] * logits.shape[2]))
     recompute = torch.is_grad_enabled() and logits.requires_grad
-    blocks = zip(logits.split(rows), *(t.split(rows) for t in tensors))
+    blocks = zip(logits.split(rows), *(t.split(rows) for t in tensors), strict=True)
     return torch.cat(
         [
-            checkpoint(on_block, *block, use_reentrant=False, preserve_rng_state=False) if recompute else on_block(*block)
+            checkpoint(on_block, *block, use_reentrant=False, preserve_rng_state=False)
+            if recompute
+            else on_block(*block)
             for block in blocks
         ]
     )
@@ -187,13 +196,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 def forward_logprobs(model, ids, mask, temperature: float = 1.0, keep: int = 0):
     """Per-token log-probs of ids[:, 1:] under the model: (B, T-1), or of the last `keep` tokens."""
-    logits = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=position_ids(mask),
-        use_cache=False,
-        logits_to_keep=keep + 1 if keep else 0,
-    ).logits[:, :-1]
+    logits = forward(model, ids, mask, logits_to_keep=keep + 1 if keep else 0).logits[:, :-1]
     return logprobs_from_logits(logits, ids[:, -logits.shape[1] :], temperature)
 
 
@@ -209,8 +212,7 @@ def completion_logps(model, prompts, completions, pad_id: int, device):
 def sequence_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A one-label sequence classifier's score of each left- or right-padded sequence, read by transformers at
     the last real token (details 6 and 8)."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-    return out.logits[:, 0].float()
+    return forward(model, ids, mask).logits[:, 0].float()
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------
@@ -271,8 +273,18 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
 
 
 @torch.inference_mode()
-def evaluate(policy, tok, prompts, max_new_tokens, temperature, batch_size, autocast=nullcontext(), ref=None,
-             gold_scorer=None, reward_model=None):  # fmt: skip
+def evaluate(
+    policy,
+    tok,
+    prompts,
+    max_new_tokens,
+    temperature,
+    batch_size,
+    autocast=None,
+    ref=None,
+    gold_scorer=None,
+    reward_model=None,
+):
     """Sample once per held-out prompt from the policy (and from the reference, on the same prompts) and score
     the samples. Returns (metrics, samples), with the keys every script's eval.json shares: eos_rate,
     mean_length, distinct_2; given a reference, kl_to_ref (mean over samples of sum_t log pi(y_t) -
@@ -282,6 +294,7 @@ def evaluate(policy, tok, prompts, max_new_tokens, temperature, batch_size, auto
     if not all(bool(torch.isfinite(p).all()) for p in policy.parameters()):  # e.g. an update that blew up
         fail("the policy's weights are not finite (an update exploded): stopped before saving the model")
     device, eos, pad_id = next(policy.parameters()).device, tok.eos_token_id, tok.pad_token_id
+    autocast = autocast or nullcontext()
     texts, ref_texts, lengths, has_eos, kls, rm_scores = [], [], [], [], [], []
     for i in range(0, len(prompts), batch_size):
         ids, mask = (t.to(device) for t in pad(prompts[i : i + batch_size], pad_id, "left"))
@@ -293,16 +306,22 @@ def evaluate(policy, tok, prompts, max_new_tokens, temperature, batch_size, auto
                 rm_scores += sequence_scores(reward_model, seq, seq_mask).tolist()
             if ref is not None:
                 n = responses.shape[1]
-                kl = forward_logprobs(policy, seq, seq_mask, temperature, n) - forward_logprobs(ref, seq, seq_mask, temperature, n)
+                kl = forward_logprobs(policy, seq, seq_mask, temperature, n) - forward_logprobs(
+                    ref, seq, seq_mask, temperature, n
+                )
                 kls += (kl * response_mask).sum(1).tolist()
                 raw = sample(ref, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True)
                 ref_texts += tok.batch_decode(truncate_after_eos(raw, eos, pad_id)[0], skip_special_tokens=True)
         texts += tok.batch_decode(responses, skip_special_tokens=True)
         lengths += response_mask.sum(1).tolist()
         has_eos += eos_found.tolist()
-    metrics = {"eos_rate": float(np.mean(has_eos)), "mean_length": float(np.mean(lengths)), "distinct_2": distinct_n(texts)}
+    metrics = {
+        "eos_rate": float(np.mean(has_eos)),
+        "mean_length": float(np.mean(lengths)),
+        "distinct_2": distinct_n(texts),
+    }
     prompt_texts = tok.batch_decode(prompts, skip_special_tokens=True)
-    samples = [{"prompt": p, "response": r} for p, r in zip(prompt_texts, texts)]
+    samples = [{"prompt": p, "response": r} for p, r in zip(prompt_texts, texts, strict=True)]
     if ref is not None:
         metrics["kl_to_ref"] = float(np.mean(kls))
     if reward_model is not None:
@@ -310,7 +329,7 @@ def evaluate(policy, tok, prompts, max_new_tokens, temperature, batch_size, auto
     if gold_scorer is not None:
         scores = np.array(gold_scorer(prompt_texts, texts), dtype=float)
         metrics["gold_score"] = float(scores.mean())
-        for s, g in zip(samples, scores):
+        for s, g in zip(samples, scores, strict=True):
             s["gold"] = round(float(g), 3)
         if ref is not None:
             ref_scores = np.array(gold_scorer(prompt_texts, ref_texts), dtype=float)

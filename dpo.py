@@ -122,8 +122,19 @@ class Args:
     """wandb project name"""
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
-             loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=0.0):  # fmt: skip
+def dpo_loss(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    loss_type="sigmoid",
+    beta=0.1,
+    label_smoothing=0.0,
+    simpo_gamma=0.5,
+    rpo_alpha=0.0,
+):
     """Per-pair losses and the implicit rewards (chosen_rewards, rejected_rewards) of the DPO family (detail 18).
     Log-probs are sums over each response's tokens; lengths count those tokens."""
     if loss_type in ("ipo", "simpo"):  # these compare per-token averages
@@ -164,8 +175,9 @@ def pair_logps(model, pairs: list[common.Pair], pad_id, device):
 def pair_metrics(losses, chosen_rewards, rejected_rewards):
     """(B, 5) per-pair loss and implicit-reward statistics; their means are the logged metrics (PAIR_METRICS)."""
     accuracies = (chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)
-    return torch.stack([losses.detach(), chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
-                        accuracies], 1)  # fmt: skip
+    return torch.stack(
+        [losses.detach(), chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies], 1
+    )
 
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -174,11 +186,12 @@ PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "beta", "num_epochs", "max_steps", "batch_size", "micro_batch_size",
-                            "max_length", "eval_every", "num_eval_prompts", "max_new_tokens",
-                            "eval_temperature", "eval_batch_size", "log_every")  # fmt: skip
+    plumbing.check_positive(args, "beta num_epochs max_steps batch_size micro_batch_size max_length eval_every")
+    plumbing.check_positive(args, "num_eval_prompts max_new_tokens eval_temperature eval_batch_size log_every")
     if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
-        plumbing.fail(f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}")
+        plumbing.fail(
+            f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}"
+        )
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "dpo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -188,7 +201,9 @@ if __name__ == "__main__":
 
     # ---- 1. data and models -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
-    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed)
+    train_rows, eval_rows, _ = plumbing.load_splits(
+        args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed
+    )
     train = common.tokenize_pairs(tok, train_rows, args.max_length)
     evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
     _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
@@ -233,8 +248,10 @@ if __name__ == "__main__":
     elif needs_ref:
         ref_model = load_ref()
     forward_policy = torch.compile(policy) if use_compile else policy
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
+    # AdamW(params, lr, betas, eps, weight_decay)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
+    )
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -249,8 +266,19 @@ if __name__ == "__main__":
                 ref_chosen, ref_rejected, _, _ = pair_logps(ref_model, pairs, tok.pad_token_id, device)
             ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
         chosen, rejected, chosen_lengths, rejected_lengths = pair_logps(forward_policy, pairs, tok.pad_token_id, device)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, args.loss_type,
-                        args.beta, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)  # fmt: skip
+        return dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_lengths,
+            rejected_lengths,
+            args.loss_type,
+            args.beta,
+            args.label_smoothing,
+            args.simpo_gamma,
+            args.rpo_alpha,
+        )
 
     @torch.inference_mode()
     def evaluate_pairs():
@@ -260,7 +288,7 @@ if __name__ == "__main__":
             with autocast:
                 indices = torch.arange(i, min(i + micro, len(evals)))
                 stats.append(pair_metrics(*loss_on(evals[i : i + micro], indices, eval_ref_logps)))
-        return dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist()))
+        return dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist(), strict=True))
 
     rng = np.random.default_rng(args.seed)
     lengths = [len(x.prompt) + max(len(x.chosen), len(x.rejected)) for x in train]
@@ -281,8 +309,9 @@ if __name__ == "__main__":
         for m in range(0, len(indices), micro):
             part = indices[m : m + micro]
             with autocast:
-                losses, chosen_rewards, rejected_rewards = loss_on([train[i] for i in part], torch.tensor(part),
-                                                                   train_ref_logps)  # fmt: skip
+                losses, chosen_rewards, rejected_rewards = loss_on(
+                    [train[i] for i in part], torch.tensor(part), train_ref_logps
+                )
             (losses.sum() / len(indices)).backward()
             stats.append(pair_metrics(losses, chosen_rewards, rejected_rewards))
         step += 1
@@ -295,7 +324,7 @@ if __name__ == "__main__":
 
         # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
         if step % args.log_every == 0 or step == total_steps:
-            metrics = dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist()))
+            metrics = dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist(), strict=True))
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             metrics["train/loss"] = metrics.pop("loss")
             log({**metrics, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)
@@ -304,8 +333,13 @@ if __name__ == "__main__":
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
-                     "elapsed": time.time() - start, "history": history}  # fmt: skip
+            state = {
+                "step": step,
+                "batches": batches,
+                "numpy_rng": rng.bit_generator.state,
+                "elapsed": time.time() - start,
+                "history": history,
+            }
             plumbing.save_checkpoint(args.output_dir, "dpo.py", args, {"policy": policy}, optimizer, scheduler, state)
     progress.close()
     train_seconds = time.time() - start
@@ -313,8 +347,17 @@ if __name__ == "__main__":
     # ---- 4. evaluation: held-out pairs, then samples from the policy against the reference ---------------
     pair_results = evaluate_pairs()
     ref_model = ref_model or load_ref()
-    metrics, samples = common.evaluate(policy, tok, eval_prompts, args.max_new_tokens, args.eval_temperature,
-                                       args.eval_batch_size, autocast, ref=ref_model, gold_scorer=gold_scorer)  # fmt: skip
+    metrics, samples = common.evaluate(
+        policy,
+        tok,
+        eval_prompts,
+        args.max_new_tokens,
+        args.eval_temperature,
+        args.eval_batch_size,
+        autocast,
+        ref=ref_model,
+        gold_scorer=gold_scorer,
+    )
     results = {**metrics, **pair_results, "steps": step, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))
     for s in samples[:4]:

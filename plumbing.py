@@ -1,8 +1,6 @@
-"""Run plumbing that every script shares and no algorithm depends on: a reader can skip this file.
-
-One-line errors, argument checks, data and model loading, device and precision, checkpoints and resume,
-atomic saves, tracking. The language-model helpers the algorithms use are in common.py.
-"""
+"""Run plumbing that every script shares and no algorithm depends on: one-line errors, argument checks, data
+and model loading, device and precision, checkpoints and resume, atomic saves, tracking. A reader can skip
+this file; the language-model helpers the algorithms use are in common.py."""
 
 import importlib
 import json
@@ -18,9 +16,9 @@ import numpy as np
 import torch
 
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "checkpoint"  # the directory of checkpoints inside --output_dir
+# the arguments a resumed run may set differently; any other change would make it another run
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "skip_nonfinite", "track", "wandb_project")
-"""arguments a resumed run may set differently; any other change would make it another run"""
 
 
 # ---- one-line errors and argument checks -------------------------------------------------------------
@@ -35,9 +33,9 @@ def describe(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
-def check_positive(args, *names: str):
-    """One line naming the first of these arguments that is not above 0, before anything is loaded."""
-    for name in names:
+def check_positive(args, names: str):
+    """One line naming the first of these arguments (space-separated) that is not above 0, before any loading."""
+    for name in names.split():
         value = getattr(args, name)
         if value is not None and not value > 0:
             fail(f"--{name} must be greater than 0, got {value}")
@@ -63,26 +61,18 @@ def load_function(spec: str | None, what: str):
 # ---- data --------------------------------------------------------------------------------------------
 def is_local(name: str) -> bool:
     """A name that exists, or is written like a path, is local; anything else is a hub id."""
-    first = name.split("/")[0]
-    return (
-        os.path.exists(name)
-        or name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or name.endswith(DATA_EXTENSIONS)
-        or (first != name and os.path.isdir(first))
-    )
+    first, path_like = name.split("/")[0], name.startswith((".", "/", "~")) or name.endswith(DATA_EXTENSIONS)
+    return os.path.exists(name) or path_like or name.count("/") > 1 or (first != name and os.path.isdir(first))
 
 
 def read_json_rows(path: str) -> list[dict]:
     """The rows of a .jsonl file (one object per line) or a .json file (a list of objects, or lines)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    rows = None
-    if path.endswith(".json"):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError:
-            pass  # JSON Lines under a .json name, as `datasets` also reads them
+    try:
+        rows = json.loads(text) if path.endswith(".json") else None
+    except json.JSONDecodeError:
+        rows = None  # JSON Lines under a .json name, as `datasets` also reads them
     if rows is None:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -123,9 +113,10 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
     if splits is None:
         from datasets import load_dataset
 
+        ext = os.path.splitext(name)[1].lstrip(".")  # a local csv, parquet or txt file: its builder and the file
+        builder, files = ({"txt": "text"}.get(ext, ext), name) if os.path.isfile(name) else (name, None)
         try:
-            ext = os.path.splitext(name)[1].lstrip(".")
-            ds = load_dataset({"txt": "text"}.get(ext, ext), data_files=name) if os.path.isfile(name) else load_dataset(name)
+            ds = load_dataset(builder, data_files=files)
         except Exception as e:  # the datasets library raises many types; the first line says what went wrong
             where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
             fail(f"could not load dataset {name!r}{where}: {describe(e)}")
@@ -156,9 +147,8 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
 
 # ---- models, device, precision -----------------------------------------------------------------------
 def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head: bool = False, **kwargs):
-    """A transformers model whose embeddings fit the tokenizer (a pad token may have been added). Weights come
-    from safetensors only, and no code from the hub runs. The checkpoint must have the head `cls` asks for
-    (a causal LM, a sequence classifier), unless `new_head` allows a fresh one."""
+    """A transformers model (safetensors only, no code from the hub) whose embeddings fit the tokenizer, with the
+    head `cls` asks for (a causal LM, a sequence classifier), unless `new_head` allows a fresh one."""
     from transformers import AutoConfig
 
     try:
@@ -180,42 +170,29 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head: bool 
 
 
 def device_and_autocast(bf16: bool = True, compile: bool = True, kernel_cache: int = 16):
-    """(device, autocast context, compile?): bf16 autocast and torch.compile on CUDA; fp32 without compile on
-    the CPU, where bf16 is emulated on most processors. `kernel_cache`: see use_onednn_fp32_matmul."""
+    """(device, autocast context, compile?): bf16 autocast and torch.compile on CUDA, fp32 eager on the CPU.
+
+    On the CPU, fp32 matmuls go to oneDNN instead of MKL (slow on some AMD CPUs: benchmarks/README.md) where
+    oneDNN still computes them in fp32: torch routes them there only when they may use bf16 inside, so a product
+    that bf16 would round (1 + 2^-10) checks it. oneDNN caches a kernel per matmul shape: `kernel_cache` entries
+    suit a training step; scripts that also sample keep more."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         return torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(), compile
-    onednn = use_onednn_fp32_matmul(kernel_cache)
-    print("note: no CUDA device: training in fp32 without torch.compile on the CPU" + " (matmuls by oneDNN)" * onednn)
-    return torch.device("cpu"), nullcontext(), False
-
-
-def use_onednn_fp32_matmul(kernel_cache: int) -> bool:
-    """Send fp32 matmuls to oneDNN instead of MKL where oneDNN still computes them in fp32 (no AMX).
-
-    MKL's fp32 GEMM runs at about half speed on some AMD CPUs (benchmarks/README.md). torch routes fp32 matmuls
-    to oneDNN only when they may use bf16 inside; a CPU without bf16 matrix units still computes in fp32, which
-    a product that bf16 would round (1 + 2^-10) checks: where it is not exact, MKL keeps the work. oneDNN
-    caches a kernel per matmul shape; `kernel_cache` entries suit a training step (scripts that also sample
-    keep more), and pad() rounds widths to multiples of 8 so that few shapes recur."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernel_cache))
     os.environ.setdefault("LRU_CACHE_CAPACITY", "4")
     torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     x = torch.full((64, 64), 1 + 2**-10)
     if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # bf16 gives 64.0, fp32 64.125
         torch.backends.mkldnn.matmul.fp32_precision = "none"
-    return torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    onednn = " (matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
+    print(f"note: no CUDA device: training in fp32 without torch.compile on the CPU{onednn}")
+    return torch.device("cpu"), nullcontext(), False
 
 
 # ---- outputs, checkpoints, logs ------------------------------------------------------------------------
-def write_run_info(directory: str, script: str, args):
-    with open(os.path.join(directory, "run.json"), "w") as f:
-        json.dump({"script": script, "args": vars(args)}, f, indent=2, default=str)
-
-
 def check_output_dir(args, script: str):
-    """Refuse, before any training, to overwrite a directory holding anything but a run of this script;
-    with --resume, require its checkpoint, written with the same arguments."""
+    """Refuse to overwrite what is not a run of this script; with --resume, require its checkpoint and arguments."""
     output_dir = args.output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         fail(f"--output_dir {output_dir!r} is a file")
@@ -230,20 +207,20 @@ def check_output_dir(args, script: str):
             fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
         saved = json.load(open(os.path.join(output_dir, CHECKPOINT, "run.json")))["args"]
         now = json.loads(json.dumps(vars(args), default=str))  # as run.json holds them
-        changed = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+        changed = {k: v for k, v in now.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
         if changed:
-            fail(f"--resume with other arguments than the checkpoint's run: {', '.join(changed)}")
+            changes = ", ".join(f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in changed.items())
+            fail(f"--resume with other arguments than the checkpoint's run: {changes}")
 
 
 def write_atomic(target: str, script: str, args, write):
-    """write(tmp_dir) fills a temporary directory, which then takes target's place by renames: a crash leaves
-    the old directory or the new one, never half of one."""
+    """write(tmp) fills a temporary directory that then takes target's place by renames: never half of one."""
     target = target.rstrip("/")
     tmp, old = f"{target}.tmp-{os.getpid()}", f"{target}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
-    write_run_info(tmp, script, args)
+    write_json(os.path.join(tmp, "run.json"), {"script": script, "args": vars(args)})
     if os.path.exists(target):
         os.rename(target, old)
     os.rename(tmp, target)
@@ -251,25 +228,22 @@ def write_atomic(target: str, script: str, args, write):
 
 
 def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer, scheduler, state: dict):
-    """All a run needs to continue exactly as if never stopped: weights (safetensors), optimizer, scheduler,
-    the RNGs and the script's own `state` (data position, ...), written atomically to output_dir/checkpoint."""
+    """All a run needs to continue as if never stopped: weights, optimizer, scheduler, RNGs and the script's `state`."""
     from safetensors.torch import save_model
 
     def write(tmp):
         for name, model in models.items():
             save_model(model, os.path.join(tmp, f"{name}.safetensors"))
-        rngs = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        rngs["cuda_rng"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None, **rngs, **state},
-            os.path.join(tmp, "state.pt"),
-        )
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        rngs = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng}
+        optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None}
+        torch.save({**optim, **rngs, **state}, os.path.join(tmp, "state.pt"))
 
     write_atomic(os.path.join(output_dir, CHECKPOINT), script, args, write)
 
 
 def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict:
-    """Restore what save_checkpoint wrote; returns the script's own state. Tensors only (weights_only=True)."""
+    """Restore what save_checkpoint wrote; return the script's own state (tensors only: weights_only=True)."""
     from safetensors.torch import load_model
 
     path = os.path.join(output_dir, CHECKPOINT)
@@ -277,9 +251,8 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
         load_model(model, os.path.join(path, f"{name}.safetensors"))
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state.pop("optimizer"))
-    scheduler_state = state.pop("scheduler")
     if scheduler is not None:
-        scheduler.load_state_dict(scheduler_state)
+        scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state.pop("torch_rng"))
     random.setstate(state.pop("python_rng"))
     cuda_rng = state.pop("cuda_rng", None)  # sampling on the GPU draws from its generators
@@ -290,23 +263,19 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
 
 
 def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> bool:
-    """True when `value` is finite. Otherwise the run stops with a message naming the step, before anything
-    more is saved (the last checkpoint and output stay intact), or, with skip, the caller skips the batch."""
+    """True when `value` is finite; else stop, naming the step, before anything more is saved (or, with skip, False)."""
     if bool(torch.isfinite(value).all()):
         return True
     if skip:
         print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
         return False
     print(file=sys.stderr)  # end the progress bar's line, so the error is a line of its own
-    fail(
-        f"non-finite {what} at step {step}; stopped before saving anything more "
-        "(the last checkpoint and output are intact; --skip_nonfinite skips such batches)"
-    )
+    intact = "the last checkpoint and output are intact; --skip_nonfinite skips such batches"
+    fail(f"non-finite {what} at step {step}; stopped before saving anything more ({intact})")
 
 
 def start_tracking(args, script: str):
-    """(log, history): log(metrics, step) appends the numbers to history (saved as metrics.jsonl) and sends
-    everything to wandb when --track asks for it (wandb is never contacted otherwise)."""
+    """(log, history): log(metrics, step) appends to history (metrics.jsonl), and to wandb only with --track."""
     history, wandb = [], None
     if args.track:
         import wandb
@@ -328,4 +297,4 @@ def write_jsonl(path: str, rows):
 
 def write_json(path: str, obj):
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, default=str)

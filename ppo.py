@@ -238,21 +238,22 @@ def value_loss(new_values, old_values, returns, mask, cliprange_value=0.2):
 def token_values(backbone, head, seq, mask, start):
     """The value head on every position from `start` - 1 to the second last: V(state before response token t)
     (detail 12: a value per token, from the reward model's backbone and head)."""
-    out = backbone(input_ids=seq, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False)
-    return head(out.last_hidden_state[:, start - 1 : -1]).squeeze(-1).float()
+    hidden = common.forward(backbone, seq, mask).last_hidden_state
+    return head(hidden[:, start - 1 : -1]).squeeze(-1).float()
 
 
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "total_episodes", "max_steps", "batch_size", "num_mini_batches",
-                            "micro_batch_size", "num_ppo_epochs", "response_length", "rollout_temperature",
-                            "max_prompt_length", "eval_every", "num_periodic_eval_prompts", "num_eval_prompts",
-                            "max_new_tokens", "eval_temperature", "eval_batch_size", "log_every",
-                            "log_samples_every")  # fmt: skip
+    plumbing.check_positive(args, "total_episodes max_steps batch_size num_mini_batches micro_batch_size")
+    plumbing.check_positive(args, "num_ppo_epochs response_length rollout_temperature max_prompt_length eval_every")
+    plumbing.check_positive(args, "num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature")
+    plumbing.check_positive(args, "eval_batch_size log_every log_samples_every")
     if args.batch_size % args.num_mini_batches or (args.batch_size // args.num_mini_batches) % args.micro_batch_size:
-        plumbing.fail(f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
-                      f"minibatches of whole micro-batches of {args.micro_batch_size}")  # fmt: skip
+        plumbing.fail(
+            f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
+            f"minibatches of whole micro-batches of {args.micro_batch_size}"
+        )
     minibatch_size = args.batch_size // args.num_mini_batches
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "ppo.py")
@@ -273,8 +274,10 @@ if __name__ == "__main__":
     reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, frozen_dtype)
     value_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device)  # detail 12
     if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
-        plumbing.fail(f"{rm_name} is not a reward model: expected a sequence classifier with one label "
-                      f"(reward.py's output), got {type(reward_model).__name__} with {reward_model.config.num_labels}")  # fmt: skip
+        plumbing.fail(
+            f"{rm_name} is not a reward model: expected a sequence classifier with one label "
+            f"(reward.py's output), got {type(reward_model).__name__} with {reward_model.config.num_labels}"
+        )
     for model in (ref_policy, reward_model):
         model.requires_grad_(False)
     # detail 9: dropout off everywhere. eval() mode for every model, also while training: gradients still flow,
@@ -287,18 +290,33 @@ if __name__ == "__main__":
     if args.max_steps is not None:
         num_steps = min(num_steps, args.max_steps)
     if num_steps == 0 or len(prompts) < args.batch_size:
-        plumbing.fail(f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}")
+        plumbing.fail(
+            f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
+        )
     params = list(policy.parameters()) + list(value_model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay, fused=True)  # fmt: skip
-    print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M + value "
-          f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.2f}M parameters; {num_steps} steps of "
-          f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} minibatches")  # fmt: skip
+    # AdamW(params, lr, betas, eps, weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
+    )
+    print(
+        f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M + value "
+        f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.2f}M parameters; {num_steps} steps of "
+        f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} minibatches"
+    )
 
     def evaluate(n):
-        return common.evaluate(policy, tok, eval_prompts[:n], args.max_new_tokens, args.eval_temperature,
-                               args.eval_batch_size, autocast, ref=ref_policy, gold_scorer=gold_scorer,
-                               reward_model=reward_model)  # fmt: skip
+        return common.evaluate(
+            policy,
+            tok,
+            eval_prompts[:n],
+            args.max_new_tokens,
+            args.eval_temperature,
+            args.eval_batch_size,
+            autocast,
+            ref=ref_policy,
+            gold_scorer=gold_scorer,
+            reward_model=reward_model,
+        )
 
     # ---- ALGO LOGIC: the PPO loop ------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
@@ -341,8 +359,9 @@ if __name__ == "__main__":
             continue
 
         # 4. rewards: the per-token KL penalty (the non-score reward), plus the score at the last real token
-        rewards, non_score_reward, kl, scores = shaped_rewards(scores, has_eos, logprobs, ref_logprobs, mask, kl_coef,
-                                                               args.kl_estimator, args.missing_eos_score)  # fmt: skip
+        rewards, non_score_reward, kl, scores = shaped_rewards(
+            scores, has_eos, logprobs, ref_logprobs, mask, kl_coef, args.kl_estimator, args.missing_eos_score
+        )
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         # 5. advantages: GAE, whitened over the batch's real tokens
@@ -351,7 +370,7 @@ if __name__ == "__main__":
 
         # 6. PPO epochs over shuffled minibatches of micro-batches
         stats = []
-        for epoch in range(args.num_ppo_epochs):
+        for _ in range(args.num_ppo_epochs):
             perm = torch.randperm(args.batch_size, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
             for mb_start in range(0, args.batch_size, minibatch_size):
                 for micro_start in range(mb_start, mb_start + minibatch_size, args.micro_batch_size):
@@ -363,16 +382,15 @@ if __name__ == "__main__":
                     # The policy and the value model share no weights, so the two parts are backpropagated one
                     # after the other: the same gradients, with one model's activations alive at a time.
                     with autocast:
-                        out = forward_policy(input_ids=seq[idx], attention_mask=seq_mask[idx], use_cache=False,
-                                             position_ids=common.position_ids(seq_mask[idx]), logits_to_keep=R + 1)  # fmt: skip
-                        logits = out.logits[:, :-1]
+                        logits = common.forward(forward_policy, seq[idx], seq_mask[idx], logits_to_keep=R + 1).logits
+                        logits = logits[:, :-1]
                         new_logprobs = common.logprobs_from_logits(logits, responses[idx], args.rollout_temperature)
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, args.cliprange)
                     # the entropy is differentiated only as a bonus in the loss (a softmax is costly to backpropagate)
                     with torch.set_grad_enabled(args.entropy_coef != 0):
                         entropy = masked_mean(entropy_from_logits(logits, args.rollout_temperature), m)
                     ((pg_loss - args.entropy_coef * entropy) * scale).backward()
-                    del out, logits  # free the policy's logits before the value model's pass
+                    del logits  # free the policy's logits before the value model's pass
                     with autocast:
                         new_values = token_values(value_backbone, value_model.score, seq[idx], seq_mask[idx], Q)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], m, args.cliprange_value)
@@ -427,8 +445,15 @@ if __name__ == "__main__":
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < num_steps:
-            state = {"step": step, "order": order, "kl_coef": kl_coef, "curve": curve,
-                     "numpy_rng": rng.bit_generator.state, "history": history, "elapsed": time.time() - start}  # fmt: skip
+            state = {
+                "step": step,
+                "order": order,
+                "kl_coef": kl_coef,
+                "curve": curve,
+                "numpy_rng": rng.bit_generator.state,
+                "history": history,
+                "elapsed": time.time() - start,
+            }
             models = {"policy": policy, "value_model": value_model}
             plumbing.save_checkpoint(args.output_dir, "ppo.py", args, models, optimizer, None, state)
         progress.update()
@@ -439,8 +464,13 @@ if __name__ == "__main__":
     metrics, samples = evaluate(args.num_eval_prompts)
     episodes = num_steps * args.batch_size
     curve.append({"step": num_steps, "episodes": episodes, **metrics})
-    results = {**metrics, "steps": num_steps, "episodes": episodes, "final_kl_coef": kl_coef,
-               "train_seconds": round(train_seconds, 1)}  # fmt: skip
+    results = {
+        **metrics,
+        "steps": num_steps,
+        "episodes": episodes,
+        "final_kl_coef": kl_coef,
+        "train_seconds": round(train_seconds, 1),
+    }
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))

@@ -141,8 +141,8 @@ def texts_of(rows, pairs, column):
 def last_hidden_states(model, seqs, pad_id, device):
     """The final (normalised) hidden state at each sequence's last real token: what the score head reads."""
     ids, mask = (t.to(device) for t in common.pad(seqs, pad_id))
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False)
-    return out.last_hidden_state[torch.arange(len(seqs)), mask.sum(1) - 1].float()
+    hidden = common.forward(model.base_model, ids, mask).last_hidden_state
+    return hidden[torch.arange(len(seqs)), mask.sum(1) - 1].float()
 
 
 def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
@@ -169,8 +169,8 @@ def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "num_epochs", "max_steps", "batch_size", "micro_batch_size",
-                            "num_normalisation_rows", "max_length", "eval_every", "log_every")  # fmt: skip
+    plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size num_normalisation_rows")
+    plumbing.check_positive(args, "max_length eval_every log_every")
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "reward.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -191,8 +191,9 @@ if __name__ == "__main__":
     seqs = [s for s in seqs if len(s) <= args.max_length]
     if not seqs:
         plumbing.fail(f"no demonstration of {args.sft_dataset_name!r} fits in max_length {args.max_length}")
-    model = plumbing.load_model(AutoModelForSequenceClassification, args.model_name_or_path, tok, device,
-                                new_head=True, num_labels=1)  # fmt: skip
+    model = plumbing.load_model(
+        AutoModelForSequenceClassification, args.model_name_or_path, tok, device, new_head=True, num_labels=1
+    )
     if not hasattr(model, "score") or model.score.out_features != 1:
         plumbing.fail(f"{args.model_name_or_path} does not give a one-output score head")
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
@@ -208,8 +209,10 @@ if __name__ == "__main__":
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     micro = min(args.micro_batch_size, args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
+    # AdamW(params, lr, betas, eps, weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
+    )
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -281,8 +284,12 @@ if __name__ == "__main__":
         # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
         if step % args.log_every == 0 or step == total_steps:
             loss_value, *means = torch.stack(stats).sum(0).tolist()  # the batch's means
-            metrics = {"train/loss": loss_value, **dict(zip(pair_stats, means)), "train/grad_norm": float(grad_norm),
-                       "train/lr": scheduler.get_last_lr()[0]}  # fmt: skip
+            metrics = {
+                "train/loss": loss_value,
+                **dict(zip(pair_stats, means, strict=True)),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+            }
             progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
@@ -290,8 +297,13 @@ if __name__ == "__main__":
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
-                     "elapsed": time.time() - start, "history": history}  # fmt: skip
+            state = {
+                "step": step,
+                "batches": batches,
+                "numpy_rng": rng.bit_generator.state,
+                "elapsed": time.time() - start,
+                "history": history,
+            }
             plumbing.save_checkpoint(args.output_dir, "reward.py", args, {"model": model}, optimizer, scheduler, state)
     progress.close()
     train_seconds = time.time() - start
@@ -299,8 +311,10 @@ if __name__ == "__main__":
     # ---- 4. normalisation: the SFT demonstrations' mean reward becomes 0 (detail 7) ------------------------
     model.eval()
     with autocast:
-        hidden = [last_hidden_states(model, seqs[i : i + 2 * micro], tok.pad_token_id, device)
-                  for i in range(0, len(seqs), 2 * micro)]  # fmt: skip
+        hidden = [
+            last_hidden_states(model, seqs[i : i + 2 * micro], tok.pad_token_id, device)
+            for i in range(0, len(seqs), 2 * micro)
+        ]
     normalisation = fold_shift_into_head(model.score, torch.cat(hidden))
 
     # ---- 5. evaluation ----------------------------------------------------------------------------------

@@ -152,12 +152,15 @@ def load_constitution(path):
     if not os.path.isfile(path):
         plumbing.fail(f"constitution {path!r} does not exist")
     text = open(path).read()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     try:
-        principles = json.loads(text) if path.endswith(".json") else [l.strip() for l in text.splitlines() if l.strip()]
+        principles = json.loads(text) if path.endswith(".json") else lines
     except json.JSONDecodeError as e:
         plumbing.fail(f"constitution {path!r} is not valid JSON: {e}")
     if not isinstance(principles, list) or not principles or not all(isinstance(p, str) and p for p in principles):
-        plumbing.fail(f"constitution {path!r} holds no principles (a text file, one per line, or a JSON list of strings)")
+        plumbing.fail(
+            f"constitution {path!r} holds no principles (a text file, one per line, or a JSON list of strings)"
+        )
     return principles
 
 
@@ -187,10 +190,9 @@ def answer_logprobs(judge, questions, answer_ids, pad_id, device, batch_size, au
     """log-softmax over the two answer tokens after each question: (N, 2)."""
     out = []
     for i in range(0, len(questions), batch_size):
-        ids, mask = (t.to(device) for t in common.pad(questions[i:i + batch_size], pad_id, "left"))
+        ids, mask = (t.to(device) for t in common.pad(questions[i : i + batch_size], pad_id, "left"))
         with autocast:
-            logits = judge(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask),
-                           use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            logits = common.forward(judge, ids, mask, logits_to_keep=1).logits[:, -1].float()
         out.append(logits[:, answer_ids].log_softmax(-1))
     return torch.cat(out)
 
@@ -206,12 +208,11 @@ def label_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng
     """The labeller's debiased p(first better) for each pair, and whether its choice flipped with the order.
     Questions over judge_max_length give p = 0.5 and are marked in `skipped`."""
     chosen_principles = [rng.choice(principles) for _ in prompt_texts]  # one principle per comparison
-    ab = [encode_question(judge_tok, judge_query(args.preamble, c, p, a, b))
-          for c, p, a, b in zip(chosen_principles, prompt_texts, firsts, seconds)]
-    ba = [encode_question(judge_tok, judge_query(args.preamble, c, p, b, a))
-          for c, p, a, b in zip(chosen_principles, prompt_texts, firsts, seconds)]
-    skipped = torch.tensor([max(len(x), len(y)) > args.judge_max_length for x, y in zip(ab, ba)])
-    ab, ba = ([q[-args.judge_max_length:] for q in qs] for qs in (ab, ba))  # cut to fit; their p is set to 0.5
+    pairs = list(zip(chosen_principles, prompt_texts, firsts, seconds, strict=True))
+    ab = [encode_question(judge_tok, judge_query(args.preamble, c, p, a, b)) for c, p, a, b in pairs]
+    ba = [encode_question(judge_tok, judge_query(args.preamble, c, p, b, a)) for c, p, a, b in pairs]
+    skipped = torch.tensor([max(len(x), len(y)) > args.judge_max_length for x, y in zip(ab, ba, strict=True)])
+    ab, ba = ([q[-args.judge_max_length :] for q in qs] for qs in (ab, ba))  # cut to fit; their p is set to 0.5
     answers = answer_token_ids(judge_tok)
     lp_ab = answer_logprobs(judge, ab, answers, judge_tok.pad_token_id, device, args.judge_batch_size, autocast)
     lp_ba = answer_logprobs(judge, ba, answers, judge_tok.pad_token_id, device, args.judge_batch_size, autocast)
@@ -227,9 +228,11 @@ def labeller_metrics(p, flipped, skipped, reference_first_better=None):
     and mean confidence, over the pairs that were labelled; and the share of questions skipped (over
     judge_max_length), the same figure per split in label mode and per run in online mode."""
     keep = ~skipped
-    metrics = {"labeller_flip_rate": float(flipped[keep].float().mean()),
-               "labeller_confidence": float(torch.maximum(p, 1 - p)[keep].mean()),
-               "labeller_skip_rate": float(skipped.float().mean())}
+    metrics = {
+        "labeller_flip_rate": float(flipped[keep].float().mean()),
+        "labeller_confidence": float(torch.maximum(p, 1 - p)[keep].mean()),
+        "labeller_skip_rate": float(skipped.float().mean()),
+    }
     if reference_first_better is not None:
         ref = torch.as_tensor(reference_first_better, dtype=torch.float)[keep]
         agree = ((p[keep] > 0.5).float() == ref).float()
@@ -257,7 +260,7 @@ def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
     with autocast:
         raw = common.sample(policy, ids, mask, args.response_length, args.rollout_temperature, eos, stop_at_eos=True)
     responses, response_mask, _ = common.truncate_after_eos(raw, eos, tok.pad_token_id)
-    lists = [r[: int(n)].tolist() for r, n in zip(responses.cpu(), response_mask.sum(1).cpu())]
+    lists = [r[: int(n)].tolist() for r, n in zip(responses.cpu(), response_mask.sum(1).cpu(), strict=True)]
     return lists[: len(prompt_ids)], lists[len(prompt_ids) :]
 
 
@@ -297,23 +300,34 @@ def label_dataset(args, label, gold_scorer, device, autocast):
         # 2. the labeller's debiased preference, and how it agrees with the given labels and the gold scorer
         texts = [[text_of(x) for x in xs] for xs in (prompts, firsts, seconds)]
         chunks = range(0, len(rows), 512)  # in chunks, so that the progress shows
-        labels = [label(*(t[i : i + 512] for t in texts)) for i in tqdm(chunks, desc=f"labelling {split}", mininterval=5)]
-        p, flipped, skipped = (torch.cat(x) for x in zip(*labels))
+        labels = [
+            label(*(t[i : i + 512] for t in texts)) for i in tqdm(chunks, desc=f"labelling {split}", mininterval=5)
+        ]
+        p, flipped, skipped = (torch.cat(x) for x in zip(*labels, strict=True))
         metrics = labeller_metrics(p, flipped, skipped)
         if policy is None:  # agreement with the labels the data came with (chosen was preferred)
             metrics["label_agreement"] = labeller_metrics(p, flipped, skipped, torch.ones(len(p)))["agreement"]
         if gold_scorer is not None:
-            metrics["gold_agreement"] = labeller_metrics(p, flipped, skipped, gold_first_better(gold_scorer, *texts))["agreement"]
+            metrics["gold_agreement"] = labeller_metrics(p, flipped, skipped, gold_first_better(gold_scorer, *texts))[
+                "agreement"
+            ]
         results.update({f"{split}_{k}": v for k, v in metrics.items()})
         # 3. chosen = the labeller's pick; label = its probability that chosen is better (>= 0.5)
         splits[split] = [
-            {"prompt": q, "chosen": a if pa >= 0.5 else b, "rejected": b if pa >= 0.5 else a,
-             "label": round(max(pa, 1 - pa), 4)}
-            for q, a, b, pa, s in zip(prompts, firsts, seconds, p.tolist(), skipped.tolist()) if not s
-        ]  # fmt: skip
+            {
+                "prompt": q,
+                "chosen": a if pa >= 0.5 else b,
+                "rejected": b if pa >= 0.5 else a,
+                "label": round(max(pa, 1 - pa), 4),
+            }
+            for q, a, b, pa, s in zip(prompts, firsts, seconds, p.tolist(), skipped.tolist(), strict=True)
+            if not s
+        ]
         if not splits[split]:
-            plumbing.fail(f"{split}: every labeller question is over judge_max_length {args.judge_max_length} "
-                          "tokens: nothing labelled")  # fmt: skip
+            plumbing.fail(
+                f"{split}: every labeller question is over judge_max_length {args.judge_max_length} "
+                "tokens: nothing labelled"
+            )
     print(json.dumps(results, indent=2))
 
     def write(tmp):
@@ -347,15 +361,30 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     if args.max_steps is not None:
         num_steps = min(num_steps, args.max_steps)
     if num_steps == 0 or len(prompts) < args.batch_size:
-        plumbing.fail(f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
-    print(f"online AI feedback: {num_steps} steps of {args.batch_size} prompts x 2 samples, "
-          f"labeller {args.judge_model_name_or_path}")  # fmt: skip
+        plumbing.fail(
+            f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
+        )
+    # AdamW(params, lr, betas, eps, weight_decay)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
+    )
+    print(
+        f"online AI feedback: {num_steps} steps of {args.batch_size} prompts x 2 samples, "
+        f"labeller {args.judge_model_name_or_path}"
+    )
 
     def evaluate(n):
-        return common.evaluate(policy, tok, eval_prompts[:n], args.max_new_tokens, args.eval_temperature,
-                               args.eval_batch_size, autocast, ref=ref_policy, gold_scorer=gold_scorer)  # fmt: skip
+        return common.evaluate(
+            policy,
+            tok,
+            eval_prompts[:n],
+            args.max_new_tokens,
+            args.eval_temperature,
+            args.eval_batch_size,
+            autocast,
+            ref=ref_policy,
+            gold_scorer=gold_scorer,
+        )
 
     order, curve, labeller_stats, first_step, elapsed = [], [], [], 1, 0.0
     data_rng = np.random.default_rng(args.seed)
@@ -376,16 +405,21 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
 
         # 1. two fresh samples per prompt from the current policy
         firsts, seconds = sample_pairs(policy, tok, batch, args, device, autocast)
-        texts = [[prompt_texts[i] for i in idx], tok.batch_decode(firsts, skip_special_tokens=True),
-                 tok.batch_decode(seconds, skip_special_tokens=True)]  # fmt: skip
+        texts = [
+            [prompt_texts[i] for i in idx],
+            tok.batch_decode(firsts, skip_special_tokens=True),
+            tok.batch_decode(seconds, skip_special_tokens=True),
+        ]
         # 2. the labeller's debiased preference, one principle per pair
         p, flipped, skipped = label(*texts)
         gold = gold_first_better(gold_scorer, *texts) if gold_scorer is not None else None
         labeller_stats.append(labeller_metrics(p, flipped, skipped, gold))
         keep = [i for i in range(len(batch)) if not skipped[i]]
         if not keep:
-            plumbing.fail(f"step {step}: every labeller question is over judge_max_length {args.judge_max_length} "
-                          "tokens: nothing to learn from")  # fmt: skip
+            plumbing.fail(
+                f"step {step}: every labeller question is over judge_max_length {args.judge_max_length} "
+                "tokens: nothing to learn from"
+            )
         chosen = [firsts[i] if p[i] >= 0.5 else seconds[i] for i in keep]
         rejected = [seconds[i] if p[i] >= 0.5 else firsts[i] for i in keep]
         pair_prompts = [batch[i] for i in keep]
@@ -399,7 +433,9 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
                 ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0]
             with autocast:
                 logps, lengths = common.completion_logps(forward_policy, both_prompts, both, tok.pad_token_id, device)
-            losses, h = dpo_losses(logps.float(), ref_logps.float(), lengths, len(chosen[sl]), args.loss_type, args.beta)
+            losses, h = dpo_losses(
+                logps.float(), ref_logps.float(), lengths, len(chosen[sl]), args.loss_type, args.beta
+            )
             (losses.sum() / len(keep)).backward()
             losses_sum = losses_sum + losses.detach().sum()  # a tensor: no host sync per micro-batch
             margins.append(args.beta * h.detach())
@@ -410,12 +446,19 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
 
         # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ----
         if step % args.log_every == 0 or step == num_steps:
-            recent = {k.removeprefix("labeller_"): float(np.mean([s[k] for s in labeller_stats[-args.log_every :]]))
-                      for k in labeller_stats[-1]}  # fmt: skip
+            recent = {
+                k.removeprefix("labeller_"): float(np.mean([s[k] for s in labeller_stats[-args.log_every :]]))
+                for k in labeller_stats[-1]
+            }
             margins = torch.cat(margins)
-            metrics = {"train/loss": float(losses_sum) / len(keep), "rewards/margins": float(margins.mean()),
-                       "rewards/accuracies": float((margins > 0).float().mean()), "train/grad_norm": float(grad_norm),
-                       "train/lr": optimizer.param_groups[0]["lr"], **{f"labeller/{k}": v for k, v in recent.items()}}  # fmt: skip
+            metrics = {
+                "train/loss": float(losses_sum) / len(keep),
+                "rewards/margins": float(margins.mean()),
+                "rewards/accuracies": float((margins > 0).float().mean()),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": optimizer.param_groups[0]["lr"],
+                **{f"labeller/{k}": v for k, v in recent.items()},
+            }
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", agree=f"{recent.get('agreement', np.nan):.2f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < num_steps:
@@ -424,9 +467,16 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < num_steps:
-            state = {"step": step, "order": order, "curve": curve, "labeller_stats": labeller_stats,
-                     "numpy_rng": data_rng.bit_generator.state, "principle_rng": rng.getstate(),
-                     "history": history, "elapsed": time.time() - start}  # fmt: skip
+            state = {
+                "step": step,
+                "order": order,
+                "curve": curve,
+                "labeller_stats": labeller_stats,
+                "numpy_rng": data_rng.bit_generator.state,
+                "principle_rng": rng.getstate(),
+                "history": history,
+                "elapsed": time.time() - start,
+            }
             plumbing.save_checkpoint(args.output_dir, "rlaif.py", args, {"policy": policy}, optimizer, None, state)
         progress.update()
     progress.close()
@@ -439,7 +489,13 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     labeller = {k: float(np.mean([s[k] for s in labeller_stats])) for k in labeller_stats[0]}
     if "agreement" in labeller:
         labeller["labeller_gold_agreement"] = labeller.pop("agreement")
-    results = {**metrics, **labeller, "steps": num_steps, "episodes": episodes, "train_seconds": round(train_seconds, 1)}
+    results = {
+        **metrics,
+        **labeller,
+        "steps": num_steps,
+        "episodes": episodes,
+        "train_seconds": round(train_seconds, 1),
+    }
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))
@@ -460,11 +516,10 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device, the labeller ----------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "total_episodes", "max_steps", "batch_size", "micro_batch_size", "beta",
-                            "response_length", "rollout_temperature", "max_prompt_length", "judge_max_length",
-                            "judge_batch_size", "max_label_rows", "eval_every", "num_periodic_eval_prompts",
-                            "num_eval_prompts", "max_new_tokens", "eval_temperature", "eval_batch_size",
-                            "log_every")  # fmt: skip
+    plumbing.check_positive(args, "total_episodes max_steps batch_size micro_batch_size beta response_length")
+    plumbing.check_positive(args, "rollout_temperature max_prompt_length judge_max_length judge_batch_size")
+    plumbing.check_positive(args, "max_label_rows eval_every num_periodic_eval_prompts num_eval_prompts")
+    plumbing.check_positive(args, "max_new_tokens eval_temperature eval_batch_size log_every")
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rlaif.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")

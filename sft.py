@@ -120,9 +120,9 @@ def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "num_epochs", "max_steps", "batch_size", "micro_batch_size",
-                            "max_length", "eval_every", "num_periodic_eval_prompts", "num_eval_prompts",
-                            "max_new_tokens", "eval_temperature", "eval_batch_size", "log_every")  # fmt: skip
+    plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size max_length eval_every")
+    plumbing.check_positive(args, "num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature")
+    plumbing.check_positive(args, "eval_batch_size log_every")
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "sft.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -156,8 +156,10 @@ if __name__ == "__main__":
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)  # fmt: skip
+    # AdamW(params, lr, betas, eps, weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
+    )
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -167,7 +169,7 @@ if __name__ == "__main__":
         model.eval()
         total, count = 0.0, 0
         for i in range(0, len(evals), args.micro_batch_size):
-            prompts, completions = zip(*evals[i : i + args.micro_batch_size])
+            prompts, completions = zip(*evals[i : i + args.micro_batch_size], strict=True)
             with autocast:
                 logps, n = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)
             total, count = total - logps.sum().item(), count + int(n.sum())
@@ -177,8 +179,16 @@ if __name__ == "__main__":
     def generate_samples(n):
         model.eval()
         prompts = [p or c[:8] for p, c in evals[:n]]  # {"text"} rows have no prompt: start from their first tokens
-        metrics, samples = common.evaluate(model, tok, prompts, args.max_new_tokens, args.eval_temperature,
-                                           args.eval_batch_size, autocast, gold_scorer=gold_scorer)  # fmt: skip
+        metrics, samples = common.evaluate(
+            model,
+            tok,
+            prompts,
+            args.max_new_tokens,
+            args.eval_temperature,
+            args.eval_batch_size,
+            autocast,
+            gold_scorer=gold_scorer,
+        )
         model.train()
         return metrics, samples
 
@@ -204,7 +214,7 @@ if __name__ == "__main__":
         n_tokens = sum(len(c) - (not p) for p, c in batch)
         loss_sum = 0.0
         for m in range(0, len(batch), args.micro_batch_size):
-            prompts, completions = zip(*batch[m : m + args.micro_batch_size])
+            prompts, completions = zip(*batch[m : m + args.micro_batch_size], strict=True)
             with autocast:
                 logps = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)[0]
                 loss = -logps.sum() / n_tokens
@@ -220,8 +230,12 @@ if __name__ == "__main__":
 
         # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
         if step % args.log_every == 0 or step == total_steps:
-            metrics = {"train/loss": float(loss_sum), "train/grad_norm": float(grad_norm),
-                       "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch}  # fmt: skip
+            metrics = {
+                "train/loss": float(loss_sum),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/epoch": step / steps_per_epoch,
+            }
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
@@ -231,8 +245,13 @@ if __name__ == "__main__":
             tqdm.write(f"step {step}: eval/loss {loss_value:.4f} eval/eos_rate {metrics['eos_rate']:.2f}{shown}")
             log({"eval/loss": loss_value, **{f"eval/{k}": v for k, v in metrics.items()}}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state,
-                     "elapsed": time.time() - start, "history": history}  # fmt: skip
+            state = {
+                "step": step,
+                "batches": batches,
+                "numpy_rng": rng.bit_generator.state,
+                "elapsed": time.time() - start,
+                "history": history,
+            }
             plumbing.save_checkpoint(args.output_dir, "sft.py", args, {"model": model}, optimizer, scheduler, state)
     progress.close()
     train_seconds = time.time() - start

@@ -13,6 +13,7 @@ pairs (reward, DPO) or episodes (PPO), and peak memory is the process's max RSS 
 max_memory_allocated (CUDA). On CUDA, MFU = 6 * parameters * tokens/s / the device's bf16 peak. PPO's
 lines add the rollouts' sampling speed (new tokens per second inside common.sample) and its share of the time.
 """
+
 import json
 import os
 import resource
@@ -75,10 +76,18 @@ def prepare(args):
         target = os.path.join(work, f"llama_{args.hidden_size}x{args.num_layers}")
         if not os.path.exists(target):
             tok = AutoTokenizer.from_pretrained(os.path.join(args.world, "tokenizer"))
-            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden_size, intermediate_size=int(args.hidden_size * 8 / 3) // 64 * 64,
-                              num_hidden_layers=args.num_layers, num_attention_heads=args.hidden_size // 64,
-                              num_key_value_heads=args.hidden_size // 64, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+            cfg = LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=args.hidden_size,
+                intermediate_size=int(args.hidden_size * 8 / 3) // 64 * 64,
+                num_hidden_layers=args.num_layers,
+                num_attention_heads=args.hidden_size // 64,
+                num_key_value_heads=args.hidden_size // 64,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                bos_token_id=None,
+                tie_word_embeddings=True,
+            )
             LlamaForCausalLM(cfg).save_pretrained(target)
             tok.save_pretrained(target)
         return {"policy": target, "reward": os.path.join(work, "reward")}
@@ -88,27 +97,103 @@ def prepare(args):
 def script_args(name, args, models, output_dir):
     """The command line of one of our scripts for the measured shapes, with the evaluation cut to a minimum."""
     w, b = args.world, str(args.batch_size)
-    shapes = ["--batch_size", b, "--micro_batch_size", b, "--max_steps", str(args.steps), "--output_dir", output_dir,
-              "--no_gold_eval", "--seed", "0"]
+    shapes = [
+        "--batch_size",
+        b,
+        "--micro_batch_size",
+        b,
+        "--max_steps",
+        str(args.steps),
+        "--output_dir",
+        output_dir,
+        "--no_gold_eval",
+        "--seed",
+        "0",
+    ]
     if name == "sft":
-        return "sft.py", [*shapes, "--model_name_or_path", models["policy"], "--dataset_name", f"{w}/sft.jsonl",
-                          "--max_length", str(args.max_length), "--eval_every", "100000", "--num_eval_samples", "4",
-                          "--max_new_tokens", "4"]
+        return "sft.py", [
+            *shapes,
+            "--model_name_or_path",
+            models["policy"],
+            "--dataset_name",
+            f"{w}/sft.jsonl",
+            "--max_length",
+            str(args.max_length),
+            "--eval_every",
+            "100000",
+            "--num_eval_samples",
+            "4",
+            "--max_new_tokens",
+            "4",
+        ]
     if name == "reward":
-        return "reward.py", [*shapes, "--model_name_or_path", models["reward"], "--dataset_name", f"{w}/preference.jsonl",
-                             "--sft_dataset_name", f"{w}/sft.jsonl", "--num_normalisation_rows", "16",
-                             "--max_length", str(args.max_length), "--eval_every", "100000"]
+        return "reward.py", [
+            *shapes,
+            "--model_name_or_path",
+            models["reward"],
+            "--dataset_name",
+            f"{w}/preference.jsonl",
+            "--sft_dataset_name",
+            f"{w}/sft.jsonl",
+            "--num_normalisation_rows",
+            "16",
+            "--max_length",
+            str(args.max_length),
+            "--eval_every",
+            "100000",
+        ]
     if name == "dpo":  # the reference runs every step, as in the peer's TRL setup (precompute_ref_log_probs=False)
-        return "dpo.py", [*shapes, "--model_name_or_path", models["policy"], "--dataset_name", f"{w}/preference.jsonl",
-                          "--eval_prompts_name", f"{w}/prompts.jsonl", "--num_eval_prompts", "4", "--max_new_tokens", "4",
-                          "--max_length", str(args.max_length), "--eval_every", "100000", "--no_precompute_ref_logps"]
+        return "dpo.py", [
+            *shapes,
+            "--model_name_or_path",
+            models["policy"],
+            "--dataset_name",
+            f"{w}/preference.jsonl",
+            "--eval_prompts_name",
+            f"{w}/prompts.jsonl",
+            "--num_eval_prompts",
+            "4",
+            "--max_new_tokens",
+            "4",
+            "--max_length",
+            str(args.max_length),
+            "--eval_every",
+            "100000",
+            "--no_precompute_ref_logps",
+        ]
     epochs = name.removeprefix("ppo_epochs")
     rollouts = str(args.steps * 12 // 32)
-    return "ppo.py", ["--batch_size", b, "--micro_batch_size", b, "--num_mini_batches", "1", "--num_ppo_epochs", epochs,
-                      "--max_steps", rollouts, "--response_length", str(args.response_length), "--output_dir", output_dir,
-                      "--model_name_or_path", models["policy"], "--reward_model_name_or_path", models["reward"],
-                      "--dataset_name", f"{w}/prompts.jsonl", "--num_eval_prompts", "4", "--eval_every", "100000",
-                      "--log_samples_every", "100000", "--no_gold_eval", "--seed", "0"]
+    return "ppo.py", [
+        "--batch_size",
+        b,
+        "--micro_batch_size",
+        b,
+        "--num_mini_batches",
+        "1",
+        "--num_ppo_epochs",
+        epochs,
+        "--max_steps",
+        rollouts,
+        "--response_length",
+        str(args.response_length),
+        "--output_dir",
+        output_dir,
+        "--model_name_or_path",
+        models["policy"],
+        "--reward_model_name_or_path",
+        models["reward"],
+        "--dataset_name",
+        f"{w}/prompts.jsonl",
+        "--num_eval_prompts",
+        "4",
+        "--eval_every",
+        "100000",
+        "--log_samples_every",
+        "100000",
+        "--no_gold_eval",
+        "--seed",
+        "0",
+    ]
 
 
 def child(args):
@@ -170,9 +255,18 @@ def child(args):
         token_count = n * args.batch_size * (mean_prompt + args.response_length)
     else:  # tokens of the training forwards after the warm-up steps
         token_count = tokens[0] - max((t for s, t in stamps_tokens if s < warm), default=0)
-    result = {"trainer": name, "impl": "ours", "steps": n, "examples_per_s": n * args.batch_size / wall,
-              "tokens_per_s": token_count / wall, "wall_s": wall, "torch_threads": torch.get_num_threads()}
-    timed = [(end - start, drawn) for start, end, drawn in generations if start > rounds[warm - 1] and end <= rounds[-1]]
+    result = {
+        "trainer": name,
+        "impl": "ours",
+        "steps": n,
+        "examples_per_s": n * args.batch_size / wall,
+        "tokens_per_s": token_count / wall,
+        "wall_s": wall,
+        "torch_threads": torch.get_num_threads(),
+    }
+    timed = [
+        (end - start, drawn) for start, end, drawn in generations if start > rounds[warm - 1] and end <= rounds[-1]
+    ]
     if timed:  # the rollouts' sampling alone: new tokens per second, and its share of the timed wall clock
         seconds = sum(t for t, _ in timed)
         result.update(generation_tokens_per_s=sum(d for _, d in timed) / seconds, generation_share=seconds / wall)
@@ -181,8 +275,10 @@ def child(args):
 
         cfg = AutoConfig.from_pretrained(models["policy"])
         # matmul parameters: attention 4 d^2 and MLP 3 d * intermediate per layer, and the LM head
-        n_params = cfg.num_hidden_layers * (4 * cfg.hidden_size ** 2 + 3 * cfg.hidden_size * cfg.intermediate_size) \
+        n_params = (
+            cfg.num_hidden_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
             + cfg.vocab_size * cfg.hidden_size
+        )
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
         result.update(device=torch.cuda.get_device_name(), peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20)
         if peak and name == "sft":
@@ -192,16 +288,18 @@ def child(args):
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
 
 
-PEER_JOBS = {"sft": ("/tmp/venv-trl/bin/python", "trl_sft.py", []),
-             "reward": ("/tmp/venv-trl/bin/python", "trl_reward.py", []),
-             "dpo": ("/tmp/venv-trl/bin/python", "trl_dpo.py", []),
-             "ppo_epochs1": ("/tmp/venv-trl-ppo/bin/python", "trl_ppo.py", ["--ppo-epochs", "1"]),
-             "ppo_epochs4": ("/tmp/venv-trl-ppo/bin/python", "trl_ppo.py", ["--ppo-epochs", "4"])}
+PEER_JOBS = {
+    "sft": ("/tmp/venv-trl/bin/python", "trl_sft.py", []),
+    "reward": ("/tmp/venv-trl/bin/python", "trl_reward.py", []),
+    "dpo": ("/tmp/venv-trl/bin/python", "trl_dpo.py", []),
+    "ppo_epochs1": ("/tmp/venv-trl-ppo/bin/python", "trl_ppo.py", ["--ppo-epochs", "1"]),
+    "ppo_epochs4": ("/tmp/venv-trl-ppo/bin/python", "trl_ppo.py", ["--ppo-epochs", "4"]),
+}
 
 
 def measure(cmd, cwd, env):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith('{"trainer"')]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"trainer"')]
     if proc.returncode or not lines:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
@@ -210,8 +308,13 @@ def measure(cmd, cwd, env):
 def main(args):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     prepare(args)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
-               WANDB_MODE="disabled")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TRL_EXPERIMENTAL_SILENCE="1",
+        WANDB_MODE="disabled",
+    )
     passthrough = [a for a in sys.argv[1:] if a not in ("--peers",)]
     results = []
     with open(args.out, "a") as out:
@@ -221,20 +324,25 @@ def main(args):
                 if args.peers:
                     py, script, extra = PEER_JOBS[name]
                     jobs.append(("trl", [py, script, "--world", args.world, *extra], PEERS))
-                for impl, cmd, cwd in (jobs if i % 2 == 0 else jobs[::-1]):  # alternate who goes first
+                for impl, cmd, cwd in jobs if i % 2 == 0 else jobs[::-1]:  # alternate who goes first
                     r = {**measure(cmd, cwd, env), "impl": impl, "run": i}
                     results.append(r)
                     out.write(json.dumps(r) + "\n")
                     print(json.dumps(r), flush=True)
     print("\n| trainer | ours examples/s | TRL examples/s | ratio | ours tokens/s | ours peak MB | TRL peak MB |")
     print("|---|---|---|---|---|---|---|")
+
+    def med(name, impl, k):
+        values = [r[k] for r in results if r["trainer"] == name and r["impl"] == impl]
+        return statistics.median(values) if values else float("nan")
+
     for name in args.scripts:
-        med = lambda impl, k: statistics.median([r[k] for r in results if r["trainer"] == name and r["impl"] == impl]) \
-            if any(r["trainer"] == name and r["impl"] == impl for r in results) else float("nan")
         mem = "peak_mem_mb" if any("peak_mem_mb" in r for r in results) else "peak_rss_mb"
-        ours, trl = med("ours", "examples_per_s"), med("trl", "examples_per_s")
-        print(f"| {name} | {ours:.2f} | {trl:.2f} | {ours / trl:.2f}x | {med('ours', 'tokens_per_s'):.0f} | "
-              f"{med('ours', mem):.0f} | {med('trl', 'peak_rss_mb'):.0f} |")
+        ours, trl = med(name, "ours", "examples_per_s"), med(name, "trl", "examples_per_s")
+        print(
+            f"| {name} | {ours:.2f} | {trl:.2f} | {ours / trl:.2f}x | {med(name, 'ours', 'tokens_per_s'):.0f} | "
+            f"{med(name, 'ours', mem):.0f} | {med(name, 'trl', 'peak_rss_mb'):.0f} |"
+        )
     for name in args.scripts:
         generation = [r for r in results if r["trainer"] == name and "generation_tokens_per_s" in r]
         if generation:

@@ -7,6 +7,7 @@ Both runs evaluate every --eval_every updates on held-out prompts (ppo.py's curv
 model's score (rm_score, the proxy) and the gold rater's (gold_score, the truth) are printed against the
 KL to the SFT policy as a markdown table, and drawn to an SVG plot (plain text: no plotting package).
 """
+
 import json
 import os
 import subprocess
@@ -39,14 +40,22 @@ def svg_plot(curves, path, width=640, height=360, pad=50):
     points = [(c["kl_to_ref"], c[k]) for rows in curves.values() for c in rows for k in ("rm_score", "gold_score")]
     x0, x1 = min(0.0, min(p[0] for p in points)), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    sx = lambda x: pad + (x - x0) / (x1 - x0 or 1) * (width - 2 * pad)
-    sy = lambda y: height - pad - (y - y0) / (y1 - y0 or 1) * (height - 2 * pad)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-           f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">KL(policy || SFT), nats per response</text>',
-           f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">mean score</text>']
+
+    def sx(x):
+        return pad + (x - x0) / (x1 - x0 or 1) * (width - 2 * pad)
+
+    def sy(y):
+        return height - pad - (y - y0) / (y1 - y0 or 1) * (height - 2 * pad)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">KL(policy || SFT), nats per response</text>',
+        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">mean score</text>',
+    ]
     for v in (x0, (x0 + x1) / 2, x1):
         out.append(f'<text x="{sx(v)}" y="{height - pad + 15}" text-anchor="middle">{v:.1f}</text>')
     for v in (y0, (y0 + y1) / 2, y1):
@@ -58,7 +67,10 @@ def svg_plot(curves, path, width=640, height=360, pad=50):
             pts = " ".join(f"{sx(c['kl_to_ref']):.1f},{sy(c[key]):.1f}" for c in rows)
             out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
             label_y = pad + 16 * (2 * i + list(colors).index(key))
-            out.append(f'<line x1="{width - 250}" y1="{label_y - 4}" x2="{width - 220}" y2="{label_y - 4}" stroke="{color}" stroke-width="2"{dash}/>')
+            out.append(
+                f'<line x1="{width - 250}" y1="{label_y - 4}" x2="{width - 220}" y2="{label_y - 4}" '
+                f'stroke="{color}" stroke-width="2"{dash}/>'
+            )
             out.append(f'<text x="{width - 215}" y="{label_y}">{key.replace("_score", "")} score, {name}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
@@ -72,16 +84,33 @@ if __name__ == "__main__":
     for name, kl in runs.items():
         out = os.path.join(args.output_dir, name.replace(" ", "_"))
         if args.run:
-            subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), "--kl_coef", str(kl), "--output_dir", out,
-                            "--total_episodes", str(args.total_episodes), "--eval_every", str(args.eval_every),
-                            "--num_eval_prompts", str(args.num_eval_prompts)], cwd=ROOT, check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(ROOT, "ppo.py"),
+                    "--kl_coef",
+                    str(kl),
+                    "--output_dir",
+                    out,
+                    "--total_episodes",
+                    str(args.total_episodes),
+                    "--eval_every",
+                    str(args.eval_every),
+                    "--num_eval_prompts",
+                    str(args.num_eval_prompts),
+                ],
+                cwd=ROOT,
+                check=True,
+            )
         with open(os.path.join(out, "curve.jsonl")) as f:
-            curves[name] = [json.loads(l) for l in f]
+            curves[name] = [json.loads(line) for line in f]
     print("| run | episodes | kl_to_ref | rm_score | gold_score | gold_win_rate_vs_ref | distinct_2 | eos_rate |")
     print("|---|---|---|---|---|---|---|---|")
     for name, rows in curves.items():
         for c in rows:
-            print(f"| {name} | {c['episodes']} | {c['kl_to_ref']:.2f} | {c['rm_score']:.2f} | {c['gold_score']:.3f} | "
-                  f"{c['gold_win_rate_vs_ref']:.2f} | {c['distinct_2']:.2f} | {c['eos_rate']:.2f} |")
+            print(
+                f"| {name} | {c['episodes']} | {c['kl_to_ref']:.2f} | {c['rm_score']:.2f} | {c['gold_score']:.3f} | "
+                f"{c['gold_win_rate_vs_ref']:.2f} | {c['distinct_2']:.2f} | {c['eos_rate']:.2f} |"
+            )
     svg_plot(curves, os.path.join(args.output_dir, "goodhart.svg"))
     print(f"wrote {os.path.join(args.output_dir, 'goodhart.svg')}")

@@ -13,7 +13,9 @@
 The demonstrations rarely repeat themselves (mean repetition about 0.01), so a reward model trained on
 their comparisons has little chance to learn the penalty: the gap where Goodhart's law shows.
 """
+
 import re
+from itertools import pairwise
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -24,7 +26,7 @@ _WORD = re.compile(r"[a-z']+")
 
 def repetition(text: str) -> float:
     words = _WORD.findall(text.lower())
-    bigrams = list(zip(words, words[1:]))
+    bigrams = list(pairwise(words))
     return 1.0 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 

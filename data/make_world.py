@@ -24,10 +24,13 @@ schedule had brought the rate near 2e-4, so the second run continues at 2e-4 (he
 gold agreement on the 1,000 held-out preference pairs 0.703 -> 0.790, `rlaif.py --mode label`):
 
     python sft.py --model_name_or_path runs/sft --dataset_name data/world/judge --output_dir /tmp/judge_1 \
-        --num_epochs 3 --learning_rate 5e-4 --max_new_tokens 4 --no_gold_eval --eval_every 250 --num_eval_samples 16
-    python sft.py --model_name_or_path /tmp/judge_1 --dataset_name data/world/judge --output_dir data/world/judge_model \
-        --num_epochs 3 --learning_rate 2e-4 --max_new_tokens 4 --no_gold_eval --eval_every 250 --num_eval_samples 16
+        --num_epochs 3 --learning_rate 5e-4 --max_new_tokens 4 --gold_scorer None --eval_every 250 \
+        --num_eval_prompts 16
+    python sft.py --model_name_or_path /tmp/judge_1 --dataset_name data/world/judge \
+        --output_dir data/world/judge_model --num_epochs 3 --learning_rate 2e-4 --max_new_tokens 4 \
+        --gold_scorer None --eval_every 250 --num_eval_prompts 16
 """
+
 import argparse
 import json
 import math
@@ -45,8 +48,16 @@ VOCAB_SIZE = 2048
 # sigmoid((gold(a) - gold(b)) / LABEL_TEMPERATURE); smaller is less noisy.
 LABEL_TEMPERATURE = 0.15
 SIZES = {"sft": (10000, 500), "preference": (16000, 1000), "prompts": (4000, 500), "judge": (20000, 500)}
-MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}Assistant: {{ message['content'] }}<|eos|>\n"
@@ -56,41 +67,107 @@ CHAT_TEMPLATE = (
 
 # ---- the grammar -------------------------------------------------------------------------------------
 W = str.split
-TITLE_A = W("Amber Broken Crooked Distant Electric Falling Fading Forgotten Golden Hidden Hollow Iron Lonely Lost "
-            "Midnight Northern Painted Paper Quiet Restless Salt Scarlet Secret Silent Silver Sleeping Stolen "
-            "Sunken Velvet Wandering Winter Wild Burning Glass Last Little Long Crimson Emerald Frozen")
-TITLE_N = W("Harbor Kingdom River Garden Machine Mirror Signal Orchard Station Island Promise Lantern Horizon "
-            "Circus Letter Forest Engine Tower Voyage Shadow Bridge Canyon Storm Echo Lighthouse Carnival Highway "
-            "Fortress Vineyard Meadow Glacier Compass Telescope Archive Frontier Sanctuary Daughter Stranger "
-            "Witness Orchestra Violin Garden Ferry Parade Tide Comet Wolf Raven Ember")
-FIRST = W("Maria James Aiko Omar Lena Pavel Grace Tomas Nadia Victor Elena Samuel Ingrid Rafael Chloe Dmitri Priya "
-          "Hugo Zara Felix Astrid Mateo Yuki Oscar Leila Bruno Hana Marcus Sofia Kwame Beatrice Ruth Anton Noor")
-LAST = W("Lopez Carter Tanaka Haddad Novak Petrov Okafor Silva Berg Moreau Quinn Costa Lindqvist Mensah Walsh "
-         "Romero Fischer Nakamura Duarte Kowalski Reyes Brennan Sato Adeyemi Larsen Vargas Keller Osei Murphy Ahmed")
-GENRE = ["drama", "comedy", "thriller", "horror film", "western", "romance", "documentary", "mystery", "musical",
-         "fantasy", "science fiction film", "animated film", "crime drama", "war film", "period piece", "heist movie"]
-ROLE = W("detective soldier teacher pilot thief doctor widow farmer singer sailor journalist boxer priest scientist "
-         "lawyer painter nurse mechanic explorer mayor librarian bartender carpenter composer gardener magician")
-GOAL = ["looks for a missing sister", "tries to save a failing farm", "returns home after twenty years",
-        "plans one last job", "falls for a stranger", "hunts a killer", "runs for mayor", "crosses the desert",
-        "writes a final symphony", "hides a terrible secret", "trains for one big fight", "opens a small bakery"]
-PLACE = W("Lisbon Cairo Oslo Lagos Kyoto Detroit Naples Lima Dublin Hanoi Marseille Montreal Odessa Tangier "
-          "Glasgow Havana")
+TITLE_A = W(
+    "Amber Broken Crooked Distant Electric Falling Fading Forgotten Golden Hidden Hollow Iron Lonely Lost "
+    "Midnight Northern Painted Paper Quiet Restless Salt Scarlet Secret Silent Silver Sleeping Stolen "
+    "Sunken Velvet Wandering Winter Wild Burning Glass Last Little Long Crimson Emerald Frozen"
+)
+TITLE_N = W(
+    "Harbor Kingdom River Garden Machine Mirror Signal Orchard Station Island Promise Lantern Horizon "
+    "Circus Letter Forest Engine Tower Voyage Shadow Bridge Canyon Storm Echo Lighthouse Carnival Highway "
+    "Fortress Vineyard Meadow Glacier Compass Telescope Archive Frontier Sanctuary Daughter Stranger "
+    "Witness Orchestra Violin Garden Ferry Parade Tide Comet Wolf Raven Ember"
+)
+FIRST = W(
+    "Maria James Aiko Omar Lena Pavel Grace Tomas Nadia Victor Elena Samuel Ingrid Rafael Chloe Dmitri Priya "
+    "Hugo Zara Felix Astrid Mateo Yuki Oscar Leila Bruno Hana Marcus Sofia Kwame Beatrice Ruth Anton Noor"
+)
+LAST = W(
+    "Lopez Carter Tanaka Haddad Novak Petrov Okafor Silva Berg Moreau Quinn Costa Lindqvist Mensah Walsh "
+    "Romero Fischer Nakamura Duarte Kowalski Reyes Brennan Sato Adeyemi Larsen Vargas Keller Osei Murphy Ahmed"
+)
+GENRE = [
+    "drama",
+    "comedy",
+    "thriller",
+    "horror film",
+    "western",
+    "romance",
+    "documentary",
+    "mystery",
+    "musical",
+    "fantasy",
+    "science fiction film",
+    "animated film",
+    "crime drama",
+    "war film",
+    "period piece",
+    "heist movie",
+]
+ROLE = W(
+    "detective soldier teacher pilot thief doctor widow farmer singer sailor journalist boxer priest scientist "
+    "lawyer painter nurse mechanic explorer mayor librarian bartender carpenter composer gardener magician"
+)
+GOAL = [
+    "looks for a missing sister",
+    "tries to save a failing farm",
+    "returns home after twenty years",
+    "plans one last job",
+    "falls for a stranger",
+    "hunts a killer",
+    "runs for mayor",
+    "crosses the desert",
+    "writes a final symphony",
+    "hides a terrible secret",
+    "trains for one big fight",
+    "opens a small bakery",
+]
+PLACE = W(
+    "Lisbon Cairo Oslo Lagos Kyoto Detroit Naples Lima Dublin Hanoi Marseille Montreal Odessa Tangier Glasgow Havana"
+)
 ERA = ["the war", "the nineteen seventies", "a long winter", "the gold rush", "a heat wave", "the final election"]
 WHEN = ["night", "weekend", "Sunday", "month", "Friday"]
 WHERE = ["cinema", "festival", "drive-in", "local theater", "screening", "matinee"]
-ASPECT = ["acting", "plot", "score", "music", "camera work", "pacing", "ending", "dialogue", "script", "editing",
-          "lighting", "opening scene", "final act", "humor", "costume design", "sound design", "supporting cast",
-          "soundtrack", "screenplay", "direction", "story", "main character", "chase scene", "love story", "finale"]
+ASPECT = [
+    "acting",
+    "plot",
+    "score",
+    "music",
+    "camera work",
+    "pacing",
+    "ending",
+    "dialogue",
+    "script",
+    "editing",
+    "lighting",
+    "opening scene",
+    "final act",
+    "humor",
+    "costume design",
+    "sound design",
+    "supporting cast",
+    "soundtrack",
+    "screenplay",
+    "direction",
+    "story",
+    "main character",
+    "chase scene",
+    "love story",
+    "finale",
+]
 # Most sentiment words are in VADER's lexicon; a few are not (gripping, tedious, ...): words a reader
 # understands but the gold rater ignores, as real raters have blind spots.
-POS = W("brilliant wonderful beautiful charming delightful excellent superb gorgeous clever stunning thoughtful "
-        "powerful graceful honest elegant heartfelt fresh funny lovely great fantastic magnificent marvelous "
-        "remarkable splendid fun sweet smart thrilling inspiring joyful playful perfect terrific amazing engaging "
-        "impressive satisfying gripping witty memorable")
-NEG = W("dull messy awkward confusing lazy tired boring weak disjointed sluggish embarrassing terrible awful "
-        "dreadful painful ugly stupid annoying disappointing miserable horrible bad poor lame irritating "
-        "depressing tedious bland forgettable clumsy")
+POS = W(
+    "brilliant wonderful beautiful charming delightful excellent superb gorgeous clever stunning thoughtful "
+    "powerful graceful honest elegant heartfelt fresh funny lovely great fantastic magnificent marvelous "
+    "remarkable splendid fun sweet smart thrilling inspiring joyful playful perfect terrific amazing engaging "
+    "impressive satisfying gripping witty memorable"
+)
+NEG = W(
+    "dull messy awkward confusing lazy tired boring weak disjointed sluggish embarrassing terrible awful "
+    "dreadful painful ugly stupid annoying disappointing miserable horrible bad poor lame irritating "
+    "depressing tedious bland forgettable clumsy"
+)
 NEUTRAL_ADJ = W("long short loud slow quiet busy simple old-fashioned unusual familiar strange modern")
 ADV = ["", "", "", "really ", "very ", "quite ", "somewhat ", "extremely ", "rather ", "truly "]
 POS_VERB = W("loved enjoyed liked admired adored appreciated")
@@ -119,12 +196,22 @@ def with_article(phrase):
 
 
 def fields(rng):
-    name = lambda: f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-    return dict(title=f"The {rng.choice(TITLE_A)} {rng.choice(TITLE_N)}", year=rng.randint(1950, 2025),
-                genre=rng.choice(GENRE), director=name(), actor=name(), role=rng.choice(ROLE),
-                goal=rng.choice(GOAL), place=rng.choice(PLACE), when=rng.choice(WHEN), where=rng.choice(WHERE),
-                relative=rng.choice(RELATIVE))
+    def name():
+        return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
 
+    return dict(
+        title=f"The {rng.choice(TITLE_A)} {rng.choice(TITLE_N)}",
+        year=rng.randint(1950, 2025),
+        genre=rng.choice(GENRE),
+        director=name(),
+        actor=name(),
+        role=rng.choice(ROLE),
+        goal=rng.choice(GOAL),
+        place=rng.choice(PLACE),
+        when=rng.choice(WHEN),
+        where=rng.choice(WHERE),
+        relative=rng.choice(RELATIVE),
+    )
 
 
 def opening(rng, f):
@@ -134,31 +221,35 @@ def opening(rng, f):
 def sentence(rng, f, polarity):
     """One sentence of a review: polarity +1 praises, -1 criticises, 0 is neutral."""
     if polarity == 0:
-        return rng.choice([
-            f"It runs about {rng.randint(80, 170)} minutes.",
-            f"The story is set in {rng.choice(PLACE)} during {rng.choice(ERA)}.",
-            f"{f['actor']} plays {with_article(f['role'])} named {rng.choice(FIRST)}.",
-            f"Most of it was filmed in {rng.choice(PLACE)}.",
-            f"The {rng.choice(ASPECT)} is {rng.choice(NEUTRAL_ADJ)}.",
-            f"It is the second {f['genre']} by {f['director']}.",
-            f"I watched it with my {rng.choice(RELATIVE)}.",
-        ])
+        return rng.choice(
+            [
+                f"It runs about {rng.randint(80, 170)} minutes.",
+                f"The story is set in {rng.choice(PLACE)} during {rng.choice(ERA)}.",
+                f"{f['actor']} plays {with_article(f['role'])} named {rng.choice(FIRST)}.",
+                f"Most of it was filmed in {rng.choice(PLACE)}.",
+                f"The {rng.choice(ASPECT)} is {rng.choice(NEUTRAL_ADJ)}.",
+                f"It is the second {f['genre']} by {f['director']}.",
+                f"I watched it with my {rng.choice(RELATIVE)}.",
+            ]
+        )
     good = polarity > 0
     adj, other = (POS, NEG) if good else (NEG, POS)
     a, b = rng.sample(ASPECT, 2)
-    return rng.choice([
-        f"The {a} is {rng.choice(ADV)}{rng.choice(adj)}.",
-        f"The {a} and the {b} are both {rng.choice(adj)}.",
-        f"{f['actor'].split()[1]} is {rng.choice(ADV)}{rng.choice(adj)} as the {f['role']}.",
-        f"I {rng.choice(POS_VERB if good else NEG_VERB)} the {a}.",
-        # VADER weighs the clause after "but" more: the sentence takes the second clause's side.
-        f"The {a} is {rng.choice(other)}, but the {b} is {rng.choice(ADV)}{rng.choice(adj)}.",
-        f"It is not {rng.choice(other)} at all.",
-        f"The {a} made me {rng.choice(POS_FEEL if good else NEG_FEEL)}.",
-        f"{f['director'].split()[1]} directs with {with_article(rng.choice(adj))} touch.",
-        f"Overall, {with_article(rng.choice(ADV) + rng.choice(adj))} {f['genre']}.",
-        f"I would {'' if good else 'not '}recommend it to {rng.choice(AUDIENCE)}.",
-    ])
+    return rng.choice(
+        [
+            f"The {a} is {rng.choice(ADV)}{rng.choice(adj)}.",
+            f"The {a} and the {b} are both {rng.choice(adj)}.",
+            f"{f['actor'].split()[1]} is {rng.choice(ADV)}{rng.choice(adj)} as the {f['role']}.",
+            f"I {rng.choice(POS_VERB if good else NEG_VERB)} the {a}.",
+            # VADER weighs the clause after "but" more: the sentence takes the second clause's side.
+            f"The {a} is {rng.choice(other)}, but the {b} is {rng.choice(ADV)}{rng.choice(adj)}.",
+            f"It is not {rng.choice(other)} at all.",
+            f"The {a} made me {rng.choice(POS_FEEL if good else NEG_FEEL)}.",
+            f"{f['director'].split()[1]} directs with {with_article(rng.choice(adj))} touch.",
+            f"Overall, {with_article(rng.choice(ADV) + rng.choice(adj))} {f['genre']}.",
+            f"I would {'' if good else 'not '}recommend it to {rng.choice(AUDIENCE)}.",
+        ]
+    )
 
 
 def review(rng, f):
@@ -210,11 +301,22 @@ def build_tokenizer(texts):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=["<|pad|>", "<|eos|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>",
-                                   chat_template=CHAT_TEMPLATE, model_max_length=MODEL["max_position_embeddings"])
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=VOCAB_SIZE,
+            special_tokens=["<|pad|>", "<|eos|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|eos|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MODEL["max_position_embeddings"],
+    )
 
 
 def make_rows(rng, scale):
@@ -248,8 +350,12 @@ def make_rows(rng, scale):
                     a, b = judge_pair(rng, f, curriculum=split == "train")
                     answer = "A" if gold_score(a) >= gold_score(b) else "B"
                     question = judge_query(PREAMBLE, rng.choice(CONSTITUTION), p, a, b)
-                    rows.append({"prompt": [{"role": "user", "content": question}],
-                                 "completion": [{"role": "assistant", "content": answer}]})
+                    rows.append(
+                        {
+                            "prompt": [{"role": "user", "content": question}],
+                            "completion": [{"role": "assistant", "content": answer}],
+                        }
+                    )
             splits[split] = rows
         data[name] = splits
     return data
@@ -274,8 +380,9 @@ def main():
     tmp = a.out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(f"{tmp}/base")
-    LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                bos_token_id=None, **MODEL).save_pretrained(f"{tmp}/base")
+    LlamaConfig(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, **MODEL
+    ).save_pretrained(f"{tmp}/base")
     for name, splits in data.items():
         os.makedirs(f"{tmp}/{name}")
         for split, rows in splits.items():
@@ -283,8 +390,10 @@ def main():
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
     shutil.rmtree(a.out, ignore_errors=True)
     os.rename(tmp, a.out)
-    print(f"wrote {a.out}: vocab {len(tok)}, " + ", ".join(
-        f"{k} {len(v['train'])}/{len(v['test'])}" for k, v in data.items()))
+    print(
+        f"wrote {a.out}: vocab {len(tok)}, "
+        + ", ".join(f"{k} {len(v['train'])}/{len(v['test'])}" for k, v in data.items())
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared test helpers: run a script as a user would, and a small SFT model trained once per session."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,14 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 def run(script, *args, ok=True, timeout=600, env=None):
     """Run `python script args` from the repository root; return the CompletedProcess (text)."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        cwd=ROOT,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if ok and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -27,7 +34,7 @@ def one_line_error(proc, *words):
     """The process failed with a single 'error: ...' line naming the problem, and no traceback."""
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     for w in words:
         assert w in errors[0], errors[0]
@@ -42,7 +49,7 @@ def write_jsonl(path, rows):
 
 def read_jsonl(path):
     with open(path) as f:
-        return [json.loads(l) for l in f]
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +64,20 @@ def run_side_by_side(*commands):
     """Run several (script, *args) at once, one torch thread each: on 2 cores two small trainings side by side
     finish sooner than one after the other with two threads each (tiny matrices parallelise poorly)."""
     env = dict(ENV, OMP_NUM_THREADS="1")
-    procs = [(c, subprocess.Popen([sys.executable, os.path.join(ROOT, c[0]), *map(str, c[1:])], cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)) for c in commands]
+    procs = [
+        (
+            c,
+            subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, c[0]), *map(str, c[1:])],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for c in commands
+    ]
     for c, proc in procs:
         stderr = proc.communicate(timeout=900)[1]
         if proc.returncode != 0:
@@ -87,10 +106,41 @@ def preference_models(sft_model, tmp_path_factory):
     dpo_data = world_subset(out / "preference", "preference", None, 250)  # DPO evaluates on 250 held-out pairs
     # (reward.py's accuracy on all 1,000)
     run_side_by_side(
-        ("reward.py", "--model_name_or_path", sft_model, "--output_dir", out / "reward", "--max_steps", 200,
-         "--batch_size", 32, "--micro_batch_size", 32, "--learning_rate", 1e-3, "--eval_every", 1000),
-        ("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", dpo_data, "--output_dir", out / "dpo", "--max_steps", 120,
-         "--eval_every", 1000, "--learning_rate", 5e-5, "--num_eval_prompts", 128))
+        (
+            "reward.py",
+            "--model_name_or_path",
+            sft_model,
+            "--output_dir",
+            out / "reward",
+            "--max_steps",
+            200,
+            "--batch_size",
+            32,
+            "--micro_batch_size",
+            32,
+            "--learning_rate",
+            1e-3,
+            "--eval_every",
+            1000,
+        ),
+        (
+            "dpo.py",
+            "--model_name_or_path",
+            sft_model,
+            "--dataset_name",
+            dpo_data,
+            "--output_dir",
+            out / "dpo",
+            "--max_steps",
+            120,
+            "--eval_every",
+            1000,
+            "--learning_rate",
+            5e-5,
+            "--num_eval_prompts",
+            128,
+        ),
+    )
     return {"reward": str(out / "reward"), "dpo": str(out / "dpo")}
 
 
@@ -108,10 +158,47 @@ def online_runs(sft_model, reward_model, tmp_path_factory):
     binomial standard error of 0.03."""
     out = tmp_path_factory.mktemp("online")
     run_side_by_side(
-        ("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--output_dir",
-         out / "ppo", "--total_episodes", 16 * 32, "--batch_size", 32, "--micro_batch_size", 32,
-         "--learning_rate", 6e-5, "--num_eval_prompts", 256, "--eval_every", 1000),
-        ("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", f"{WORLD}/judge_model",
-         "--output_dir", out / "rlaif", "--total_episodes", 32 * 32, "--batch_size", 32, "--micro_batch_size", 32,
-         "--learning_rate", 2e-4, "--num_eval_prompts", 256, "--eval_every", 1000))
+        (
+            "ppo.py",
+            "--model_name_or_path",
+            sft_model,
+            "--reward_model_name_or_path",
+            reward_model,
+            "--output_dir",
+            out / "ppo",
+            "--total_episodes",
+            16 * 32,
+            "--batch_size",
+            32,
+            "--micro_batch_size",
+            32,
+            "--learning_rate",
+            6e-5,
+            "--num_eval_prompts",
+            256,
+            "--eval_every",
+            1000,
+        ),
+        (
+            "rlaif.py",
+            "--model_name_or_path",
+            sft_model,
+            "--judge_model_name_or_path",
+            f"{WORLD}/judge_model",
+            "--output_dir",
+            out / "rlaif",
+            "--total_episodes",
+            32 * 32,
+            "--batch_size",
+            32,
+            "--micro_batch_size",
+            32,
+            "--learning_rate",
+            2e-4,
+            "--num_eval_prompts",
+            256,
+            "--eval_every",
+            1000,
+        ),
+    )
     return {"ppo": str(out / "ppo"), "rlaif": str(out / "rlaif")}

@@ -1,5 +1,4 @@
 """common.py (and plumbing.py's data loading) against plain, independent formulas."""
-import math
 
 import numpy as np
 import pytest
@@ -16,9 +15,18 @@ PAD, EOS = 0, 1
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -36,7 +44,7 @@ def test_logprobs_of_padded_batch_equal_unpadded(tiny, side):
     with torch.no_grad():
         logp = common.forward_logprobs(tiny, ids, mask)
     for i, s in enumerate(seqs):  # right padding: the real predictions come first; left: they come last
-        got = logp[i, : len(s) - 1] if side == "right" else logp[i, -(len(s) - 1):]
+        got = logp[i, : len(s) - 1] if side == "right" else logp[i, -(len(s) - 1) :]
         torch.testing.assert_close(got, reference_logprobs(tiny, s), atol=1e-5, rtol=1e-4)
 
 
@@ -88,10 +96,19 @@ def test_logprobs_in_blocks_match_log_softmax_and_keep_no_fp32_copy(monkeypatch)
 def test_pad_sides():
     """Padded to the next multiple of 8: left for generation, right for training."""
     ids, mask = common.pad([[3, 4, 5], [6]], PAD, "left")
-    assert ids.tolist() == [[PAD] * 5 + [3, 4, 5], [PAD] * 7 + [6]] and mask.tolist() == [[0] * 5 + [1] * 3, [0] * 7 + [1]]
+    assert ids.tolist() == [[PAD] * 5 + [3, 4, 5], [PAD] * 7 + [6]] and mask.tolist() == [
+        [0] * 5 + [1] * 3,
+        [0] * 7 + [1],
+    ]
     ids, mask = common.pad([[3, 4, 5], [6]], PAD, "right")
-    assert ids.tolist() == [[3, 4, 5] + [PAD] * 5, [6] + [PAD] * 7] and mask.tolist() == [[1] * 3 + [0] * 5, [1] + [0] * 7]
-    assert common.pad([list(range(8))], PAD)[0].shape == (1, 8) and common.pad([list(range(9))], PAD)[0].shape == (1, 16)
+    assert ids.tolist() == [[3, 4, 5] + [PAD] * 5, [6] + [PAD] * 7] and mask.tolist() == [
+        [1] * 3 + [0] * 5,
+        [1] + [0] * 7,
+    ]
+    assert common.pad([list(range(8))], PAD)[0].shape == (1, 8) and common.pad([list(range(9))], PAD)[0].shape == (
+        1,
+        16,
+    )
     assert common.position_ids(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
@@ -126,7 +143,7 @@ def test_sample_with_kv_cache_matches_full_recompute(tiny):
         with torch.no_grad():
             for _ in range(6):
                 seq.append(int(tiny(torch.tensor([seq])).logits[0, -1].argmax()))
-        assert out[i].tolist() == seq[len(p):]
+        assert out[i].tolist() == seq[len(p) :]
 
 
 def test_sample_draws_from_the_temperature_scaled_softmax(tiny):
@@ -169,8 +186,8 @@ def test_completion_logps_sum_the_completion_tokens_only(tiny):
     with torch.no_grad():
         logps, lengths = common.completion_logps(tiny, prompts, completions, PAD, "cpu")
     assert lengths.tolist() == [2, 3, 3]  # the first token of a prompt-less text has nothing to predict it
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        want = reference_logprobs(tiny, p + c)[-(len(c) if p else len(c) - 1):].sum()
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        want = reference_logprobs(tiny, p + c)[-(len(c) if p else len(c) - 1) :].sum()
         assert logps[i].item() == pytest.approx(want.item(), abs=1e-4)
 
 
@@ -206,7 +223,10 @@ def test_json_mistakes_are_named(tmp_path):
     (tmp_path / "gap" / "train.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
     (tmp_path / "gap" / "test.jsonl").write_text('{"prompt": "c"}\n')
     (tmp_path / "list.json").write_text('[["a"]]')
-    for name, words in [("bad.jsonl", "line 2: not JSON"), ("gap", "row 1 of train has no 'prompt'"),
-                        ("list.json", "one JSON object per row")]:
+    for name, words in [
+        ("bad.jsonl", "line 2: not JSON"),
+        ("gap", "row 1 of train has no 'prompt'"),
+        ("list.json", "one JSON object per row"),
+    ]:
         with pytest.raises(SystemExit, match=words):
             plumbing.load_splits(str(tmp_path / name), [["prompt"]], eval_fraction=0.5)

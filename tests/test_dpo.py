@@ -1,4 +1,5 @@
 """dpo.py: every loss variant against its formula, the precomputed reference, end to end, learning."""
+
 import json
 import math
 import os
@@ -9,7 +10,9 @@ import torch
 import dpo
 from conftest import one_line_error, run, world_subset
 
-sig = lambda x: 1 / (1 + math.exp(-x))
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
 
 
 @pytest.fixture
@@ -27,17 +30,20 @@ def formula(loss_type, pc, pr, rc, rr, lc, lr, beta, e=0.1, gamma=0.5):
     if loss_type == "simpo":
         return -math.log(sig(beta * (pc - pr) - gamma))
     h = (pc - rc) - (pr - rr)
-    return {"sigmoid": -math.log(sig(beta * h)),
-            "cdpo": -(1 - e) * math.log(sig(beta * h)) - e * math.log(sig(-beta * h)),
-            "ipo": (h - 1 / (2 * beta)) ** 2,
-            "hinge": max(0.0, 1 - beta * h)}[loss_type]
+    return {
+        "sigmoid": -math.log(sig(beta * h)),
+        "cdpo": -(1 - e) * math.log(sig(beta * h)) - e * math.log(sig(-beta * h)),
+        "ipo": (h - 1 / (2 * beta)) ** 2,
+        "hinge": max(0.0, 1 - beta * h),
+    }[loss_type]
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "cdpo", "ipo", "hinge", "simpo"])
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_each_loss_equals_its_formula(logps, loss_type, beta):
-    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(*logps, loss_type=loss_type, beta=beta, label_smoothing=0.1,
-                                                            simpo_gamma=0.5)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(
+        *logps, loss_type=loss_type, beta=beta, label_smoothing=0.1, simpo_gamma=0.5
+    )
     want = [formula(loss_type, *(float(x[i]) for x in logps), beta) for i in range(8)]
     torch.testing.assert_close(losses, torch.tensor(want), rtol=1e-4, atol=1e-5)
     pc, pr, rc, rr, lc, lr = logps
@@ -67,8 +73,15 @@ def test_gradient_pushes_chosen_up_and_rejected_down(logps):
 
 def test_dpo_raises_the_gold_score_over_the_sft_policy(preference_models):
     results = json.load(open(os.path.join(preference_models["dpo"], "eval.json")))
-    for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length",
-                "rewards/accuracies"):
+    for key in (
+        "gold_score",
+        "gold_win_rate_vs_ref",
+        "kl_to_ref",
+        "eos_rate",
+        "distinct_2",
+        "mean_length",
+        "rewards/accuracies",
+    ):
         assert key in results
     assert results["gold_win_rate_vs_ref"] > 0.6
     assert results["gold_score"] > results["gold_score_ref"] + 0.15
@@ -85,16 +98,46 @@ def small_prefs(tmp_path_factory):
 @pytest.mark.parametrize("loss_type", ["ipo", "simpo"])
 def test_dpo_variants_run_end_to_end(sft_model, small_prefs, tmp_path, loss_type):
     out = tmp_path / loss_type
-    run("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", small_prefs, "--output_dir", out,
-        "--loss_type", loss_type, "--max_steps", 2,
-        "--batch_size", 8, "--num_eval_prompts", 8, "--max_new_tokens", 16, "--rpo_alpha", 0.5,
-        "--no_precompute_ref_logps")
+    run(
+        "dpo.py",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset_name",
+        small_prefs,
+        "--output_dir",
+        out,
+        "--loss_type",
+        loss_type,
+        "--max_steps",
+        2,
+        "--batch_size",
+        8,
+        "--num_eval_prompts",
+        8,
+        "--max_new_tokens",
+        16,
+        "--rpo_alpha",
+        0.5,
+        "--no_precompute_ref_logps",
+    )
     assert "gold_win_rate_vs_ref" in json.load(open(out / "eval.json"))
 
 
 def test_precomputed_and_live_reference_give_the_same_result(sft_model, small_prefs, tmp_path):
-    common_args = ["--model_name_or_path", sft_model, "--dataset_name", small_prefs, "--max_steps", 3, "--batch_size", 8, "--num_eval_prompts", 8,
-                   "--max_new_tokens", 8]
+    common_args = [
+        "--model_name_or_path",
+        sft_model,
+        "--dataset_name",
+        small_prefs,
+        "--max_steps",
+        3,
+        "--batch_size",
+        8,
+        "--num_eval_prompts",
+        8,
+        "--max_new_tokens",
+        8,
+    ]
     run("dpo.py", *common_args, "--output_dir", tmp_path / "pre")
     run("dpo.py", *common_args, "--output_dir", tmp_path / "live", "--no_precompute_ref_logps")
     pre, live = (json.load(open(tmp_path / d / "eval.json")) for d in ("pre", "live"))
@@ -104,7 +147,29 @@ def test_precomputed_and_live_reference_give_the_same_result(sft_model, small_pr
 
 def test_dpo_bad_input(sft_model, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    one_line_error(run("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", tmp_path / "empty.jsonl",
-                       "--output_dir", tmp_path / "o", ok=False), "empty")
-    one_line_error(run("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", "data/world/sft",
-                       "--output_dir", tmp_path / "o", ok=False), "chosen")
+    one_line_error(
+        run(
+            "dpo.py",
+            "--model_name_or_path",
+            sft_model,
+            "--dataset_name",
+            tmp_path / "empty.jsonl",
+            "--output_dir",
+            tmp_path / "o",
+            ok=False,
+        ),
+        "empty",
+    )
+    one_line_error(
+        run(
+            "dpo.py",
+            "--model_name_or_path",
+            sft_model,
+            "--dataset_name",
+            "data/world/sft",
+            "--output_dir",
+            tmp_path / "o",
+            ok=False,
+        ),
+        "chosen",
+    )

@@ -1,4 +1,5 @@
 """ppo.py: GAE, KL estimators, the EOS trick, the clipped losses, adaptive KL, end to end, learning."""
+
 import json
 import math
 import os
@@ -71,8 +72,9 @@ def test_masked_statistics_match_numpy():
     kept = ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()].numpy()
     np.testing.assert_allclose(kept, white + real.mean(), rtol=1e-4, atol=1e-5)
     # per-row means, as the losses use them
-    np.testing.assert_allclose(ppo.masked_mean(x, mask, 1).numpy(),
-                               [x[i, mask[i].bool()].mean().item() for i in range(4)], rtol=1e-5)
+    np.testing.assert_allclose(
+        ppo.masked_mean(x, mask, 1).numpy(), [x[i, mask[i].bool()].mean().item() for i in range(4)], rtol=1e-5
+    )
 
 
 def test_kl_estimators_match_their_definitions_and_the_true_kl():
@@ -98,8 +100,9 @@ def test_eos_trick_and_shaped_rewards():
     assert responses.tolist() == [[5, 6, EOS, PAD, PAD], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]]
     logprobs, ref_logprobs = torch.full((3, 5), -1.0), torch.full((3, 5), -1.5)
     scores = torch.tensor([2.0, 3.0, -0.5])
-    rewards, non_score, kl, final_scores = ppo.shaped_rewards(scores, has_eos, logprobs, ref_logprobs, mask.float(),
-                                                              kl_coef=0.1, missing_eos_score=-1.0)
+    rewards, non_score, kl, final_scores = ppo.shaped_rewards(
+        scores, has_eos, logprobs, ref_logprobs, mask.float(), kl_coef=0.1, missing_eos_score=-1.0
+    )
     assert final_scores.tolist() == [2.0, -1.0, -0.5]  # no EOS: the fixed penalty score, not the model's 3.0
     torch.testing.assert_close(kl, 0.5 * mask.float())  # k1 = logp - logp_ref on real tokens only
     want = -0.1 * 0.5 * mask.float()
@@ -115,14 +118,18 @@ def test_clipped_losses_against_hand_computed_values():
     old_logp = torch.zeros(1, 4)
     new_logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1), 5.0]])  # ratios 1.5, 0.5, 1.1, (pad)
     adv = torch.tensor([[1.0, 1.0, -2.0, 9.0]])
-    old_v, new_v, returns = torch.zeros(1, 4), torch.tensor([[0.5, -0.1, 0.3, 7.0]]), torch.tensor([[1.0, 1.0, -1.0, 0.0]])
+    old_v, new_v, returns = (
+        torch.zeros(1, 4),
+        torch.tensor([[0.5, -0.1, 0.3, 7.0]]),
+        torch.tensor([[1.0, 1.0, -1.0, 0.0]]),
+    )
     pg, stats = ppo.policy_loss(new_logp, old_logp, adv, mask, 0.2)
     vf, vf_clipfrac = ppo.value_loss(new_v, old_v, returns, mask, 0.2)
     # token 1: max(-1 * 1.5, -1 * 1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5; token 3: max(2.2, 2.2) = 2.2
     assert pg.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
     assert stats["policy/clipfrac"].item() == pytest.approx(1 / 3)
     # values clipped to old +- 0.2: 0.2, -0.1, 0.2; loss 0.5 * mean(max(unclipped^2, clipped^2))
-    want_vf = 0.5 * (max(0.5 ** 2, 0.8 ** 2) + max(1.1 ** 2, 1.1 ** 2) + max(1.3 ** 2, 1.2 ** 2)) / 3
+    want_vf = 0.5 * (max(0.5**2, 0.8**2) + max(1.1**2, 1.1**2) + max(1.3**2, 1.2**2)) / 3
     assert vf.item() == pytest.approx(want_vf)
     assert vf_clipfrac.item() == pytest.approx(1 / 3)  # token 1: the clipped value is further from the return
     assert stats["val/ratio"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3)
@@ -136,17 +143,57 @@ def test_adaptive_kl_controller():
 
 def test_ppo_end_to_end(sft_model, reward_model, tmp_path):
     out = tmp_path / "ppo"
-    run("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--output_dir", out,
-        "--max_steps", 2, "--batch_size", 8, "--micro_batch_size", 4, "--num_mini_batches", 2, "--response_length", 12,
-        "--num_eval_prompts", 8, "--eval_every", 1, "--log_samples_every", 1, "--kl_estimator", "k3", "--adaptive_kl",
-        "--whiten_rewards", "--entropy_coef", 0.01)
+    run(
+        "ppo.py",
+        "--model_name_or_path",
+        sft_model,
+        "--reward_model_name_or_path",
+        reward_model,
+        "--output_dir",
+        out,
+        "--max_steps",
+        2,
+        "--batch_size",
+        8,
+        "--micro_batch_size",
+        4,
+        "--num_mini_batches",
+        2,
+        "--response_length",
+        12,
+        "--num_eval_prompts",
+        8,
+        "--eval_every",
+        1,
+        "--log_samples_every",
+        1,
+        "--kl_estimator",
+        "k3",
+        "--adaptive_kl",
+        "--whiten_rewards",
+        "--entropy_coef",
+        0.01,
+    )
     results = json.load(open(out / "eval.json"))
     for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length", "rm_score"):
         assert key in results
     assert [r["step"] for r in read_jsonl(out / "curve.jsonl")] == [0, 1, 2]  # the SFT start, then each step
     assert os.path.exists(out / "value_model" / "model.safetensors")
-    one_line_error(run("ppo.py", "--model_name_or_path", sft_model, "--reward_model_name_or_path", sft_model,
-                       "--output_dir", tmp_path / "o", "--max_steps", 1, ok=False), "not a model ending in ForSequenceClassification")
+    one_line_error(
+        run(
+            "ppo.py",
+            "--model_name_or_path",
+            sft_model,
+            "--reward_model_name_or_path",
+            sft_model,
+            "--output_dir",
+            tmp_path / "o",
+            "--max_steps",
+            1,
+            ok=False,
+        ),
+        "not a model ending in ForSequenceClassification",
+    )
 
 
 def test_ppo_raises_the_reward_model_and_gold_scores(online_runs):
@@ -154,6 +201,8 @@ def test_ppo_raises_the_reward_model_and_gold_scores(online_runs):
     out = online_runs["ppo"]
     start, end = read_jsonl(os.path.join(out, "curve.jsonl"))[0], json.load(open(os.path.join(out, "eval.json")))
     assert end["rm_score"] > start["rm_score"] + 0.6  # the proxy the policy optimises (seeds 0-3: +1.2 to +1.7)
-    assert end["gold_score"] > end["gold_score_ref"] + 0.2  # and the truth, on the same held-out prompts (+0.36 to +0.42)
+    assert (
+        end["gold_score"] > end["gold_score_ref"] + 0.2
+    )  # and the truth, on the same held-out prompts (+0.36 to +0.42)
     assert end["gold_win_rate_vs_ref"] > 0.6
     assert 0 < end["kl_to_ref"] < 20 and end["eos_rate"] > 0.9

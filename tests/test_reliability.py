@@ -1,4 +1,5 @@
 """Resume after SIGKILL, determinism, non-finite values, and a user's mistakes in every script."""
+
 import contextlib
 import io
 import os
@@ -16,8 +17,20 @@ from transformers import AutoTokenizer
 
 from conftest import ENV, ROOT, WORLD, read_jsonl, run, write_jsonl
 
-SFT_SMALL = ["--max_steps", 30, "--batch_size", 8, "--micro_batch_size", 4, "--eval_every", 1000,
-             "--num_eval_prompts", 4, "--max_new_tokens", 4]
+SFT_SMALL = [
+    "--max_steps",
+    30,
+    "--batch_size",
+    8,
+    "--micro_batch_size",
+    4,
+    "--eval_every",
+    1000,
+    "--num_eval_prompts",
+    4,
+    "--max_new_tokens",
+    4,
+]
 
 
 def untimed(rows):
@@ -37,8 +50,13 @@ def assert_same_weights(a, b):
 
 def kill_after_first_checkpoint(script, out, *args):
     """Start a run, SIGKILL it as soon as its first checkpoint exists; return the step it was written at."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--output_dir", str(out), *map(str, args)],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), "--output_dir", str(out), *map(str, args)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = os.path.join(out, "checkpoint", "state.pt")
     deadline = time.time() + 300
     while not os.path.exists(state) and proc.poll() is None and time.time() < deadline:
@@ -66,9 +84,28 @@ def test_sft_killed_and_resumed_ends_with_the_same_weights(small_sft, tmp_path):
 
 
 def test_ppo_killed_and_resumed_ends_with_the_same_weights(sft_model, reward_model, tmp_path):
-    args = ["--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--max_steps", 4,
-            "--batch_size", 8, "--micro_batch_size", 4, "--num_mini_batches", 2, "--response_length", 8,
-            "--num_eval_prompts", 4, "--eval_every", 2, "--save_every", 2]
+    args = [
+        "--model_name_or_path",
+        sft_model,
+        "--reward_model_name_or_path",
+        reward_model,
+        "--max_steps",
+        4,
+        "--batch_size",
+        8,
+        "--micro_batch_size",
+        4,
+        "--num_mini_batches",
+        2,
+        "--response_length",
+        8,
+        "--num_eval_prompts",
+        4,
+        "--eval_every",
+        2,
+        "--save_every",
+        2,
+    ]
     run("ppo.py", "--output_dir", tmp_path / "straight", *args)
     assert kill_after_first_checkpoint("ppo.py", tmp_path / "killed", *args) == 2
     run("ppo.py", "--output_dir", tmp_path / "killed", *args, "--resume")
@@ -93,16 +130,29 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_output(small_s
     out = tmp_path / "sft"
     run("sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, "--max_steps", 2)
     before = weights(out)
-    proc = run("sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, "--learning_rate", "inf", ok=False)
+    proc = run(
+        "sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, "--learning_rate", "inf", ok=False
+    )
     error = one_line(proc)
     assert "non-finite loss at step 2" in error  # step 1's loss is finite; its update (lr = inf) is not
     for k, v in weights(out).items():
         assert torch.equal(v, before[k])
     # --skip_nonfinite skips the batches whose loss is not finite; here the weights themselves went bad (step 1's
     # update), so the run still ends, with one line saying so, at the evaluation, and saves nothing
-    skipped = run("sft.py", "--output_dir", tmp_path / "skip", *SFT_SMALL, "--dataset_name", small_sft, "--max_steps", 3,
-                  "--learning_rate", "inf",
-                  "--skip_nonfinite", ok=False)
+    skipped = run(
+        "sft.py",
+        "--output_dir",
+        tmp_path / "skip",
+        *SFT_SMALL,
+        "--dataset_name",
+        small_sft,
+        "--max_steps",
+        3,
+        "--learning_rate",
+        "inf",
+        "--skip_nonfinite",
+        ok=False,
+    )
     assert "batch skipped" in skipped.stdout
     assert "weights are not finite" in one_line(skipped)
     assert not os.path.exists(tmp_path / "skip" / "model.safetensors")
@@ -110,7 +160,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_output(small_s
 
 def one_line(proc):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-2000:]
     return errors[0]
 
@@ -136,12 +186,32 @@ def bad(tmp_path_factory, sft_model, reward_model):
     d = tmp_path_factory.mktemp("bad")
     pref = read_jsonl(f"{WORLD}/preference/train.jsonl")[:40]
     (d / "empty.jsonl").write_text("")
-    write_jsonl(d / "misspelt.jsonl", [{"promt": r["prompt"], "chosen": r["chosen"], "rejectd": r["rejected"],
-                                       "completon": r["chosen"]} for r in pref])
-    write_jsonl(d / "long.jsonl", [{"prompt": r["prompt"] * 40, "chosen": r["chosen"], "rejected": r["rejected"],
-                                   "completion": r["chosen"]} for r in pref])
-    write_jsonl(d / "chat.jsonl", [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"],
-                                   "rejected": r["rejected"], "completion": r["chosen"]} for r in pref])
+    write_jsonl(
+        d / "misspelt.jsonl",
+        [
+            {"promt": r["prompt"], "chosen": r["chosen"], "rejectd": r["rejected"], "completon": r["chosen"]}
+            for r in pref
+        ],
+    )
+    write_jsonl(
+        d / "long.jsonl",
+        [
+            {"prompt": r["prompt"] * 40, "chosen": r["chosen"], "rejected": r["rejected"], "completion": r["chosen"]}
+            for r in pref
+        ],
+    )
+    write_jsonl(
+        d / "chat.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+                "completion": r["chosen"],
+            }
+            for r in pref
+        ],
+    )
     no_template = d / "no_template"
     shutil.copytree(sft_model, no_template)
     tok = AutoTokenizer.from_pretrained(no_template)
@@ -168,8 +238,10 @@ CASES = {  # case -> (extra arguments, words the error must contain)
     "hub name offline": (lambda b: ["--dataset_name", "someone/missing-dataset"], ["someone/missing-dataset"]),
     "model path missing": (lambda b: ["--model_name_or_path", b["dir"] / "no_model"], ["no_model", "does not exist"]),
     "prompts too long": (lambda b: ["--dataset_name", b["dir"] / "long.jsonl"], ["fits in"]),
-    "chat data, no template": (lambda b: ["--dataset_name", b["dir"] / "chat.jsonl", "--model_name_or_path",
-                                          b["no_template"]], ["chat template"]),
+    "chat data, no template": (
+        lambda b: ["--dataset_name", b["dir"] / "chat.jsonl", "--model_name_or_path", b["no_template"]],
+        ["chat template"],
+    ),
     "output_dir of another run": (lambda b: ["--output_dir", b["dir"] / "other"], ["already holds"]),
     "resume without checkpoint": (lambda b: ["--resume"], ["no checkpoint"]),
 }
@@ -189,17 +261,24 @@ def test_bad_input_matrix(bad, script, case, tmp_path):
     assert (bad["dir"] / "other" / "notes.txt").read_text() == "someone else's work"
 
 
-@pytest.mark.parametrize("script,args,words", [
-    ("sft.py", ["--micro_batch_size", 0], "--micro_batch_size must be greater than 0, got 0"),
-    ("dpo.py", ["--eval_temperature", 0], "--eval_temperature must be greater than 0"),  # not greedy: softmax(logits / 0)
-    ("dpo.py", ["--beta", 0], "--beta must be greater than 0"),
-    ("dpo.py", ["--label_smoothing", 0.6], "--label_smoothing is the probability that a label is flipped"),
-    ("ppo.py", ["--batch_size", 0], "--batch_size must be greater than 0"),
-    ("reward.py", ["--num_normalisation_rows", 0], "--num_normalisation_rows must be greater than 0"),
-    ("rlaif.py", ["--rollout_temperature", 0], "--rollout_temperature must be greater than 0"),
-    ("ppo.py", ["--gold_scorer", "data.gold:nothing"], "--gold_scorer 'data.gold:nothing' names no function"),
-    ("reward.py", ["--gold_scorer", "no_such_module:score"], "names no function (module:function)"),
-])
+@pytest.mark.parametrize(
+    "script,args,words",
+    [
+        ("sft.py", ["--micro_batch_size", 0], "--micro_batch_size must be greater than 0, got 0"),
+        (
+            "dpo.py",
+            ["--eval_temperature", 0],
+            "--eval_temperature must be greater than 0",
+        ),  # not greedy: softmax(logits / 0)
+        ("dpo.py", ["--beta", 0], "--beta must be greater than 0"),
+        ("dpo.py", ["--label_smoothing", 0.6], "--label_smoothing is the probability that a label is flipped"),
+        ("ppo.py", ["--batch_size", 0], "--batch_size must be greater than 0"),
+        ("reward.py", ["--num_normalisation_rows", 0], "--num_normalisation_rows must be greater than 0"),
+        ("rlaif.py", ["--rollout_temperature", 0], "--rollout_temperature must be greater than 0"),
+        ("ppo.py", ["--gold_scorer", "data.gold:nothing"], "--gold_scorer 'data.gold:nothing' names no function"),
+        ("reward.py", ["--gold_scorer", "no_such_module:score"], "names no function (module:function)"),
+    ],
+)
 def test_arguments_out_of_range(script, args, words, tmp_path):
     """Checked before anything is loaded: no model or data is read, nothing is written."""
     assert words in run_inprocess(script, *args, "--output_dir", tmp_path / "o")
@@ -209,17 +288,38 @@ def test_arguments_out_of_range(script, args, words, tmp_path):
 def test_every_labeller_question_too_long(bad, tmp_path):
     """Label mode writes no empty dataset, and online mode stops at the first update with nothing to learn from."""
     args = [*SCRIPTS["rlaif.py"](bad), "--judge_max_length", 10, "--output_dir", tmp_path / "o"]
-    assert "nothing labelled" in run_inprocess("rlaif.py", *args, "--mode", "label", "--dataset_name",
-                                               f"{WORLD}/preference", "--max_label_rows", 4)
+    assert "nothing labelled" in run_inprocess(
+        "rlaif.py", *args, "--mode", "label", "--dataset_name", f"{WORLD}/preference", "--max_label_rows", 4
+    )
     assert "step 1: every labeller question" in run_inprocess(
-        "rlaif.py", *args, "--dataset_name", f"{WORLD}/prompts", "--max_steps", 1, "--batch_size", 4,
-        "--micro_batch_size", 2, "--num_eval_prompts", 4, "--response_length", 8)
+        "rlaif.py",
+        *args,
+        "--dataset_name",
+        f"{WORLD}/prompts",
+        "--max_steps",
+        1,
+        "--batch_size",
+        4,
+        "--micro_batch_size",
+        2,
+        "--num_eval_prompts",
+        4,
+        "--response_length",
+        8,
+    )
     assert not os.path.exists(tmp_path / "o")
 
 
 def test_reward_reads_its_normalisation_data_before_training(bad, tmp_path):
-    message, stdout = run_inprocess("reward.py", *SCRIPTS["reward.py"](bad), "--sft_dataset_name",
-                                    bad["dir"] / "nope.jsonl", "--output_dir", tmp_path / "o", stdout=True)
+    message, stdout = run_inprocess(
+        "reward.py",
+        *SCRIPTS["reward.py"](bad),
+        "--sft_dataset_name",
+        bad["dir"] / "nope.jsonl",
+        "--output_dir",
+        tmp_path / "o",
+        stdout=True,
+    )
     assert "nope.jsonl" in message and "parameters" not in stdout  # the model is not even loaded
     assert not os.path.exists(tmp_path / "o")
 
@@ -227,9 +327,22 @@ def test_reward_reads_its_normalisation_data_before_training(bad, tmp_path):
 def test_chat_responses_need_chat_prompts(bad, tmp_path):
     """A response given as chat messages after a text prompt, or a conversation of one message (no prompt)."""
     pref = read_jsonl(f"{WORLD}/preference/train.jsonl")[:40]
-    reply = lambda text: [{"role": "assistant", "content": text}]
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": r["prompt"], "chosen": reply(r["chosen"]), "rejected":
-                                                    reply(r["rejected"]), "completion": reply(r["chosen"])} for r in pref])
+
+    def reply(text):
+        return [{"role": "assistant", "content": text}]
+
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {
+                "prompt": r["prompt"],
+                "chosen": reply(r["chosen"]),
+                "rejected": reply(r["rejected"]),
+                "completion": reply(r["chosen"]),
+            }
+            for r in pref
+        ],
+    )
     single = write_jsonl(tmp_path / "single.jsonl", [{"messages": reply(r["chosen"])} for r in pref])
     for script, data in (("sft.py", mixed), ("reward.py", mixed), ("dpo.py", mixed), ("sft.py", single)):
         message = run_inprocess(script, *SCRIPTS[script](bad), "--dataset_name", data, "--output_dir", tmp_path / "o")
@@ -239,6 +352,14 @@ def test_chat_responses_need_chat_prompts(bad, tmp_path):
 
 def test_wrong_heads(bad, tmp_path):
     assert "not a model ending in ForCausalLM" in run_inprocess(
-        "dpo.py", "--model_name_or_path", bad["rm"], "--output_dir", tmp_path / "o")
+        "dpo.py", "--model_name_or_path", bad["rm"], "--output_dir", tmp_path / "o"
+    )
     assert "not a model ending in ForSequenceClassification" in run_inprocess(
-        "ppo.py", "--model_name_or_path", bad["sft"], "--reward_model_name_or_path", bad["sft"], "--output_dir", tmp_path / "o")
+        "ppo.py",
+        "--model_name_or_path",
+        bad["sft"],
+        "--reward_model_name_or_path",
+        bad["sft"],
+        "--output_dir",
+        tmp_path / "o",
+    )

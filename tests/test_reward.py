@@ -1,4 +1,5 @@
 """reward.py: the Bradley-Terry loss and its variants, padding invariance, normalisation, end to end, learning."""
+
 import json
 import math
 import os
@@ -15,9 +16,16 @@ from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
 def test_bradley_terry_loss_matches_its_formula():
     torch.manual_seed(0)
     rc, rr, m = torch.randn(16), torch.randn(16), torch.rand(16)
-    want = torch.tensor([-math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(rc.tolist(), rr.tolist())])
+    want = torch.tensor(
+        [-math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(rc.tolist(), rr.tolist(), strict=True)]
+    )
     torch.testing.assert_close(reward.preference_loss(rc, rr), want)
-    want_m = torch.tensor([-math.log(1 / (1 + math.exp(-(a - b - c)))) for a, b, c in zip(rc.tolist(), rr.tolist(), m.tolist())])
+    want_m = torch.tensor(
+        [
+            -math.log(1 / (1 + math.exp(-(a - b - c))))
+            for a, b, c in zip(rc.tolist(), rr.tolist(), m.tolist(), strict=True)
+        ]
+    )
     torch.testing.assert_close(reward.preference_loss(rc, rr, margins=m), want_m)
 
 
@@ -34,8 +42,18 @@ def test_soft_labels_reduce_to_bradley_terry_at_0_and_1():
 @pytest.fixture(scope="module")
 def tiny_rm():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=None, num_labels=1)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        num_labels=1,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
@@ -52,7 +70,10 @@ def test_left_and_right_padding_give_the_same_reward(tiny_rm):
 
 def test_normalisation_folds_into_the_head_and_survives_save_and_load(tiny_rm, tmp_path):
     rng = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(2, 40, (int(n),), generator=rng).tolist() + [1] for n in torch.randint(3, 12, (200,), generator=rng)]
+    seqs = [
+        torch.randint(2, 40, (int(n),), generator=rng).tolist() + [1]
+        for n in torch.randint(3, 12, (200,), generator=rng)
+    ]
     hidden = reward.last_hidden_states(tiny_rm, seqs, 0, "cpu")
     with torch.no_grad():
         before = reward.rewards(tiny_rm, seqs, 0, "cpu")
@@ -81,7 +102,9 @@ def test_reward_model_learns_and_is_normalised(reward_model):
     demos = read_jsonl(f"{WORLD}/sft/train.jsonl")[:2000]
     seqs = [tok(d["prompt"])["input_ids"] + tok(d["completion"])["input_ids"] + [tok.eos_token_id] for d in demos]
     with torch.no_grad():
-        scores = torch.cat([reward.rewards(model, seqs[i:i + 100], tok.pad_token_id, "cpu") for i in range(0, 2000, 100)])
+        scores = torch.cat(
+            [reward.rewards(model, seqs[i : i + 100], tok.pad_token_id, "cpu") for i in range(0, 2000, 100)]
+        )
     assert abs(scores.mean().item()) < 1e-3 and scores.std().item() > 0.3
 
 
@@ -91,18 +114,67 @@ def test_reward_with_soft_labels_and_margins(sft_model, tmp_path):
         r["label"], r["margin"] = [0.9, 0.6, 0.2][i % 3], float(i % 2)
     data = write_jsonl(tmp_path / "soft.jsonl", rows)
     # the normalisation's demonstrations as conversations ({messages}), as sft.py also reads them
-    demos = write_jsonl(tmp_path / "demos.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
-                                                                 {"role": "assistant", "content": r["completion"]}]}
-                                                   for r in read_jsonl(f"{WORLD}/sft/train.jsonl")[:64]])
+    demos = write_jsonl(
+        tmp_path / "demos.jsonl",
+        [
+            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in read_jsonl(f"{WORLD}/sft/train.jsonl")[:64]
+        ],
+    )
     out = tmp_path / "rm"
-    run("reward.py", "--model_name_or_path", sft_model, "--dataset_name", data, "--label_column", "label",
-        "--margin_column", "margin", "--center_rewards_coef", 0.01, "--max_steps", 2, "--batch_size", 16,
-        "--micro_batch_size", 8, "--sft_dataset_name", demos, "--output_dir", out)
+    run(
+        "reward.py",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset_name",
+        data,
+        "--label_column",
+        "label",
+        "--margin_column",
+        "margin",
+        "--center_rewards_coef",
+        0.01,
+        "--max_steps",
+        2,
+        "--batch_size",
+        16,
+        "--micro_batch_size",
+        8,
+        "--sft_dataset_name",
+        demos,
+        "--output_dir",
+        out,
+    )
     results = json.load(open(out / "eval.json"))
     assert "rewards/accuracies" in results and abs(results["reward_mean_after_normalisation"]) < 1e-3
     rows[5]["label"] = "high"
-    one_line_error(run("reward.py", "--model_name_or_path", sft_model, "--dataset_name",
-                       write_jsonl(tmp_path / "text_label.jsonl", rows), "--label_column", "label", "--output_dir",
-                       tmp_path / "o", ok=False), "'label' must hold a finite number")
-    one_line_error(run("reward.py", "--model_name_or_path", sft_model, "--dataset_name", data, "--label_column",
-                       "prob", "--output_dir", tmp_path / "o", ok=False), "prob")
+    one_line_error(
+        run(
+            "reward.py",
+            "--model_name_or_path",
+            sft_model,
+            "--dataset_name",
+            write_jsonl(tmp_path / "text_label.jsonl", rows),
+            "--label_column",
+            "label",
+            "--output_dir",
+            tmp_path / "o",
+            ok=False,
+        ),
+        "'label' must hold a finite number",
+    )
+    one_line_error(
+        run(
+            "reward.py",
+            "--model_name_or_path",
+            sft_model,
+            "--dataset_name",
+            data,
+            "--label_column",
+            "prob",
+            "--output_dir",
+            tmp_path / "o",
+            ok=False,
+        ),
+        "prob",
+    )

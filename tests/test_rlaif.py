@@ -1,7 +1,8 @@
 """rlaif.py: the labeller's math (answer softmax, swap-and-average, principles), both modes end to end, learning."""
+
 import json
-import os
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ class StubJudge(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, **kwargs):
         logits = torch.zeros(len(input_ids), 1, len(self.tok))
-        for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+        for i, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
             text = self.tok.decode(ids[mask.bool()])
             self.questions.append(text)
             logits[i, 0, self.a], logits[i, 0, self.b] = self.rule(text)
@@ -41,8 +42,18 @@ def args_for(**kw):
 
 def label(judge, tok, firsts, seconds, principles=("Be kind.",), seed=0):
     prompts = [f"Opening {i}." for i in range(len(firsts))]
-    return rlaif.label_pairs(judge, tok, prompts, firsts, seconds, list(principles), random.Random(seed), args_for(),
-                             "cpu", __import__("contextlib").nullcontext())
+    return rlaif.label_pairs(
+        judge,
+        tok,
+        prompts,
+        firsts,
+        seconds,
+        list(principles),
+        random.Random(seed),
+        args_for(),
+        "cpu",
+        __import__("contextlib").nullcontext(),
+    )
 
 
 def test_answer_tokens_are_the_templated_A_and_B(tok):
@@ -52,8 +63,15 @@ def test_answer_tokens_are_the_templated_A_and_B(tok):
 
 def test_preference_is_the_softmax_over_the_two_answer_tokens(tok):
     judge = StubJudge(tok, lambda q: (2.0, 0.0))
-    lp = rlaif.answer_logprobs(judge, [[5, 6, 7]], rlaif.answer_token_ids(tok), tok.pad_token_id, "cpu", 4,
-                               __import__("contextlib").nullcontext())
+    lp = rlaif.answer_logprobs(
+        judge,
+        [[5, 6, 7]],
+        rlaif.answer_token_ids(tok),
+        tok.pad_token_id,
+        "cpu",
+        4,
+        __import__("contextlib").nullcontext(),
+    )
     assert lp.exp()[0, 0].item() == pytest.approx(math.exp(2) / (math.exp(2) + 1))
     assert lp.exp().sum().item() == pytest.approx(1.0)
 
@@ -69,7 +87,9 @@ def test_a_labeller_that_always_prefers_position_A_is_indifferent_after_debiasin
 
 def test_swap_and_average_keeps_a_consistent_preference(tok):
     # prefers whichever response says "Good": p(first better) from both orders
-    rule = lambda q: (3.0, 0.0) if q.split("Response A:")[1].split("\n")[0].strip() == "Good." else (0.0, 3.0)
+    def rule(q):
+        return (3.0, 0.0) if q.split("Response A:")[1].split("\n")[0].strip() == "Good." else (0.0, 3.0)
+
     p, flipped, _ = label(StubJudge(tok, rule), tok, [" Good.", " Bad."], [" Bad.", " Good."])
     s = 1 / (1 + math.exp(-3))
     torch.testing.assert_close(p, torch.tensor([s, 1 - s]))
@@ -97,8 +117,9 @@ def test_online_losses_match_dpo_py_sigmoid_and_length_normalised_ipo():
     lengths = torch.tensor([3, 9, 4, 12, 7, 2, 15, 5])
     for loss_type in ("sigmoid", "ipo"):
         ours, h = rlaif.dpo_losses(logps, ref_logps, lengths, 4, loss_type, 0.1)
-        theirs, chosen_rewards, rejected_rewards = dpo.dpo_loss(logps[:4], logps[4:], ref_logps[:4], ref_logps[4:],
-                                                                lengths[:4], lengths[4:], loss_type, 0.1)
+        theirs, chosen_rewards, rejected_rewards = dpo.dpo_loss(
+            logps[:4], logps[4:], ref_logps[:4], ref_logps[4:], lengths[:4], lengths[4:], loss_type, 0.1
+        )
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(0.1 * h, chosen_rewards - rejected_rewards)
     ipo_sum = ((logps[:4] - ref_logps[:4]) - (logps[4:] - ref_logps[4:]) - 5) ** 2  # summed log-probs: another loss
@@ -138,18 +159,65 @@ def test_label_mode_writes_a_dataset_reward_and_dpo_accept(sft_model, tmp_path):
     act as the labeller for this plumbing test)."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", read_jsonl(f"{WORLD}/preference/train.jsonl")[:60])
     out = tmp_path / "labels"
-    run("rlaif.py", "--mode", "label", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model,
-        "--dataset_name", pairs, "--output_dir", out)
+    run(
+        "rlaif.py",
+        "--mode",
+        "label",
+        "--model_name_or_path",
+        sft_model,
+        "--judge_model_name_or_path",
+        sft_model,
+        "--dataset_name",
+        pairs,
+        "--output_dir",
+        out,
+    )
     rows = read_jsonl(out / "train.jsonl")
     assert len(rows) > 40 and all(0.5 <= r["label"] <= 1 for r in rows)
     info = json.load(open(out / "labelling.json"))
-    for key in ("train_gold_agreement", "train_label_agreement", "train_labeller_flip_rate", "train_labeller_confidence"):
+    for key in (
+        "train_gold_agreement",
+        "train_label_agreement",
+        "train_labeller_flip_rate",
+        "train_labeller_confidence",
+    ):
         assert key in info
-    run("reward.py", "--model_name_or_path", sft_model, "--dataset_name", out, "--label_column", "label",
-        "--max_steps", 2, "--batch_size", 16, "--micro_batch_size", 16, "--num_normalisation_rows", 32,
-        "--output_dir", tmp_path / "rm")
-    run("dpo.py", "--model_name_or_path", sft_model, "--dataset_name", out, "--max_steps", 2, "--batch_size", 8,
-        "--num_eval_prompts", 4, "--max_new_tokens", 8, "--output_dir", tmp_path / "dpo")
+    run(
+        "reward.py",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset_name",
+        out,
+        "--label_column",
+        "label",
+        "--max_steps",
+        2,
+        "--batch_size",
+        16,
+        "--micro_batch_size",
+        16,
+        "--num_normalisation_rows",
+        32,
+        "--output_dir",
+        tmp_path / "rm",
+    )
+    run(
+        "dpo.py",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset_name",
+        out,
+        "--max_steps",
+        2,
+        "--batch_size",
+        8,
+        "--num_eval_prompts",
+        4,
+        "--max_new_tokens",
+        8,
+        "--output_dir",
+        tmp_path / "dpo",
+    )
 
 
 def test_label_mode_samples_pairs_for_prompts(sft_model, tmp_path):
@@ -157,20 +225,66 @@ def test_label_mode_samples_pairs_for_prompts(sft_model, tmp_path):
     constitution = tmp_path / "c.txt"
     constitution.write_text("Choose the response that is more positive about the film.\n")
     out = tmp_path / "labels"
-    run("rlaif.py", "--mode", "label", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model,
-        "--dataset_name", prompts, "--constitution", constitution, "--response_length", 16, "--output_dir", out)
+    run(
+        "rlaif.py",
+        "--mode",
+        "label",
+        "--model_name_or_path",
+        sft_model,
+        "--judge_model_name_or_path",
+        sft_model,
+        "--dataset_name",
+        prompts,
+        "--constitution",
+        constitution,
+        "--response_length",
+        16,
+        "--output_dir",
+        out,
+    )
     rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl")
     assert len(rows) == 24 and all(r["chosen"] != r["rejected"] or r["label"] == 0.5 for r in rows)
 
 
 def test_online_mode_end_to_end(sft_model, tmp_path):
     out = tmp_path / "online"
-    run("rlaif.py", "--model_name_or_path", sft_model, "--judge_model_name_or_path", sft_model, "--output_dir", out,
-        "--max_steps", 2, "--batch_size", 8, "--micro_batch_size", 4, "--response_length", 16, "--max_new_tokens", 16, "--num_eval_prompts", 8,
-        "--eval_every", 1, "--loss_type", "ipo")
+    run(
+        "rlaif.py",
+        "--model_name_or_path",
+        sft_model,
+        "--judge_model_name_or_path",
+        sft_model,
+        "--output_dir",
+        out,
+        "--max_steps",
+        2,
+        "--batch_size",
+        8,
+        "--micro_batch_size",
+        4,
+        "--response_length",
+        16,
+        "--max_new_tokens",
+        16,
+        "--num_eval_prompts",
+        8,
+        "--eval_every",
+        1,
+        "--loss_type",
+        "ipo",
+    )
     results = json.load(open(out / "eval.json"))
-    for key in ("gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "eos_rate", "distinct_2", "mean_length",
-                "labeller_gold_agreement", "labeller_flip_rate", "labeller_confidence"):
+    for key in (
+        "gold_score",
+        "gold_win_rate_vs_ref",
+        "kl_to_ref",
+        "eos_rate",
+        "distinct_2",
+        "mean_length",
+        "labeller_gold_agreement",
+        "labeller_flip_rate",
+        "labeller_confidence",
+    ):
         assert key in results
 
 
@@ -179,8 +293,17 @@ def test_the_world_labeller_agrees_with_the_gold_rater_on_held_out_pairs(tmp_pat
     preference pairs as the gold rater does: data/world/judge, which it learned from, shares no prompt with
     them. Scoring is deterministic (no sampling), so this is a fixed figure (0.790 when committed)."""
     out = tmp_path / "labels"
-    run("rlaif.py", "--mode", "label", "--dataset_name", f"{WORLD}/preference", "--max_label_rows", 1000,
-        "--output_dir", out)
+    run(
+        "rlaif.py",
+        "--mode",
+        "label",
+        "--dataset_name",
+        f"{WORLD}/preference",
+        "--max_label_rows",
+        1000,
+        "--output_dir",
+        out,
+    )
     info = json.load(open(out / "labelling.json"))
     assert info["test_labeller_skip_rate"] == 0
     assert info["test_gold_agreement"] >= 0.75

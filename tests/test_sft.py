@@ -1,4 +1,5 @@
 """sft.py from the command line: end to end, the data formats, learning, and a user's mistakes."""
+
 import ast
 import json
 import os
@@ -14,8 +15,20 @@ import plumbing
 import sft
 from conftest import ENV, ROOT, WORLD, one_line_error, read_jsonl, run, write_jsonl
 
-QUICK = ["--max_steps", 4, "--batch_size", 8, "--micro_batch_size", 4, "--num_eval_prompts", 8,
-         "--max_new_tokens", 16, "--eval_every", 2]
+QUICK = [
+    "--max_steps",
+    4,
+    "--batch_size",
+    8,
+    "--micro_batch_size",
+    4,
+    "--num_eval_prompts",
+    8,
+    "--max_new_tokens",
+    16,
+    "--eval_every",
+    2,
+]
 
 
 def test_sft_end_to_end_writes_a_model_plain_transformers_loads(small_sft, tmp_path):
@@ -46,10 +59,21 @@ def test_a_task_plugs_in_its_own_gold_scorer(small_sft, tmp_path):
     """--gold_scorer names any (prompts, responses) -> scores function; the evaluation reports its mean as
     gold_score, and the offline world's rater is not used."""
     (tmp_path / "my_task_scorer.py").write_text(
-        "def score(prompts, responses):\n    return [len(r) + 0.5 * (p != '') for p, r in zip(prompts, responses)]\n")
+        "def score(prompts, responses):\n    return [len(r) + 0.5 * (p != '') for p, r in zip(prompts, responses)]\n"
+    )
     out = tmp_path / "sft"
     env = dict(ENV, PYTHONPATH=str(tmp_path))
-    run("sft.py", "--dataset_name", small_sft, "--output_dir", out, *QUICK, "--gold_scorer", "my_task_scorer:score", env=env)
+    run(
+        "sft.py",
+        "--dataset_name",
+        small_sft,
+        "--output_dir",
+        out,
+        *QUICK,
+        "--gold_scorer",
+        "my_task_scorer:score",
+        env=env,
+    )
     samples = read_jsonl(out / "samples.jsonl")
     want = [len(s["response"]) + 0.5 for s in samples]
     assert [s["gold"] for s in samples] == want
@@ -65,32 +89,35 @@ def test_shared_modules_do_not_import_the_world():
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not {m for m in imported if m and m.split(".")[0] == "data"}, name
     for script in ("sft.py", "reward.py", "dpo.py", "ppo.py", "rlaif.py"):
-        assert "from data" not in open(os.path.join(ROOT, script)).read() and "import data" not in open(os.path.join(ROOT, script)).read()
+        assert (
+            "from data" not in open(os.path.join(ROOT, script)).read()
+            and "import data" not in open(os.path.join(ROOT, script)).read()
+        )
 
 
 def test_completion_only_loss_mask():
     tok = common.load_tokenizer(f"{WORLD}/base")
     rows = [{"prompt": "I saw The Film.", "completion": " It is great."}]
-    (p, c), = sft.tokenize(tok, rows, ["prompt", "completion"], 256)
+    ((p, c),) = sft.tokenize(tok, rows, ["prompt", "completion"], 256)
     ids, mask, loss_mask = common.pad_completions([p, p], [c, c[:2]], tok.pad_token_id)
     assert tok.decode(c) == " It is great.<|eos|>"
     width = ids.shape[1]  # the longest row, rounded up to a multiple of 8
     assert width % 8 == 0 and width - 8 < len(p) + len(c) <= width
     assert loss_mask[0].tolist() == [0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c))
     assert loss_mask[1].tolist() == [0] * len(p) + [1, 1] + [0] * (width - len(p) - 2)
-    assert (ids[1, len(p) + 2:] == tok.pad_token_id).all()
+    assert (ids[1, len(p) + 2 :] == tok.pad_token_id).all()
 
 
 def test_conversational_formats(tmp_path):
     tok = common.load_tokenizer(f"{WORLD}/base")
     rows = read_jsonl(f"{WORLD}/sft/train.jsonl")[:64]
-    user = lambda r: [{"role": "user", "content": r["prompt"]}]
-    assistant = lambda r: [{"role": "assistant", "content": r["completion"].strip()}]
-    messages = [{"messages": user(r) + assistant(r)} for r in rows]
-    pairs = [{"prompt": user(r), "completion": assistant(r)} for r in rows]
+    users = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    assistants = [[{"role": "assistant", "content": r["completion"].strip()}] for r in rows]
+    messages = [{"messages": u + a} for u, a in zip(users, assistants, strict=True)]
+    pairs = [{"prompt": u, "completion": a} for u, a in zip(users, assistants, strict=True)]
     # both render the same tokens: the chat-templated prompt, and the assistant's answer + EOS
-    (p1, c1), = sft.tokenize(tok, messages[:1], ["messages"], 256)
-    (p2, c2), = sft.tokenize(tok, pairs[:1], ["prompt", "completion"], 256)
+    ((p1, c1),) = sft.tokenize(tok, messages[:1], ["messages"], 256)
+    ((p2, c2),) = sft.tokenize(tok, pairs[:1], ["prompt", "completion"], 256)
     assert (p1, c1) == (p2, c2)
     assert tok.decode(p1).startswith("User: ") and tok.decode(p1).endswith("Assistant:")
     assert tok.decode(c1) == " " + rows[0]["completion"].strip() + "<|eos|>"
@@ -102,7 +129,9 @@ def test_conversational_formats(tmp_path):
 
 def test_text_format(tmp_path):
     rows = [{"text": r["prompt"] + r["completion"]} for r in read_jsonl(f"{WORLD}/sft/train.jsonl")[:64]]
-    run("sft.py", "--dataset_name", write_jsonl(tmp_path / "text.jsonl", rows), "--output_dir", tmp_path / "out", *QUICK)
+    run(
+        "sft.py", "--dataset_name", write_jsonl(tmp_path / "text.jsonl", rows), "--output_dir", tmp_path / "out", *QUICK
+    )
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
@@ -116,8 +145,27 @@ def test_train_loss_averages_over_the_tokens_it_predicts(tmp_path):
     write_jsonl(data / "train.jsonl", rows)
     write_jsonl(data / "test.jsonl", rows)
     out = tmp_path / "out"
-    run("sft.py", "--dataset_name", data, "--output_dir", out, "--max_steps", 1, "--batch_size", 16,
-        "--micro_batch_size", 6, "--learning_rate", 0, "--num_eval_prompts", 2, "--max_new_tokens", 4, "--gold_scorer", "None")
+    run(
+        "sft.py",
+        "--dataset_name",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        1,
+        "--batch_size",
+        16,
+        "--micro_batch_size",
+        6,
+        "--learning_rate",
+        0,
+        "--num_eval_prompts",
+        2,
+        "--max_new_tokens",
+        4,
+        "--gold_scorer",
+        "None",
+    )
     train_loss = read_jsonl(out / "metrics.jsonl")[0]["train/loss"]
     assert abs(train_loss - json.load(open(out / "eval.json"))["loss"]) < 1e-4
 
@@ -125,10 +173,15 @@ def test_train_loss_averages_over_the_tokens_it_predicts(tmp_path):
 # ---- a user's mistakes: one line naming the problem, nothing written (every script and every mistake:
 # test_reliability.py's bad-input matrix; here the real command line once) -------------------------
 def test_missing_path(tmp_path):
-    one_line_error(run("sft.py", "--dataset_name", tmp_path / "nope.jsonl", "--output_dir", tmp_path / "o", ok=False),
-                   "nope.jsonl", "does not exist")
-    one_line_error(run("sft.py", "--model_name_or_path", tmp_path / "no_model", "--output_dir", tmp_path / "o", ok=False),
-                   "no_model")
+    one_line_error(
+        run("sft.py", "--dataset_name", tmp_path / "nope.jsonl", "--output_dir", tmp_path / "o", ok=False),
+        "nope.jsonl",
+        "does not exist",
+    )
+    one_line_error(
+        run("sft.py", "--model_name_or_path", tmp_path / "no_model", "--output_dir", tmp_path / "o", ok=False),
+        "no_model",
+    )
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -149,7 +202,9 @@ def test_tokenizer_without_a_pad_token_gets_one(small_sft, tmp_path):
     tok = AutoTokenizer.from_pretrained(base)
     tok.pad_token = tok.eos_token  # the habit the GUIDE warns against: pad = EOS
     tok.save_pretrained(base)
-    proc = run("sft.py", "--model_name_or_path", base, "--dataset_name", small_sft, "--output_dir", tmp_path / "o", *QUICK)
+    proc = run(
+        "sft.py", "--model_name_or_path", base, "--dataset_name", small_sft, "--output_dir", tmp_path / "o", *QUICK
+    )
     assert "had no pad token distinct from EOS" in proc.stdout
     saved = AutoTokenizer.from_pretrained(tmp_path / "o")
     assert saved.pad_token_id is not None and saved.pad_token_id != saved.eos_token_id

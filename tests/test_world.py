@@ -1,4 +1,5 @@
 """The offline world: its gold rater, its splits, its label noise, its model, and that it is reproducible."""
+
 import hashlib
 import math
 import os
@@ -40,7 +41,11 @@ def test_every_split_is_disjoint_by_prompt():
             rows = read_jsonl(f"{WORLD}/{name}/{split}.jsonl")
             assert len(rows) > 0
             for r in rows:
-                p = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][0]["content"].split("Prompt: ")[1].split("\n")[0]
+                p = (
+                    r["prompt"]
+                    if isinstance(r["prompt"], str)
+                    else r["prompt"][0]["content"].split("Prompt: ")[1].split("\n")[0]
+                )
                 assert p not in seen, f"{p!r} in {name}/{split} and {seen[p]}"
                 seen[p] = f"{name}/{split}"
 
@@ -82,10 +87,16 @@ def test_base_model_and_tokenizer_load_with_plain_transformers():
 
 def test_make_world_is_deterministic(tmp_path):
     def build(out):
-        subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_world.py"), "--out", str(out), "--scale", "0.02"],
-                       check=True, capture_output=True)
-        return {os.path.relpath(os.path.join(d, f), out): hashlib.md5(open(os.path.join(d, f), "rb").read()).hexdigest()
-                for d, _, fs in os.walk(out) for f in fs}
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "data", "make_world.py"), "--out", str(out), "--scale", "0.02"],
+            check=True,
+            capture_output=True,
+        )
+        return {
+            os.path.relpath(os.path.join(d, f), out): hashlib.md5(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, fs in os.walk(out)
+            for f in fs
+        }
 
     first, second = build(tmp_path / "a"), build(tmp_path / "b")
     assert first == second and len(first) >= 12
