@@ -3,8 +3,8 @@
     python ppo.py                               # the offline world: runs/sft against runs/reward
     python ppo.py --kl_coef 0 --total_episodes 6144 --output_dir runs/ppo_nokl   # watch Goodhart's law
 
-RLHF as in Ziegler et al. 2019 and Ouyang et al. 2022, with the implementation details of Huang et al. (2022,
-2024) numbered as in docs/implementation_details.md. Each step rolls out `batch_size` episodes (an episode: a
+RLHF as in Ziegler et al. 2019 and Ouyang et al. 2022, with the implementation details that Huang et al.
+collected (the "N" and "N+" details), numbered as in docs/implementation_details.md. Each step rolls out `batch_size` episodes (an episode: a
 prompt and the response sampled for it) and learns from them; the comments number the step's parts as that
 file's "ppo.py" list does:
 

@@ -96,104 +96,28 @@ def prepare(args):
 
 def script_args(name, args, models, output_dir):
     """The command line of one of our scripts for the measured shapes, with the evaluation cut to a minimum."""
-    w, b = args.world, str(args.batch_size)
-    shapes = [
-        "--batch_size",
-        b,
-        "--micro_batch_size",
-        b,
-        "--max_steps",
-        str(args.steps),
-        "--output_dir",
-        output_dir,
-        "--no_gold_eval",
-        "--seed",
-        "0",
-    ]
-    if name == "sft":
-        return "sft.py", [
-            *shapes,
-            "--model_name_or_path",
-            models["policy"],
-            "--dataset_name",
-            f"{w}/sft.jsonl",
-            "--max_length",
-            str(args.max_length),
-            "--eval_every",
-            "100000",
-            "--num_eval_samples",
-            "4",
-            "--max_new_tokens",
-            "4",
-        ]
-    if name == "reward":
-        return "reward.py", [
-            *shapes,
-            "--model_name_or_path",
-            models["reward"],
-            "--dataset_name",
-            f"{w}/preference.jsonl",
-            "--sft_dataset_name",
-            f"{w}/sft.jsonl",
-            "--num_normalisation_rows",
-            "16",
-            "--max_length",
-            str(args.max_length),
-            "--eval_every",
-            "100000",
-        ]
-    if name == "dpo":  # the reference runs every step, as in the peer's TRL setup (precompute_ref_log_probs=False)
-        return "dpo.py", [
-            *shapes,
-            "--model_name_or_path",
-            models["policy"],
-            "--dataset_name",
-            f"{w}/preference.jsonl",
-            "--eval_prompts_name",
-            f"{w}/prompts.jsonl",
-            "--num_eval_prompts",
-            "4",
-            "--max_new_tokens",
-            "4",
-            "--max_length",
-            str(args.max_length),
-            "--eval_every",
-            "100000",
-            "--no_precompute_ref_logps",
-        ]
-    epochs = name.removeprefix("ppo_epochs")
-    rollouts = str(args.steps * 12 // 32)
-    return "ppo.py", [
-        "--batch_size",
-        b,
-        "--micro_batch_size",
-        b,
-        "--num_mini_batches",
-        "1",
-        "--num_ppo_epochs",
-        epochs,
-        "--max_steps",
-        rollouts,
-        "--response_length",
-        str(args.response_length),
-        "--output_dir",
-        output_dir,
-        "--model_name_or_path",
-        models["policy"],
-        "--reward_model_name_or_path",
-        models["reward"],
-        "--dataset_name",
-        f"{w}/prompts.jsonl",
-        "--num_eval_prompts",
-        "4",
-        "--eval_every",
-        "100000",
-        "--log_samples_every",
-        "100000",
-        "--no_gold_eval",
-        "--seed",
-        "0",
-    ]
+    w, b, policy, reward = args.world, args.batch_size, models["policy"], models["reward"]
+    shared = f"--batch_size {b} --micro_batch_size {b} --output_dir {output_dir} --gold_scorer None --seed 0"
+    length, no_eval = f"--max_length {args.max_length}", "--eval_every 100000"
+    samples = "--num_eval_prompts 4 --max_new_tokens 4"  # the final evaluation's, untimed
+    lines = {
+        "sft": f"sft.py --model_name_or_path {policy} --dataset_name {w}/sft.jsonl --max_steps {args.steps} {length} "
+        f"{no_eval} {samples} --num_periodic_eval_prompts 1",
+        "reward": f"reward.py --model_name_or_path {reward} --dataset_name {w}/preference.jsonl {length} "
+        f"--max_steps {args.steps} --sft_dataset_name {w}/sft.jsonl --num_normalisation_rows 16 {no_eval}",
+        # the reference runs every step, as in the peer's TRL setup (precompute_ref_log_probs=False)
+        "dpo": f"dpo.py --model_name_or_path {policy} --dataset_name {w}/preference.jsonl --max_steps {args.steps} "
+        f"{length} --eval_prompts_name {w}/prompts.jsonl --no_precompute_ref_logps {no_eval} {samples}",
+    }
+    for epochs in (1, 4):  # 12 rollouts: 32 steps' worth
+        lines[f"ppo_epochs{epochs}"] = (
+            f"ppo.py --model_name_or_path {policy} --reward_model_name_or_path {reward} --num_mini_batches 1 "
+            f"--dataset_name {w}/prompts.jsonl --num_ppo_epochs {epochs} --max_steps {args.steps * 12 // 32} "
+            f"--response_length {args.response_length} --log_samples_every 100000 {no_eval} {samples} "
+            "--num_periodic_eval_prompts 1"
+        )
+    script, *argv = f"{lines[name]} {shared}".split()
+    return script, argv
 
 
 def child(args):
@@ -221,6 +145,7 @@ def child(args):
     if name.startswith("ppo"):
         sys.path.insert(0, ROOT)
         import common  # the module ppo.py imports: sampling is timed through it
+        import plumbing
 
         untimed_sample, sync = common.sample, torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
 
@@ -250,7 +175,7 @@ def child(args):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(models["policy"])
-        prompts = [row["prompt"] for row in common.read_json_rows(f"{args.world}/prompts.jsonl")[:400]]
+        prompts = [row["prompt"] for row in plumbing.read_json_rows(f"{args.world}/prompts.jsonl")[:400]]
         mean_prompt = sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts)
         token_count = n * args.batch_size * (mean_prompt + args.response_length)
     else:  # tokens of the training forwards after the warm-up steps

@@ -1,9 +1,9 @@
 """Goodhart's law on the offline world: PPO with the default KL penalty and with none, side by side.
 
-    python benchmarks/goodhart.py                 # runs ppo.py twice (~16 min on 2 CPU cores), then reports
+    python benchmarks/goodhart.py                 # runs ppo.py twice (~22 min on 2 CPU cores), then reports
     python benchmarks/goodhart.py --no_run        # only the table and plot, from runs already made
 
-Both runs evaluate every --eval_every updates on held-out prompts (ppo.py's curve.jsonl). The reward
+Both runs evaluate every --eval_every steps on held-out prompts (ppo.py's curve.jsonl). The reward
 model's score (rm_score, the proxy) and the gold rater's (gold_score, the truth) are printed against the
 KL to the SFT policy as a markdown table, and drawn to an SVG plot (plain text: no plotting package).
 """
@@ -24,9 +24,11 @@ class Args:
     total_episodes: int = 6144
     """episodes per run"""
     eval_every: int = 16
-    """updates between evaluations"""
+    """steps between evaluations"""
     num_eval_prompts: int = 512
-    """held-out prompts of the final evaluation; the periodic ones use a quarter"""
+    """held-out prompts of the final evaluation"""
+    num_periodic_eval_prompts: int = 128
+    """held-out prompts of the evaluations every eval_every steps"""
     kl_coef: float = 0.05
     """the KL-penalised run's coefficient (the other has 0)"""
     output_dir: str = "runs/goodhart"
@@ -84,24 +86,12 @@ if __name__ == "__main__":
     for name, kl in runs.items():
         out = os.path.join(args.output_dir, name.replace(" ", "_"))
         if args.run:
-            subprocess.run(
-                [
-                    sys.executable,
-                    os.path.join(ROOT, "ppo.py"),
-                    "--kl_coef",
-                    str(kl),
-                    "--output_dir",
-                    out,
-                    "--total_episodes",
-                    str(args.total_episodes),
-                    "--eval_every",
-                    str(args.eval_every),
-                    "--num_eval_prompts",
-                    str(args.num_eval_prompts),
-                ],
-                cwd=ROOT,
-                check=True,
+            command = (
+                f"ppo.py --kl_coef {kl} --output_dir {out} --total_episodes {args.total_episodes} "
+                f"--eval_every {args.eval_every} --num_eval_prompts {args.num_eval_prompts} "
+                f"--num_periodic_eval_prompts {args.num_periodic_eval_prompts}"
             )
+            subprocess.run([sys.executable, *command.split()], cwd=ROOT, check=True)
         with open(os.path.join(out, "curve.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f]
     print("| run | episodes | kl_to_ref | rm_score | gold_score | gold_win_rate_vs_ref | distinct_2 | eos_rate |")
