@@ -31,9 +31,7 @@ def load_tokenizer(name: str):
         fail(f"the tokenizer of {name!r} has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|pad|>"})
-        print(
-            f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added <|pad|> (id {tok.pad_token_id})"
-        )
+        print(f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added {tok.pad_token}")
     return tok
 
 
@@ -306,9 +304,8 @@ def evaluate(
                 rm_scores += sequence_scores(reward_model, seq, seq_mask).tolist()
             if ref is not None:
                 n = responses.shape[1]
-                kl = forward_logprobs(policy, seq, seq_mask, temperature, n) - forward_logprobs(
-                    ref, seq, seq_mask, temperature, n
-                )
+                logprobs = forward_logprobs(policy, seq, seq_mask, temperature, n)
+                kl = logprobs - forward_logprobs(ref, seq, seq_mask, temperature, n)
                 kls += (kl * response_mask).sum(1).tolist()
                 raw = sample(ref, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True)
                 ref_texts += tok.batch_decode(truncate_after_eos(raw, eos, pad_id)[0], skip_special_tokens=True)

@@ -4,9 +4,9 @@
     python ppo.py --kl_coef 0 --total_episodes 6144 --output_dir runs/ppo_nokl   # watch Goodhart's law
 
 RLHF as in Ziegler et al. 2019 and Ouyang et al. 2022, with the implementation details that Huang et al.
-collected (the "N" and "N+" details), numbered as in docs/implementation_details.md. Each step rolls out `batch_size` episodes (an episode: a
-prompt and the response sampled for it) and learns from them; the comments number the step's parts as that
-file's "ppo.py" list does:
+collected (the "N" and "N+" details), numbered as in docs/implementation_details.md. Each step rolls out
+`batch_size` episodes (an episode: a prompt and the response sampled for it) and learns from them; the
+comments number the step's parts as that file's "ppo.py" list does:
 
   1-2  sample `response_length` tokens per left-padded prompt; cut after the first EOS, and score responses
        without one `missing_eos_score` (details 3, 10)
@@ -106,7 +106,7 @@ class Args:
     eval_every: int = 16
     """steps between evaluations on held-out prompts (appended to curve.jsonl)"""
     num_periodic_eval_prompts: int = 64
-    """held-out prompts of the evaluations every eval_every steps"""
+    """held-out prompts of the evaluations every eval_every steps (the first of the num_eval_prompts)"""
     num_eval_prompts: int = 256
     """held-out prompts of the final evaluation"""
     max_new_tokens: int = 48
@@ -265,8 +265,7 @@ if __name__ == "__main__":
     tok = common.load_tokenizer(args.model_name_or_path)
     train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
-    num_eval = max(args.num_eval_prompts, args.num_periodic_eval_prompts)
-    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:num_eval], args.max_prompt_length, "eval")
+    eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)

@@ -110,7 +110,7 @@ class Args:
     eval_every: int = 24
     """online: steps between evaluations on held-out prompts"""
     num_periodic_eval_prompts: int = 64
-    """online: held-out prompts of the evaluations every eval_every steps"""
+    """online: held-out prompts of the evaluations every eval_every steps (the first of the num_eval_prompts)"""
     num_eval_prompts: int = 256
     """online: held-out prompts sampled from the policy and the reference at the end"""
     max_new_tokens: int = 64
@@ -348,8 +348,7 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [text_of(train_rows[i]["prompt"]) for i in kept]
-    num_eval = max(args.num_eval_prompts, args.num_periodic_eval_prompts)
-    eval_prompts, _ = common.encode_prompts(tok, eval_rows[:num_eval], args.max_prompt_length, "eval")
+    eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)

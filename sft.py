@@ -63,7 +63,7 @@ class Args:
     eval_every: int = 200
     """steps between evaluations (held-out loss and samples)"""
     num_periodic_eval_prompts: int = 64
-    """held-out prompts sampled at the evaluations during training"""
+    """held-out prompts sampled at the evaluations during training (the first of the num_eval_prompts)"""
     num_eval_prompts: int = 256
     """held-out prompts sampled at the end"""
     max_new_tokens: int = 64
@@ -240,7 +240,7 @@ if __name__ == "__main__":
             log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
             loss_value = eval_loss()
-            metrics, samples = generate_samples(args.num_periodic_eval_prompts)
+            metrics, samples = generate_samples(min(args.num_periodic_eval_prompts, args.num_eval_prompts))
             shown = "".join(f"\n  {s['prompt']} ->{s['response']}" for s in samples[:2])
             tqdm.write(f"step {step}: eval/loss {loss_value:.4f} eval/eos_rate {metrics['eos_rate']:.2f}{shown}")
             log({"eval/loss": loss_value, **{f"eval/{k}": v for k, v in metrics.items()}}, step)
