@@ -195,7 +195,7 @@ def test_tokenizer_without_a_pad_token_gets_one(small_sft, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(f"{WORLD}/base", base)
     tok = AutoTokenizer.from_pretrained(base)
-    tok.pad_token = tok.eos_token  # the habit the GUIDE warns against: pad = EOS
+    tok.pad_token = tok.eos_token  # the habit detail 1 warns against: pad = EOS
     tok.save_pretrained(base)
     proc = run(
         "sft.py", "--model_name_or_path", base, "--dataset_name", small_sft, "--output_dir", tmp_path / "o", *QUICK
