@@ -87,7 +87,7 @@ def read_json_rows(path: str) -> list[dict]:
 
 def json_splits(name: str):
     """{split: rows} of a .json/.jsonl file (all "train") or a directory of train/test/validation .json(l) files,
-    read with the json module (importing `datasets`, with pyarrow and pandas, costs ~90 MB); else None."""
+    read with the json module (importing `datasets` pulls in pyarrow and pandas: benchmarks/README.md); else None."""
     if os.path.isfile(name):
         return {"train": read_json_rows(name)} if name.endswith((".json", ".jsonl")) else None
     if not os.path.isdir(name):

@@ -123,12 +123,13 @@ def pair_rewards(model, pairs: list[common.Pair], pad_id, device):
 
 
 def pair_metrics(chosen_rewards, rejected_rewards):
-    """The pairwise metrics, as dpo.py reports them for its implicit reward."""
+    """The pairwise metrics, as dpo.py reports them for its implicit reward (a tie counts as half right)."""
+    right = (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype) + 0.5 * (chosen_rewards == rejected_rewards)
     return {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": ((chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)).mean(),
+        "rewards/accuracies": right.mean(),
     }
 
 

@@ -60,28 +60,24 @@ def sft_model(tmp_path_factory):
     return str(out)
 
 
-def run_side_by_side(*commands):
-    """Run several (script, *args) at once, one torch thread each: on 2 cores two small trainings side by side
-    finish sooner than one after the other with two threads each (tiny matrices parallelise poorly)."""
+def run_side_by_side(*commands: str):
+    """Run several "script args" command lines at once, one torch thread each: on 2 cores two small trainings side
+    by side finish sooner than one after the other with two threads each (tiny matrices parallelise poorly)."""
     env = dict(ENV, OMP_NUM_THREADS="1")
-    procs = [
-        (
-            c,
-            subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, c[0]), *map(str, c[1:])],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            ),
+    procs = []
+    for command in commands:
+        script, *args = command.split()
+        argv = [sys.executable, os.path.join(ROOT, script), *args]
+        procs.append(
+            (
+                command,
+                subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+            )
         )
-        for c in commands
-    ]
-    for c, proc in procs:
+    for command, proc in procs:
         stderr = proc.communicate(timeout=900)[1]
         if proc.returncode != 0:
-            raise AssertionError(f"{' '.join(map(str, c))} failed ({proc.returncode}):\n{stderr[-4000:]}")
+            raise AssertionError(f"{command} failed ({proc.returncode}):\n{stderr[-4000:]}")
 
 
 def world_subset(path, name, n_train, n_test):
@@ -106,40 +102,10 @@ def preference_models(sft_model, tmp_path_factory):
     dpo_data = world_subset(out / "preference", "preference", None, 250)  # DPO evaluates on 250 held-out pairs
     # (reward.py's accuracy on all 1,000)
     run_side_by_side(
-        (
-            "reward.py",
-            "--model_name_or_path",
-            sft_model,
-            "--output_dir",
-            out / "reward",
-            "--max_steps",
-            200,
-            "--batch_size",
-            32,
-            "--micro_batch_size",
-            32,
-            "--learning_rate",
-            1e-3,
-            "--eval_every",
-            1000,
-        ),
-        (
-            "dpo.py",
-            "--model_name_or_path",
-            sft_model,
-            "--dataset_name",
-            dpo_data,
-            "--output_dir",
-            out / "dpo",
-            "--max_steps",
-            120,
-            "--eval_every",
-            1000,
-            "--learning_rate",
-            5e-5,
-            "--num_eval_prompts",
-            128,
-        ),
+        f"reward.py --model_name_or_path {sft_model} --output_dir {out}/reward --max_steps 200 --batch_size 32 "
+        "--micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000",
+        f"dpo.py --model_name_or_path {sft_model} --dataset_name {dpo_data} --output_dir {out}/dpo --max_steps 120 "
+        "--eval_every 1000 --learning_rate 5e-5 --num_eval_prompts 128",
     )
     return {"reward": str(out / "reward"), "dpo": str(out / "dpo")}
 
@@ -151,54 +117,19 @@ def reward_model(preference_models):
 
 @pytest.fixture(scope="session")
 def online_runs(sft_model, reward_model, tmp_path_factory):
-    """The learning runs of ppo.py (16 updates of 32 episodes, against the session's reward model) and rlaif.py
-    (32 updates of 32 prompts, judged by the world's labeller data/world/judge_model), side by side. Twice the
-    scripts' default learning rates (the runs have a quarter and a third of the defaults' updates) and 256
-    evaluation prompts: over seeds 0-3 the gold win rates were 0.71-0.72 (PPO) and 0.65-0.76 (RLAIF), with a
-    binomial standard error of 0.03."""
+    """The learning runs of ppo.py (16 steps of 32 episodes, against the session's reward model), rloo.py (16 steps
+    of 8 prompts x 4 responses: the same responses as PPO's) and rlaif.py (32 steps of 32 prompts, judged by the
+    world's labeller data/world/judge_model), side by side. Twice the scripts' default learning rates (the runs
+    have a quarter and a third of the defaults' steps) and 256 evaluation prompts: over seeds 0-3 the gold win
+    rates were 0.71-0.72 (PPO), RLOO_RANGE (RLOO) and 0.65-0.76 (RLAIF), with a binomial standard error of 0.03."""
     out = tmp_path_factory.mktemp("online")
+    policy = f"--model_name_or_path {sft_model} --num_eval_prompts 256 --eval_every 1000"
     run_side_by_side(
-        (
-            "ppo.py",
-            "--model_name_or_path",
-            sft_model,
-            "--reward_model_name_or_path",
-            reward_model,
-            "--output_dir",
-            out / "ppo",
-            "--total_episodes",
-            16 * 32,
-            "--batch_size",
-            32,
-            "--micro_batch_size",
-            32,
-            "--learning_rate",
-            6e-5,
-            "--num_eval_prompts",
-            256,
-            "--eval_every",
-            1000,
-        ),
-        (
-            "rlaif.py",
-            "--model_name_or_path",
-            sft_model,
-            "--judge_model_name_or_path",
-            f"{WORLD}/judge_model",
-            "--output_dir",
-            out / "rlaif",
-            "--total_episodes",
-            32 * 32,
-            "--batch_size",
-            32,
-            "--micro_batch_size",
-            32,
-            "--learning_rate",
-            2e-4,
-            "--num_eval_prompts",
-            256,
-            "--eval_every",
-            1000,
-        ),
+        f"ppo.py {policy} --reward_model_name_or_path {reward_model} --output_dir {out}/ppo --total_episodes 512 "
+        "--batch_size 32 --micro_batch_size 32 --learning_rate 6e-5",
+        f"rloo.py {policy} --reward_model_name_or_path {reward_model} --output_dir {out}/rloo --total_episodes 128 "
+        "--batch_size 8 --micro_batch_size 8 --learning_rate 6e-5",
+        f"rlaif.py {policy} --judge_model_name_or_path {WORLD}/judge_model --output_dir {out}/rlaif "
+        "--total_episodes 1024 --batch_size 32 --micro_batch_size 32 --learning_rate 2e-4",
     )
-    return {"ppo": str(out / "ppo"), "rlaif": str(out / "rlaif")}
+    return {"ppo": str(out / "ppo"), "rloo": str(out / "rloo"), "rlaif": str(out / "rlaif")}

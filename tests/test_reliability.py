@@ -115,6 +115,20 @@ def test_ppo_killed_and_resumed_ends_with_the_same_weights(sft_model, reward_mod
     assert curves[0] == curves[1]
 
 
+def test_rloo_killed_and_resumed_ends_with_the_same_weights(sft_model, reward_model, tmp_path):
+    args = (
+        f"--model_name_or_path {sft_model} --reward_model_name_or_path {reward_model} --max_steps 4 --batch_size 4 "
+        "--rloo_k 2 --micro_batch_size 2 --num_mini_batches 2 --response_length 8 --max_new_tokens 8 "
+        "--num_eval_prompts 4 --eval_every 2 --save_every 2 --baseline grpo"
+    ).split()
+    run("rloo.py", "--output_dir", tmp_path / "straight", *args)
+    assert kill_after_first_checkpoint("rloo.py", tmp_path / "killed", *args) == 2
+    run("rloo.py", "--output_dir", tmp_path / "killed", *args, "--resume")
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+    curves = [read_jsonl(tmp_path / d / "curve.jsonl") for d in ("straight", "killed")]
+    assert curves[0] == curves[1]
+
+
 def test_same_seed_same_loss_curve(small_sft, tmp_path):
     args = [*SFT_SMALL, "--dataset_name", small_sft, "--max_steps", 12]
     run("sft.py", "--output_dir", tmp_path / "a", *args)
@@ -230,6 +244,7 @@ SCRIPTS = {  # each script's arguments pointing at good inputs, and the argument
     "dpo.py": lambda b: ["--model_name_or_path", b["sft"]],
     "ppo.py": lambda b: ["--model_name_or_path", b["sft"], "--reward_model_name_or_path", b["rm"]],
     "rlaif.py": lambda b: ["--model_name_or_path", b["sft"], "--judge_model_name_or_path", b["sft"]],
+    "rloo.py": lambda b: ["--model_name_or_path", b["sft"], "--reward_model_name_or_path", b["rm"]],
 }
 CASES = {  # case -> (extra arguments, words the error must contain)
     "missing path": (lambda b: ["--dataset_name", b["dir"] / "nope.jsonl"], ["nope.jsonl", "does not exist"]),
@@ -275,6 +290,7 @@ def test_bad_input_matrix(bad, script, case, tmp_path):
         ("ppo.py", ["--batch_size", 0], "--batch_size must be greater than 0"),
         ("reward.py", ["--num_normalisation_rows", 0], "--num_normalisation_rows must be greater than 0"),
         ("rlaif.py", ["--rollout_temperature", 0], "--rollout_temperature must be greater than 0"),
+        ("rloo.py", ["--grpo_eps", 0], "--grpo_eps must be greater than 0"),
         ("ppo.py", ["--gold_scorer", "data.gold:nothing"], "--gold_scorer 'data.gold:nothing' names no function"),
         ("reward.py", ["--gold_scorer", "no_such_module:score"], "names no function (module:function)"),
     ],
