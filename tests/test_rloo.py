@@ -110,10 +110,7 @@ def test_rloo_raises_the_reward_model_and_gold_scores(online_runs):
     """RLOO (conftest.online_runs) against the session's reward model: the proxy and the truth both rise."""
     out = online_runs["rloo"]
     start, end = read_jsonl(os.path.join(out, "curve.jsonl"))[0], json.load(open(os.path.join(out, "eval.json")))
-    assert end["rm_score"] > start["rm_score"] + RLOO_RM_MARGIN
-    assert end["gold_score"] > end["gold_score_ref"] + RLOO_GOLD_MARGIN
-    assert end["gold_win_rate_vs_ref"] > 0.6
+    assert end["rm_score"] > start["rm_score"] + 0.6  # the proxy the policy optimises (seeds 0-3: +0.91 to +1.21)
+    assert end["gold_score"] > end["gold_score_ref"] + 0.2  # and the truth, on the same prompts (+0.34 to +0.51)
+    assert end["gold_win_rate_vs_ref"] > 0.6  # (0.66 to 0.79)
     assert 0 < end["kl_to_ref"] < 20 and end["eos_rate"] > 0.9
-
-
-RLOO_RM_MARGIN, RLOO_GOLD_MARGIN = 0.6, 0.2  # set from the runs on seeds 0-3 (conftest.online_runs)
