@@ -147,7 +147,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """(P, k) scores -> (s_i - mean) / (std + eps) within each prompt's group (Shao et al. 2024); the standard
-    deviation is the sample one (k - 1 in the denominator), as DeepSeekMath's and TRL's code take it."""
+    deviation is the sample one (k - 1 in the denominator), as TRL's GRPOTrainer computes it."""
     return (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + eps)
 
 
