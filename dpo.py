@@ -112,10 +112,10 @@ class Args:
     """continue from the checkpoint in --output_dir"""
     skip_nonfinite: bool = False
     """skip a batch whose loss is not finite instead of stopping"""
-    bf16: bool = True
-    """bf16 autocast on CUDA (the CPU always runs fp32)"""
-    compile: bool = True
-    """torch.compile the policy's training forward on CUDA (never on CPU)"""
+    bf16: bool | None = None
+    """bf16 autocast (--bf16 True/False); by default on with CUDA, off on the CPU"""
+    compile: bool | None = None
+    """torch.compile the policy's training forward (--compile True/False); by default on with CUDA, off on the CPU"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "rlhf-reference"
@@ -195,7 +195,7 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "dpo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile)
+    device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile)
     log, history = plumbing.start_tracking(args, "dpo")
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
 
@@ -211,10 +211,10 @@ if __name__ == "__main__":
     eval_prompts, _ = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     needs_ref = args.loss_type != "simpo"
-    ref_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
 
     def load_ref():
-        ref = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device, ref_dtype)
+        """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 25)."""
+        ref = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
         return ref.eval().requires_grad_(False)  # eval(): no dropout, as the policy's (below)
 
     micro = min(args.micro_batch_size, args.batch_size)

@@ -169,25 +169,26 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head: bool 
     return model.to(device)
 
 
-def device_and_autocast(bf16: bool = True, compile: bool = True, kernel_cache: int = 16):
-    """(device, autocast context, compile?): bf16 autocast and torch.compile on CUDA, fp32 eager on the CPU.
-
-    On the CPU, fp32 matmuls go to oneDNN instead of MKL (slow on some AMD CPUs: benchmarks/README.md) where
-    oneDNN still computes them in fp32: torch routes them there only when they may use bf16 inside, so a product
-    that bf16 would round (1 + 2^-10) checks it. oneDNN caches a kernel per matmul shape: `kernel_cache` entries
-    suit a training step; scripts that also sample keep more."""
-    if torch.cuda.is_available():
+def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, kernel_cache: int = 16):
+    """(device, autocast context, compile?, bf16?). bf16 autocast and torch.compile default (None) to on with CUDA
+    and off on the CPU; either is honoured on the CPU when asked for (bf16 is fast only where the CPU has bf16
+    instructions). The CPU's fp32 matmuls go to oneDNN instead of MKL (slow on some AMD CPUs) where oneDNN still
+    computes them in fp32: a product that bf16 would round (1 + 2^-10) checks it. oneDNN caches a kernel per
+    matmul shape: `kernel_cache` entries suit a training step; scripts that also sample keep more."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16, compile = (device.type == "cuda" if x is None else x for x in (bf16, compile))
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        return torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(), compile
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernel_cache))
-    os.environ.setdefault("LRU_CACHE_CAPACITY", "4")
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    x = torch.full((64, 64), 1 + 2**-10)
-    if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # bf16 gives 64.0, fp32 64.125
-        torch.backends.mkldnn.matmul.fp32_precision = "none"
-    onednn = " (matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
-    print(f"note: no CUDA device: training in fp32 without torch.compile on the CPU{onednn}")
-    return torch.device("cpu"), nullcontext(), False
+    else:
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernel_cache))
+        os.environ.setdefault("LRU_CACHE_CAPACITY", "4")
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        x = torch.full((64, 64), 1 + 2**-10)
+        if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # bf16 gives 64.0, fp32 64.125
+            torch.backends.mkldnn.matmul.fp32_precision = "none"
+    onednn = " (fp32 matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
+    print(f"note: {device.type}, {'bf16 autocast' if bf16 else 'fp32'}{onednn}, {'compiled' if compile else 'eager'}")
+    return device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), compile, bf16
 
 
 # ---- outputs, checkpoints, logs ------------------------------------------------------------------------

@@ -135,10 +135,10 @@ class Args:
     """online: continue from the checkpoint in --output_dir"""
     skip_nonfinite: bool = False
     """online: skip a batch whose loss is not finite instead of stopping"""
-    bf16: bool = True
-    """bf16 autocast on CUDA (the CPU always runs fp32)"""
-    compile: bool = True
-    """torch.compile the policy's training forward on CUDA (never on CPU)"""
+    bf16: bool | None = None
+    """bf16 autocast (--bf16 True/False); by default on with CUDA, off on the CPU"""
+    compile: bool | None = None
+    """torch.compile the policy's training forward (--compile True/False); by default on with CUDA, off on the CPU"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "rlhf-reference"
@@ -349,9 +349,8 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [text_of(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)
+    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 25
     ref_policy.requires_grad_(False)
     for model in (policy, ref_policy):
         model.eval()  # dropout off: the log-probs of the update are those of the policy that sampled
@@ -522,12 +521,12 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rlaif.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
+    device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     rng = random.Random(args.seed)  # the principle of each comparison
     principles = load_constitution(args.constitution)
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
     judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
-    judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, frozen_dtype)
+    judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
     judge.eval().requires_grad_(False)
 
     def label(prompts, firsts, seconds):

@@ -124,10 +124,10 @@ class Args:
     """continue from the checkpoint in --output_dir"""
     skip_nonfinite: bool = False
     """skip a rollout batch whose scores or losses are not finite instead of stopping"""
-    bf16: bool = True
-    """bf16 autocast on CUDA (the CPU always runs fp32)"""
-    compile: bool = True
-    """torch.compile the training forward on CUDA (never on CPU)"""
+    bf16: bool | None = None
+    """bf16 autocast (--bf16 True/False); by default on with CUDA, off on the CPU"""
+    compile: bool | None = None
+    """torch.compile the training forward (--compile True/False); by default on with CUDA, off on the CPU"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "rlhf-reference"
@@ -188,7 +188,7 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rloo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
+    device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     log, history = plumbing.start_tracking(args, f"rloo_{args.baseline}")
 
     # ---- TRY NOT TO MODIFY: data and models -----------------------------------------------------------
@@ -196,11 +196,13 @@ if __name__ == "__main__":
     train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, frozen_dtype)
+    # detail 25: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
+    # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
+    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    scorer_dtype = torch.bfloat16 if bf16 else torch.float32
     rm_name = args.reward_model_name_or_path
-    reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, frozen_dtype)
+    reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, scorer_dtype)
     if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
         plumbing.fail(
             f"{rm_name} is not a reward model: expected a sequence classifier with one label "

@@ -88,10 +88,10 @@ class Args:
     """continue from the checkpoint in --output_dir"""
     skip_nonfinite: bool = False
     """skip a batch whose loss is not finite instead of stopping"""
-    bf16: bool = True
-    """bf16 autocast on CUDA (the CPU always runs fp32)"""
-    compile: bool = True
-    """torch.compile the model on CUDA (never on CPU)"""
+    bf16: bool | None = None
+    """bf16 autocast (--bf16 True/False); by default on with CUDA, off on the CPU"""
+    compile: bool | None = None
+    """torch.compile the model (--compile True/False); by default on with CUDA, off on the CPU"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "rlhf-reference"
@@ -126,7 +126,7 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "sft.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    device, autocast, use_compile = plumbing.device_and_autocast(args.bf16, args.compile)
+    device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile)
     log, history = plumbing.start_tracking(args, "sft")
 
     # ---- TRY NOT TO MODIFY: data and model ------------------------------------------------------------
