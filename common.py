@@ -4,7 +4,6 @@ The algorithms themselves live in their scripts; run plumbing (loading, checkpoi
 "Detail N" refers to docs/implementation_details.md.
 """
 
-import inspect
 import os
 from array import array
 from contextlib import nullcontext
@@ -215,12 +214,6 @@ def sequence_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------
-def cache_argument(model) -> str:
-    """The name of the forward's KV-cache argument: `cache` since transformers 5.24, `past_key_values` before
-    (deprecated in 5.24, to be removed in 5.40)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     """Everything after the first EOS becomes pad (detail 10). Returns (responses, mask, has_eos)."""
     idx = torch.arange(responses.shape[1], device=responses.device)
@@ -241,13 +234,18 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
     from transformers import StaticCache
 
     B, Q = prompt_ids.shape
-    cache = {cache_argument(model): StaticCache(config=model.config, max_cache_len=Q + max_new_tokens)}
+    cache = StaticCache(config=model.config, max_cache_len=Q + max_new_tokens)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], 1)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     step_ids, step_pos, tokens = prompt_ids, position_ids(prompt_mask), []
     for t in range(max_new_tokens):
         logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, logits_to_keep=1, **cache
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            use_cache=True,
+            cache=cache,
+            logits_to_keep=1,
         ).logits[:, -1]
         probs = torch.softmax(logits.float() / temperature, -1)
         # Inverse-CDF draw: one uniform number per row, where torch.multinomial draws one per vocabulary entry.

@@ -66,7 +66,7 @@ class Args:
     num_layers: int | None = None
     """layers of that Llama"""
     extra: str = ""
-    """more arguments for every script, e.g. "--bf16 True --compile True" (the defaults follow the device)"""
+    """more arguments for every script, e.g. --extra="--bf16 True --compile True" (the defaults follow the device)"""
     out: str = "/tmp/bench/results.jsonl"
     """raw result lines are appended here"""
     child: str | None = None
@@ -225,6 +225,7 @@ def child(args):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     sys.path.insert(0, ROOT)
+    import common  # the module the scripts import: their forwards are counted, PPO's sampling timed, through it
     import plumbing
 
     name = args.child
@@ -232,36 +233,26 @@ def child(args):
     output_dir = os.path.join(os.path.dirname(args.out), f"out_{name}")
     shutil.rmtree(output_dir, ignore_errors=True)
     script, argv = script_args(name, args, models, output_dir)
-    from transformers import AutoTokenizer
-
-    stamps, tokens = [], [0]
-    tok = AutoTokenizer.from_pretrained(models["policy"])
-    pad_id = tok.pad_token_id
-
-    def count_tokens(module, inputs):  # real tokens of every training forward (the embedding sees the ids)
-        if isinstance(module, torch.nn.Embedding) and torch.is_grad_enabled() and inputs[0].dtype == torch.long:
-            tokens[0] += int((inputs[0] != pad_id).sum())
-            stamps_tokens.append((len(stamps), tokens[0]))
-
-    stamps_tokens = []
-    torch.nn.modules.module.register_module_forward_pre_hook(count_tokens)
+    stamps, tokens, stamps_tokens = [], [0], []
     generations = []  # (start, end, tokens drawn) of every common.sample call: PPO's generation speed
+    untimed_forward, untimed_sample = common.forward, common.sample
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
 
-    if name.startswith("ppo"):
-        sys.path.insert(0, ROOT)
-        import common  # the module ppo.py imports: sampling is timed through it
+    def counted_forward(model, ids, mask, **kwargs):  # real tokens of every training forward (compiled or not)
+        if torch.is_grad_enabled():
+            tokens[0] += int(mask.sum())
+            stamps_tokens.append((len(stamps), tokens[0]))
+        return untimed_forward(model, ids, mask, **kwargs)
 
-        untimed_sample, sync = common.sample, torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    def timed_sample(*a, **k):
+        sync()
+        start = time.perf_counter()
+        out = untimed_sample(*a, **k)
+        sync()
+        generations.append((start, time.perf_counter(), out.numel()))
+        return out
 
-        def timed_sample(*a, **k):
-            sync()
-            start = time.perf_counter()
-            out = untimed_sample(*a, **k)
-            sync()
-            generations.append((start, time.perf_counter(), out.numel()))
-            return out
-
-        common.sample = timed_sample
+    common.forward, common.sample = counted_forward, timed_sample
     register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     sys.argv, sys.path[0] = [script, *argv], ROOT  # as `python script.py` from the repository root
     with open(os.devnull, "w") as quiet:
@@ -274,10 +265,13 @@ def child(args):
     rounds = [stamps[i] for i in range(per_round - 1, len(stamps), per_round)]  # the end of each step or rollout
     warm = args.warmup
     n = len(rounds) - warm
+    if n < 1:
+        sys.exit(f"{name}: {len(rounds)} steps, not more than the {warm} warm-up steps: raise --steps")
     wall = rounds[-1] - rounds[warm - 1]
     if name.startswith("ppo"):  # as the peer: prompt tokens + response_length per episode
         prompts = [row["prompt"] for row in plumbing.load_splits(data(args.world, "prompts"), [["prompt"]])[0][:400]]
-        mean_prompt = sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts)
+        tok = common.load_tokenizer(models["policy"])
+        mean_prompt = sum(len(common.encode_prompt(tok, p)) for p in prompts) / len(prompts)
         token_count = n * args.batch_size * (mean_prompt + args.response_length)
     else:  # tokens of the training forwards after the warm-up steps
         token_count = tokens[0] - max((t for s, t in stamps_tokens if s < warm), default=0)

@@ -2,7 +2,7 @@
 # The prepared GPU check: bf16 + torch.compile, as a GPU runs the scripts by default. One command, about 8 minutes
 # on one H200. It needs no network: the packages a GPU image may lack come as wheels carried beside the checkout.
 #
-#   pip download --no-deps -d benchmarks/wheels tyro docstring-parser typeguard vaderSentiment   # once, online
+#   pip download --no-deps -d benchmarks/wheels tyro docstring-parser typeguard vaderSentiment "transformers>=5.24,<6"
 #   bash benchmarks/gpu_check.sh [OUT]                                                            # on the GPU
 #
 # 1. each script's training step on a random Llama of ~0.5B parameters (hidden 1024, 24 layers) in bf16 with
@@ -17,14 +17,16 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-missing=$($PY - <<'EOF'
-import importlib.util
-print(" ".join(m for m in ("tyro", "vaderSentiment") if importlib.util.find_spec(m) is None))
+missing=$($PY - <<'EOF'  # what the image lacks: tyro, vaderSentiment, transformers >= 5.24 (requirements.txt)
+import importlib.metadata, importlib.util
+missing = [m for m in ("tyro", "vaderSentiment") if importlib.util.find_spec(m) is None]
+version = tuple(int(x) for x in importlib.metadata.version("transformers").split(".")[:2])
+print(" ".join(missing + ["transformers>=5.24,<6"] * (version < (5, 24))))
 EOF
 )
 if [ -n "$missing" ]; then
     [ -d benchmarks/wheels ] || { echo "error: $missing missing and no benchmarks/wheels to install from" >&2; exit 1; }
-    $PY -m pip install -q --no-index --find-links benchmarks/wheels tyro docstring-parser typeguard vaderSentiment
+    $PY -m pip install -q --no-index --find-links benchmarks/wheels $missing
 fi
 $PY - <<'EOF'
 import torch, transformers
@@ -33,14 +35,14 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
 EOF
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # the CPU: a small model, few steps, the GPU's settings asked for explicitly
-    size="--hidden_size 128 --num_layers 2 --steps 6" steps=4 extra="--bf16 True --compile True"
+    size="--hidden_size 128 --num_layers 2 --steps 16" steps=4 extra="--bf16 True --compile True"
 else
     size="--hidden_size 1024 --num_layers 24 --steps 32" steps=100 extra=""
 fi
 
 echo "== 1. training steps: bench.py $size $extra"
 $PY benchmarks/bench.py --world data/world $size --runs 1 --out "$OUT/bench/results.jsonl" \
-    --scripts sft reward dpo ppo_epochs1 ppo_epochs4 --extra "$extra" > "$OUT/bench.log" 2>&1 \
+    --scripts sft reward dpo ppo_epochs1 ppo_epochs4 --extra="$extra" > "$OUT/bench.log" 2>&1 \
     || { tail -30 "$OUT/bench.log"; exit 1; }
 grep -v '^{' "$OUT/bench.log" | tail -12
 
