@@ -158,18 +158,18 @@ def processor() -> str:
     return f"{name}, {os.cpu_count()} cores" + (f" ({', '.join(sorted(flags))})" if flags else "")
 
 
-def matmul_peak() -> tuple[float, str]:
-    """(FLOP/s, how): the best of a few square matmuls in this process's threads: fp32 on the CPU, through MKL and,
-    where it stays exact to fp32, oneDNN (as the scripts route them); bf16 on a GPU."""
+def matmul_peak(bf16: bool) -> tuple[float, str]:
+    """(FLOP/s, how): the best of a few square matmuls in this process's threads, in the precision the scripts run:
+    bf16, or fp32 on the CPU through MKL and, where it stays exact to fp32, oneDNN (as the scripts route them)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    dtype, sizes = (torch.bfloat16, (4096, 8192)) if cuda else (torch.float32, (512, 1024, 2048))
+    dtype, sizes = torch.bfloat16 if bf16 else torch.float32, (4096, 8192) if cuda else (512, 1024, 2048)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     best = (0.0, "")
-    routes = ["bf16 on the GPU"] if cuda else ["none", "bf16"]  # mkldnn fp32_precision: MKL, then oneDNN
+    routes = [f"bf16 on {'the GPU' if cuda else 'the CPU'}"] if bf16 else ["none", "bf16"]  # fp32: MKL, then oneDNN
     for route in routes:
-        if not cuda:
+        if not bf16:
             torch.backends.mkldnn.matmul.fp32_precision = route
             x = torch.full((64, 64), 1 + 2**-10)
             if route == "bf16" and abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:
@@ -185,9 +185,9 @@ def matmul_peak() -> tuple[float, str]:
                 reps += 1
                 sync()
             flops = 2 * n**3 * reps / (time.perf_counter() - start)
-            how = route if cuda else f"fp32 {'MKL' if route == 'none' else 'oneDNN'} {n}x{n}"
+            how = f"{route} {n}x{n}" if bf16 else f"fp32 {'MKL' if route == 'none' else 'oneDNN'} {n}x{n}"
             best = max(best, (flops, how))
-    if not cuda:
+    if not bf16:
         torch.backends.mkldnn.matmul.fp32_precision = "none"
     return best
 
@@ -325,7 +325,10 @@ def main(args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1")
     env["WANDB_MODE"] = "disabled"
     passthrough = [a for a in sys.argv[1:] if a not in ("--peers",)]
-    peak, how = matmul_peak()
+    import torch
+
+    bf16 = "--bf16 True" in args.extra or (torch.cuda.is_available() and "--bf16 False" not in args.extra)
+    peak, how = matmul_peak(bf16)
     machine = processor()
     print(f"machine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s ({how})", flush=True)
     results = []

@@ -37,7 +37,7 @@ EOF
 if [ "${DRY_RUN:-0}" = 1 ]; then  # the CPU: a small model, few steps, the GPU's settings asked for explicitly
     size="--hidden_size 128 --num_layers 2 --steps 16" steps=4 extra="--bf16 True --compile True"
 else
-    size="--hidden_size 1024 --num_layers 24 --steps 32" steps=100 extra=""
+    size="--hidden_size 1024 --num_layers 24 --steps 20" steps=60 extra=""
 fi
 
 echo "== 1. training steps: bench.py $size $extra"
