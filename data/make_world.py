@@ -13,9 +13,12 @@ runs give byte-identical files (tests/test_world.py checks it at a small scale).
     data/world/prompts/     {"prompt"}                         review openings for RL and evaluation
     data/world/judge/       {"prompt", "completion"} in chat format: "which response is better, A or B?"
                             under a principle, answered by the gold rater (data for the AI labeler, rlaif.py)
+    data/world/ranking/     {"prompt", "responses"}            four demonstrations, ranked best first by the
+                                                               gold rater through Plackett-Luce noise
 
 Each has train.jsonl and test.jsonl (`datasets.load_dataset("data/world/sft")` gives both splits); no
-prompt appears in two splits or two datasets. The gold rater is data/gold.py.
+prompt appears in two splits or two datasets. The gold rater is data/gold.py, the simulated annotators
+data/annotators.py.
 
 data/world/judge_model/ is not made here: it is the offline AI labeller, sft.py's fine-tuning of the SFT
 policy (runs/sft, seed 1) on data/world/judge in two runs of 3 epochs, committed because it takes ~20 minutes
@@ -33,21 +36,23 @@ gold agreement on the 1,000 held-out preference pairs 0.703 -> 0.790, `rlaif.py 
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.annotators import LABEL_TEMPERATURE, prefers_first, ranking  # noqa: E402
 from data.gold import gold_score  # noqa: E402
 
 SEED = 0
 VOCAB_SIZE = 2048
-# Bradley-Terry label noise: the simulated annotator prefers a over b with probability
-# sigmoid((gold(a) - gold(b)) / LABEL_TEMPERATURE); smaller is less noisy.
-LABEL_TEMPERATURE = 0.15
+# the label noise of the simulated annotators (data/annotators.py): Bradley-Terry for pairs, Plackett-Luce for
+# rankings, both at LABEL_TEMPERATURE
+assert LABEL_TEMPERATURE == 0.15
 SIZES = {"sft": (10000, 500), "preference": (16000, 1000), "prompts": (4000, 500), "judge": (20000, 500)}
+SIZES["ranking"] = (4000, 500)  # added later, drawn last: the datasets above and the tokenizer did not change
+RANKING_K = 4  # responses ranked per prompt
 MODEL = dict(
     hidden_size=256,
     intermediate_size=768,
@@ -290,10 +295,6 @@ def judge_pair(rng, f, curriculum):
     return a, b
 
 
-def sigmoid(x):
-    return 1 / (1 + math.exp(-x))
-
-
 def build_tokenizer(texts):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -343,9 +344,11 @@ def make_rows(rng, scale):
                     rows.append({"prompt": p})
                 elif name == "preference":
                     a, b = review(rng, f), review(rng, f)
-                    if rng.random() >= sigmoid((gold_score(a) - gold_score(b)) / LABEL_TEMPERATURE):
-                        a, b = b, a  # the simulated annotator preferred b
+                    if not prefers_first(rng, a, b):  # the simulated annotator preferred b
+                        a, b = b, a
                     rows.append({"prompt": p, "chosen": a, "rejected": b})
+                elif name == "ranking":  # K demonstrations, ranked best first by a simulated annotator
+                    rows.append({"prompt": p, "responses": ranking(rng, [review(rng, f) for _ in range(RANKING_K)])})
                 else:
                     a, b = judge_pair(rng, f, curriculum=split == "train")
                     answer = "A" if gold_score(a) >= gold_score(b) else "B"
@@ -371,7 +374,9 @@ def main():
     rng = random.Random(SEED)
     data = make_rows(rng, a.scale)
     corpus = []
-    for splits in data.values():
+    for name, splits in data.items():
+        if name == "ranking":  # the tokenizer predates the rankings, and is learnt without them
+            continue
         for r in splits["train"]:
             for v in r.values():
                 corpus.append(v if isinstance(v, str) else v[0]["content"])

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, WORLD, read_jsonl
-from data import make_world
+from data import annotators, make_world
 from data.gold import REPETITION_COEF, gold_score, repetition, sentiment
 
 
@@ -36,7 +36,7 @@ def test_gold_penalises_repetition():
 
 def test_every_split_is_disjoint_by_prompt():
     seen = {}
-    for name in ("sft", "preference", "prompts", "judge"):
+    for name in ("sft", "preference", "prompts", "judge", "ranking"):
         for split in ("train", "test"):
             rows = read_jsonl(f"{WORLD}/{name}/{split}.jsonl")
             assert len(rows) > 0
@@ -67,6 +67,36 @@ def test_preference_labels_are_noisy_at_the_documented_rate():
     expected = np.mean([1 / (1 + math.exp(-abs(d) / make_world.LABEL_TEMPERATURE)) for d in diffs])
     assert 0.8 < agree < 0.95  # noisy, but mostly right
     assert abs(agree - expected) < 4 * math.sqrt(expected * (1 - expected) / len(rows)) + 0.005
+
+
+def test_rankings_are_noisy_at_the_documented_rate():
+    """Rankings of 4 responses from Plackett-Luce on the gold rating: any two of a ranking are ordered as Bradley-Terry
+    orders a pair, sigmoid((gold(a) - gold(b)) / T), so the gold rater agrees with the observed share predicted."""
+    rows = read_jsonl(f"{WORLD}/ranking/train.jsonl")
+    assert all(len(r["responses"]) == make_world.RANKING_K for r in rows)
+    diffs = np.array([gold_score(r["responses"][i]) - gold_score(r["responses"][j])
+                      for r in rows for i in range(4) for j in range(i + 1, 4)])  # fmt: skip
+    agree = np.mean(diffs > 0) + 0.5 * np.mean(diffs == 0)
+    expected = np.mean([1 / (1 + math.exp(-abs(d) / annotators.LABEL_TEMPERATURE)) for d in diffs])
+    assert 0.8 < agree < 0.95
+    # pairs of one ranking are not independent: a loose bound, 4 standard errors of the rankings' count
+    assert abs(agree - expected) < 4 * math.sqrt(expected * (1 - expected) / len(rows)) + 0.005
+
+
+def test_annotators_label_any_responses():
+    """The simulated annotator behind the world's labels, for a policy's own samples: reproducible by seed, and
+    following the gold rater where it is clear."""
+    good, bad, spam = (
+        " I loved it. The acting is brilliant.",
+        " I hated it. The plot is awful.",
+        " Great great great great.",
+    )
+    rows = annotators.label_pairs(["p"] * 200, [good] * 100 + [bad] * 100, [bad] * 100 + [good] * 100, seed=1)
+    assert rows == annotators.label_pairs(["p"] * 200, [good] * 100 + [bad] * 100, [bad] * 100 + [good] * 100, seed=1)
+    assert sum(r["chosen"] == good for r in rows) > 190
+    ranked = annotators.rank_responses(["p"] * 50, [[spam, bad, good]] * 50, seed=2)
+    assert all(sorted(r["responses"]) == sorted([spam, bad, good]) for r in ranked)
+    assert sum(r["responses"][0] == good for r in ranked) > 45
 
 
 def test_base_model_and_tokenizer_load_with_plain_transformers():
