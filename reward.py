@@ -6,7 +6,10 @@ The Bradley-Terry model (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1) says a
 with probability sigmoid(r(x, y_c) - r(x, y_r)); training minimises -log sigmoid(r_c - r_r). Options: a
 per-pair margin subtracted inside the sigmoid (Touvron et al. 2023, Llama 2), soft labels p for distilling
 an AI labeller (cross-entropy against the pair softmax, as in RLAIF), and the reward-centering regulariser
-coef * (r_c + r_r)^2 (Eisenstein et al. 2023).
+coef * (r_c + r_r)^2 (Eisenstein et al. 2023). Rankings of K responses per prompt ({prompt, responses}, best
+first) train on all K(K-1)/2 pairs of a prompt together, each response scored once, the loss averaged over the
+prompt's pairs (Ouyang et al. 2022, section 3.5): a prompt is one example, however many responses it ranks. A
+preference pair is a ranking of two.
 
 The score head sits on the last real token (EOS), initialised N(0, 1/sqrt(d_model + 1)) (detail 6 of
 docs/implementation_details.md; the steps below are numbered as its "reward.py" list). After training the
@@ -18,7 +21,9 @@ import json
 import math
 import os
 import time
+from array import array
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,9 +46,9 @@ class Args:
     max_steps: int | None = None
     """stop after this many steps (a cap for quick runs; the schedule follows it)"""
     batch_size: int = 64
-    """pairs per step (one optimizer step)"""
+    """pairs (or rankings) per step (one optimizer step)"""
     micro_batch_size: int = 64
-    """pairs per forward/backward pass (2x sequences), in training and evaluation"""
+    """pairs (or rankings) per forward/backward pass (2x, or K x, sequences), in training and evaluation"""
     warmup_steps: int = 20
     """linear warmup steps, then cosine decay to 0"""
     max_warmup_fraction: float = 0.1
@@ -62,7 +67,10 @@ class Args:
     model_name_or_path: str = "runs/sft"
     """the SFT model (hub id or local directory) whose backbone the reward model starts from"""
     dataset_name: str = "data/world/preference"
-    """preference pairs {prompt, chosen, rejected} (text or chat messages): hub id, directory or .json/.jsonl"""
+    """preference pairs {prompt, chosen, rejected} or rankings {prompt, responses} (best first; text or chat
+    messages): hub id, directory or .json/.jsonl"""
+    eval_dataset_name: str | None = None
+    """pairs or rankings whose held-out split the reward model is evaluated on (default: dataset_name's)"""
     margin_column: str | None = None
     """a column of per-pair margins m: loss -log sigmoid(r_c - r_r - m)"""
     label_column: str | None = None
@@ -111,15 +119,63 @@ def preference_loss(chosen_rewards, rejected_rewards, margins=None, labels=None)
     return -labels * F.logsigmoid(d) - (1 - labels) * F.logsigmoid(-d)
 
 
+class Ranking(NamedTuple):
+    """A prompt's responses, best first, tokenised; a preference pair is the ranking (chosen, rejected)."""
+
+    prompt: array
+    responses: list[array]  # each ends with EOS
+    extras: list[float]  # a pair's numeric columns (margin, soft label)
+    row: int  # the row of the dataset it came from
+
+
+def tokenize_rankings(tok, rows, fmt, max_length: int, extra_columns=()) -> list[Ranking]:
+    """Rankings of {prompt, responses} rows, or of {prompt, chosen, rejected} pairs; those with a prompt + response
+    over max_length tokens are dropped (counted). Every row must rank the same number of responses."""
+    if "responses" not in fmt:
+        pairs = common.tokenize_pairs(tok, rows, max_length, extra_columns)
+        return [Ranking(x.prompt, [x.chosen, x.rejected], x.extras, x.row) for x in pairs]
+    if extra_columns:
+        plumbing.fail(f"--margin_column and --label_column are for pairs, not rankings ({', '.join(extra_columns)})")
+    sizes = {len(r["responses"]) if isinstance(r["responses"], list) else 0 for r in rows}
+    if len(sizes) > 1 or min(sizes) < 2:
+        plumbing.fail(f"every ranking must list the same number (at least 2) of responses, got {sorted(sizes)}")
+    out = []
+    for i, row in enumerate(rows):
+        p = common.encode_prompt(tok, row["prompt"])
+        rs = [common.encode_completion(tok, row["prompt"], r) for r in row["responses"]]
+        if len(p) + max(map(len, rs)) <= max_length:
+            out.append(Ranking(array("i", p), [array("i", r) for r in rs], [], i))
+    if len(out) < len(rows):
+        print(f"note: {len(rows) - len(out)} of {len(rows)} rankings longer than max_length {max_length} dropped")
+    if not out:
+        plumbing.fail(f"no ranking fits in max_length {max_length}")
+    return out
+
+
 def rewards(model, seqs, pad_id, device):
     """Score at the last real token of each right-padded sequence (the head is read there: detail 6)."""
     return common.sequence_scores(model, *(t.to(device) for t in common.pad(seqs, pad_id)))
 
 
-def pair_rewards(model, pairs: list[common.Pair], pad_id, device):
-    """(chosen_rewards, rejected_rewards) of the pairs, chosen and rejected in one forward (step 2)."""
-    r = rewards(model, [x.prompt + x.chosen for x in pairs] + [x.prompt + x.rejected for x in pairs], pad_id, device)
-    return r[: len(pairs)], r[len(pairs) :]
+def ranking_rewards(model, rankings: list[Ranking], pad_id, device):
+    """(B, K) rewards of the rankings' responses, all in one forward of B x K sequences (step 2)."""
+    K = len(rankings[0].responses)
+    r = rewards(model, [x.prompt + x.responses[k] for k in range(K) for x in rankings], pad_id, device)
+    return r.view(K, len(rankings)).T
+
+
+def ranking_loss(rewards, margins=None, labels=None):
+    """Per ranking, the Bradley-Terry loss averaged over its K(K-1)/2 pairs (Ouyang et al. 2022, eq. 1), from (B, K)
+    rewards of responses ranked best first. A ranking of two is a pair, where margins and soft labels apply."""
+    i, j = torch.triu_indices(rewards.shape[1], rewards.shape[1], 1)  # every pair: i ranked above j
+    margins, labels = (x[:, None] if x is not None else None for x in (margins, labels))
+    return preference_loss(rewards[:, i], rewards[:, j], margins, labels).mean(1)
+
+
+def ranked_pairs(rewards):
+    """(better, worse): the rewards of every pair of the (B, K) rankings, flattened (for metrics)."""
+    i, j = torch.triu_indices(rewards.shape[1], rewards.shape[1], 1)
+    return rewards[:, i].flatten(), rewards[:, j].flatten()
 
 
 def pair_metrics(chosen_rewards, rejected_rewards):
@@ -133,9 +189,9 @@ def pair_metrics(chosen_rewards, rejected_rewards):
     }
 
 
-def texts_of(rows, pairs, column):
-    """The column's text of each pair's row, for the gold scorer; a list of chat messages gives its last one."""
-    return [m if isinstance(m, str) else m[-1]["content"] for m in (rows[x.row][column] for x in pairs)]
+def text_of(x) -> str:
+    """A prompt or response as text for the gold scorer: a list of chat messages gives its last one."""
+    return x if isinstance(x, str) else x[-1]["content"]
 
 
 @torch.no_grad()
@@ -181,10 +237,13 @@ if __name__ == "__main__":
     # ---- 1. data and model -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
     extra = [c for c in (args.margin_column, args.label_column) if c]
-    columns = [["prompt", "chosen", "rejected", *extra]]
-    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
-    train = common.tokenize_pairs(tok, train_rows, args.max_length, extra)
-    evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
+    columns = [["prompt", "chosen", "rejected", *extra], ["prompt", "responses"]]
+    train_rows, eval_rows, fmt = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
+    train = tokenize_rankings(tok, train_rows, fmt, args.max_length, extra)
+    if args.eval_dataset_name:  # another dataset's held-out split, pairs or rankings
+        eval_columns = [["prompt", "chosen", "rejected"], ["prompt", "responses"]]
+        _, eval_rows, fmt = plumbing.load_splits(args.eval_dataset_name, eval_columns, seed=args.seed)
+    evals = tokenize_rankings(tok, eval_rows, fmt, args.max_length)
     # the demonstrations of the normalisation (step 4), read now: a mistake in them fails before training
     demo_columns = [["prompt", "completion"], ["messages"]]
     demos, _, demo_fmt = plumbing.load_splits(args.sft_dataset_name, demo_columns, seed=args.seed)
@@ -200,12 +259,14 @@ if __name__ == "__main__":
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"reward model: {n_params:.2f}M parameters; {len(train)} train / {len(evals)} eval pairs")
+    kind = "pairs" if len(train[0].responses) == 2 else f"rankings of {len(train[0].responses)}"
+    eval_kind = "pairs" if len(evals[0].responses) == 2 else f"rankings of {len(evals[0].responses)}"
+    print(f"reward model: {n_params:.2f}M parameters; {len(train)} train {kind}, {len(evals)} eval {eval_kind}")
     forward_model = torch.compile(model) if use_compile else model
 
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
-        plumbing.fail(f"{len(train)} training pairs is fewer than one batch of {args.batch_size}")
+        plumbing.fail(f"{len(train)} training {kind} is fewer than one batch of {args.batch_size}")
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
@@ -219,31 +280,35 @@ if __name__ == "__main__":
 
     @torch.inference_mode()
     def evaluate():
-        """Held-out loss and pairwise metrics and, given a gold scorer, agreement with it (step 5)."""
+        """Held-out loss and pairwise metrics over every pair of the held-out pairs or rankings and, given a gold
+        scorer, agreement with it (step 5)."""
         model.eval()
-        chosen, rejected = [], []
+        rewards_ = []
         for i in range(0, len(evals), micro):  # training's batch shape: no larger peak memory than training's
             with autocast:
-                rc, rr = pair_rewards(forward_model, evals[i : i + micro], tok.pad_token_id, device)
-            chosen.append(rc)
-            rejected.append(rr)
+                rewards_.append(ranking_rewards(forward_model, evals[i : i + micro], tok.pad_token_id, device))
         model.train()
-        chosen, rejected = torch.cat(chosen).cpu().double(), torch.cat(rejected).cpu().double()
-        metrics = {"loss": preference_loss(chosen, rejected).mean(), **pair_metrics(chosen, rejected)}
+        held_out = torch.cat(rewards_).cpu().double()
+        better, worse = ranked_pairs(held_out)
+        metrics = {"loss": ranking_loss(held_out).mean(), **pair_metrics(better, worse)}
         metrics = {k: float(v) for k, v in metrics.items()}
         if gold_scorer is not None:
-            prompts = texts_of(eval_rows, evals, "prompt")
-            gold_c = np.array(gold_scorer(prompts, texts_of(eval_rows, evals, "chosen")))
-            gold_r = np.array(gold_scorer(prompts, texts_of(eval_rows, evals, "rejected")))
-            diff = (chosen - rejected).numpy()
-            metrics["gold_agreement"] = float(np.mean(np.sign(diff) == np.sign(gold_c - gold_r)))
+            rows = [eval_rows[x.row] for x in evals]
+            responses = [row.get("responses") or [row["chosen"], row["rejected"]] for row in rows]
+            K = len(responses[0])
+            prompts = [text_of(row["prompt"]) for row in rows for _ in range(K)]
+            gold = torch.tensor(gold_scorer(prompts, [text_of(r) for rs in responses for r in rs])).view(-1, K)
+            gold_better, gold_worse = ranked_pairs(gold.double())
+            metrics["gold_agreement"] = float(
+                ((better - worse).sign() == (gold_better - gold_worse).sign()).double().mean()
+            )
             # the gold rater's own agreement with the noisy held-out labels: the ceiling for the accuracy
-            metrics["gold_label_agreement"] = float(np.mean((gold_c > gold_r) + 0.5 * (gold_c == gold_r)))
+            metrics["gold_label_agreement"] = float(pair_metrics(gold_better, gold_worse)["rewards/accuracies"])
         return metrics
 
     # ---- ALGO LOGIC: training ------------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
-    lengths = [len(x.prompt) + max(len(x.chosen), len(x.rejected)) for x in train]
+    lengths = [len(x.prompt) + max(map(len, x.responses)) for x in train]
     batches, step, elapsed = [], 0, 0.0
     if args.resume:
         state = plumbing.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
@@ -253,7 +318,7 @@ if __name__ == "__main__":
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc="reward", mininterval=5)
     while step < total_steps:
-        if not batches:  # a new epoch: shuffled batches of pairs of similar length
+        if not batches:  # a new epoch: shuffled batches of pairs (or rankings) of similar length
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
@@ -263,16 +328,19 @@ if __name__ == "__main__":
             extras = torch.tensor([x.extras for x in part], device=device).reshape(len(part), len(extra))
             margins = extras[:, extra.index(args.margin_column)] if args.margin_column else None
             labels = extras[:, extra.index(args.label_column)] if args.label_column else None
-            # 2. chosen and rejected in one forward: 2 x micro sequences, scored at their last real token
+            # 2. every response of the micro-batch in one forward (chosen and rejected: 2 x micro sequences),
+            # scored at its last real token
             with autocast:
-                chosen_rewards, rejected_rewards = pair_rewards(forward_model, part, tok.pad_token_id, device)
-            # 3. the Bradley-Terry loss (with margins, soft labels), and the centering regulariser
-            loss = preference_loss(chosen_rewards, rejected_rewards, margins, labels).mean()
+                part_rewards = ranking_rewards(forward_model, part, tok.pad_token_id, device)
+            # 3. the Bradley-Terry loss (with margins, soft labels), per pair or averaged over a ranking's pairs,
+            # and the centering regulariser
+            loss = ranking_loss(part_rewards, margins, labels).mean()
+            better, worse = ranked_pairs(part_rewards)
             if args.center_rewards_coef:
-                loss = loss + args.center_rewards_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+                loss = loss + args.center_rewards_coef * ((better + worse) ** 2).mean()
             share = len(part) / len(batch)  # the micro-batch's share of the batch's means
             (loss * share).backward()
-            pair_stats = pair_metrics(chosen_rewards.detach(), rejected_rewards.detach())
+            pair_stats = pair_metrics(better.detach(), worse.detach())
             stats.append(share * torch.stack([loss.detach(), *pair_stats.values()]))
         step += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

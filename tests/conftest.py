@@ -96,8 +96,9 @@ def small_sft(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def preference_models(sft_model, tmp_path_factory):
-    """The world's reward model (200 steps of 32 pairs) and DPO policy (120 steps), both from the session's SFT
-    model, trained side by side."""
+    """The world's reward model (200 steps of 32 pairs), one trained on its rankings of 4 instead (100 steps of 32
+    rankings, evaluated on the held-out pairs) and the DPO policy (120 steps), all from the session's SFT model,
+    trained side by side."""
     out = tmp_path_factory.mktemp("chain")
     dpo_data = world_subset(out / "preference", "preference", None, 250)  # DPO evaluates on 250 held-out pairs
     # (reward.py's accuracy on all 1,000)
@@ -106,8 +107,11 @@ def preference_models(sft_model, tmp_path_factory):
         "--micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000",
         f"dpo.py --model_name_or_path {sft_model} --dataset_name {dpo_data} --output_dir {out}/dpo --max_steps 120 "
         "--eval_every 1000 --learning_rate 5e-5 --num_eval_prompts 128",
+        f"reward.py --model_name_or_path {sft_model} --dataset_name {WORLD}/ranking --eval_dataset_name "
+        f"{WORLD}/preference --output_dir {out}/reward_ranking --max_steps 100 --batch_size 32 --micro_batch_size 32 "
+        "--learning_rate 1e-3 --eval_every 1000",
     )
-    return {"reward": str(out / "reward"), "dpo": str(out / "dpo")}
+    return {"reward": str(out / "reward"), "dpo": str(out / "dpo"), "reward_ranking": str(out / "reward_ranking")}
 
 
 @pytest.fixture(scope="session")
