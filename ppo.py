@@ -95,7 +95,9 @@ class Args:
     """weight of an entropy bonus (0: entropy only reported)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
-    """the SFT policy: PPO starts from it, and it is the frozen reference of the KL penalty"""
+    """the policy PPO starts from: the SFT policy, which is also the frozen reference of the KL penalty"""
+    ref_model_name_or_path: str | None = None
+    """a different frozen reference (e.g. the SFT policy when PPO continues from a trained one; iterated RLHF)"""
     reward_model_name_or_path: str = "runs/reward"
     """the reward model (a one-label sequence classifier, e.g. reward.py's output); the value model starts from it"""
     dataset_name: str = "data/world/prompts"
@@ -269,7 +271,8 @@ if __name__ == "__main__":
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     # detail 25: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
     # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
-    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    ref_name = args.ref_model_name_or_path or args.model_name_or_path
+    ref_policy = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
     scorer_dtype = torch.bfloat16 if bf16 else torch.float32
     rm_name = args.reward_model_name_or_path
     reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, scorer_dtype)

@@ -1,0 +1,35 @@
+"""benchmarks/iterated.py's loop with tiny budgets: two rounds of PPO, labelling of the policy's own samples by the
+simulated annotator, and a reward model retrained on everything labelled so far."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ENV, ROOT, read_jsonl, world_subset
+
+
+def test_two_rounds_of_iterated_rlhf(sft_model, reward_model, tmp_path):
+    human = world_subset(tmp_path / "human", "preference", 48, 8)
+    out = tmp_path / "iterated"
+    ppo = "--batch_size 8 --micro_batch_size 8 --num_eval_prompts 8 --eval_every 1000 --response_length 8 "
+    ppo += "--max_new_tokens 8 --log_samples_every 1000"
+    reward = "--max_steps 2 --batch_size 8 --micro_batch_size 8 --num_normalisation_rows 16"
+    command = [sys.executable, "benchmarks/iterated.py", "--sft_model", sft_model, "--reward_model", reward_model,
+               "--preference_data", human, "--rounds", "2", "--kl_coefs", "0.0", "--episodes_per_round", "16",
+               "--label_prompts", "12", "--heldout_prompts", "8", "--response_length", "8", f"--ppo_args={ppo}",
+               f"--reward_args={reward}", "--output_dir", str(out)]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = read_jsonl(out / "kl_0.0" / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1] and [r["episodes"] for r in rounds] == [16, 32]
+    assert [r["labelled_pairs"] for r in rounds] == [48 + 12, 48 + 24]  # the world's pairs, then each round's
+    for r in rounds:
+        assert 0 <= r["rm_accuracy_on_policy"] <= 1 and 0 <= r["new_rm_accuracy_on_policy"] <= 1
+    # round 1 continued from round 0's policy, against round 0's retrained reward model, with the SFT reference
+    args = json.load(open(out / "kl_0.0" / "ppo_1" / "run.json"))["args"]
+    assert args["model_name_or_path"].endswith("ppo_0") and args["reward_model_name_or_path"].endswith("reward_1")
+    assert args["ref_model_name_or_path"] == sft_model
+    labels = read_jsonl(out / "kl_0.0" / "labels_1" / "train.jsonl")
+    assert len(labels) == 72 and all({"prompt", "chosen", "rejected"} <= set(r) for r in labels)
+    assert "| 0.0 | 1 | 32 |" in proc.stdout and os.path.exists(out / "iterated.svg")
