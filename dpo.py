@@ -86,6 +86,8 @@ class Args:
     # ---- evaluation ----
     eval_every: int = 100
     """steps between evaluations of the held-out pairs"""
+    num_eval_pairs: int | None = None
+    """held-out pairs evaluated (the first of the eval split; None: all), which the reference also scores"""
     eval_prompts_name: str = "data/world/prompts"
     """prompts whose held-out split the policy and the reference are sampled on at the end"""
     num_eval_prompts: int = 256
@@ -187,7 +189,7 @@ if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_positive(args, "beta num_epochs max_steps batch_size micro_batch_size max_length eval_every")
-    plumbing.check_positive(args, "num_eval_prompts max_new_tokens eval_temperature eval_batch_size log_every")
+    plumbing.check_positive(args, "num_eval_pairs num_eval_prompts max_new_tokens eval_temperature eval_batch_size log_every")
     if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
         plumbing.fail(
             f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}"
@@ -205,7 +207,7 @@ if __name__ == "__main__":
         args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed
     )
     train = common.tokenize_pairs(tok, train_rows, args.max_length)
-    evals = common.tokenize_pairs(tok, eval_rows, args.max_length)
+    evals = common.tokenize_pairs(tok, eval_rows[: args.num_eval_pairs], args.max_length)
     _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, _ = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
@@ -233,7 +235,8 @@ if __name__ == "__main__":
     def ref_logps_of(pairs, model):
         """(chosen, rejected) reference log-probs of every pair: (N, 2)."""
         out = []
-        for i in range(0, len(pairs), micro):  # training's batch shape: no larger peak memory than training's
+        for i in tqdm(range(0, len(pairs), micro), "reference log-probs", mininterval=5, leave=False):
+            # training's micro-batch shape: no larger peak memory than training's
             with autocast:
                 chosen, rejected, _, _ = pair_logps(model, pairs[i : i + micro], tok.pad_token_id, device)
             out.append(torch.stack([chosen, rejected], 1).float())

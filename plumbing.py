@@ -146,23 +146,32 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
 
 
 # ---- models, device, precision -----------------------------------------------------------------------
-def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head: bool = False, **kwargs):
+def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False, init_without_weights=False, **kwargs):
     """A transformers model (safetensors only, no code from the hub) whose embeddings fit the tokenizer, with the
-    head `cls` asks for (a causal LM, a sequence classifier), unless `new_head` allows a fresh one."""
+    head `cls` (an Auto class) builds for its config, unless `new_head` allows a fresh one. A local directory with
+    a config but no weights gives a randomly initialised model where `init_without_weights` allows it."""
     from transformers import AutoConfig
 
+    if is_local(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        fail(f"{name!r} holds no config.json: not a model directory")
     try:
-        architectures = AutoConfig.from_pretrained(name).architectures or []
-        kind = "ForCausalLM" if "CausalLM" in cls.__name__ else "ForSequenceClassification"
-        if architectures and not new_head and not any(a.endswith(kind) for a in architectures):
-            fail(f"{name!r} holds a {architectures[0]}, not a model ending in {kind}")
+        config = AutoConfig.from_pretrained(name)
+        if type(config) not in cls._model_mapping:
+            fail(f"{name!r} is a {config.model_type} model, for which transformers has no {cls.__name__}")
+        expected, architectures = cls._model_mapping[type(config)].__name__, config.architectures or []
+        if architectures and not new_head and expected not in architectures:
+            fail(f"{name!r} holds a {architectures[0]}, not a {expected}")
         if device.type == "cpu" and torch.backends.mkldnn.matmul.fp32_precision == "bf16":
             kwargs.setdefault("attn_implementation", "eager")  # with oneDNN matmuls, faster than SDPA's CPU kernel
-        model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
+        if init_without_weights and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
+            print(f"note: {name} holds a config but no weights: initialising the model at random")
+            model = cls.from_config(config).to(dtype)
+        else:
+            model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         fail(f"could not load {cls.__name__} from {name!r}: {describe(e)}")
     if len(tok) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tok))
+        model.resize_token_embeddings(len(tok))  # the new rows are the pad token's; tied weights stay tied
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_token_id

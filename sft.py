@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import tyro
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 import common
 import plumbing
@@ -135,15 +135,8 @@ if __name__ == "__main__":
     train_rows, eval_rows, fmt = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
     train = tokenize(tok, train_rows, fmt, args.max_length)
     evals = tokenize(tok, eval_rows, fmt, args.max_length, "eval")
-    path = args.model_name_or_path
-    if os.path.isdir(path) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
-        print(f"note: {path} holds a config but no weights: initialising the model at random (seed {args.seed})")
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-        model.resize_token_embeddings(max(len(tok), model.get_input_embeddings().num_embeddings))
-        model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
-        model = model.to(device)
-    else:
-        model = plumbing.load_model(AutoModelForCausalLM, path, tok, device)
+    # a directory with a config and no weights (the world's base model) is initialised at random (seed above)
+    model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"data: {len(train)} train / {len(evals)} eval rows ({fmt})"

@@ -192,7 +192,7 @@ def test_ppo_end_to_end(sft_model, reward_model, tmp_path):
             1,
             ok=False,
         ),
-        "not a model ending in ForSequenceClassification",
+        "not a LlamaForSequenceClassification",
     )
 
 

@@ -367,10 +367,10 @@ def test_chat_responses_need_chat_prompts(bad, tmp_path):
 
 
 def test_wrong_heads(bad, tmp_path):
-    assert "not a model ending in ForCausalLM" in run_inprocess(
+    assert "not a LlamaForCausalLM" in run_inprocess(
         "dpo.py", "--model_name_or_path", bad["rm"], "--output_dir", tmp_path / "o"
     )
-    assert "not a model ending in ForSequenceClassification" in run_inprocess(
+    assert "not a LlamaForSequenceClassification" in run_inprocess(
         "ppo.py",
         "--model_name_or_path",
         bad["sft"],

