@@ -9,7 +9,10 @@ reads a preamble, one principle sampled from the constitution for this compariso
 responses, and is asked "Which response is better? Answer A or B." Its preference is the softmax over its
 log-probs of the two answer tokens. Position bias is removed by asking again with the responses swapped and
 averaging: p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2 (details 20-23 of
-docs/implementation_details.md; the steps below are numbered as its "rlaif.py" lists).
+docs/implementation_details.md; the steps below are numbered as its "rlaif.py" lists). With --judge_mode direct
+(d-RLAIF, Lee et al. 2023; detail 26) it rates each response alone from 1 to 9 instead: a rating is the expected
+digit under its answer's softmax over the nine digits, and p(y1 better) = sigmoid(rating(y1) - rating(y2)), for
+labellers whose pairwise answer only follows the position.
 
   --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current policy,
                  the labeller picks one, and a DPO-family update learns from that fresh pair (the reference
@@ -40,6 +43,8 @@ import common
 import plumbing
 
 PREAMBLE = "You compare two responses to the same prompt."
+DIRECT_PREAMBLE = "You rate a response to a prompt."  # --judge_mode direct
+RATINGS = "123456789"
 CONSTITUTION = [  # the built-in constitution; --constitution replaces it with a text (one per line) or JSON file
     "Choose the response that is more positive and enthusiastic about the film.",
     "Choose the response that a fan of the film would rather read.",
@@ -56,6 +61,14 @@ def judge_query(preamble, principle, prompt, a, b):
     )
 
 
+def rating_query(preamble, principle, prompt, response):
+    """The labeller's question about one response alone (--judge_mode direct)."""
+    return (
+        f"{preamble}\nPrinciple: {principle}\nPrompt: {prompt}\nResponse:{response}\n"
+        "Rate the response by the principle, from 1 (worst) to 9 (best). Answer with one digit."
+    )
+
+
 @dataclass
 class Args:
     mode: Literal["online", "label"] = "online"
@@ -63,8 +76,11 @@ class Args:
     # ---- algorithm ----
     constitution: str | None = None
     """a text file (one principle per line) or JSON list of principles replacing the built-in constitution"""
-    preamble: str = PREAMBLE
-    """the first line of every question to the labeller"""
+    judge_mode: Literal["pairwise", "direct"] = "pairwise"
+    """pairwise: the labeller compares the two responses, asked in both orders; direct (d-RLAIF): it rates each
+    response alone from 1 to 9, and p(first better) = sigmoid(rating difference)"""
+    preamble: str | None = None
+    """the first line of every question to the labeller (None: PREAMBLE, or DIRECT_PREAMBLE in direct mode)"""
     total_episodes: int = 6144
     """online: episodes (prompts, each with two samples) in all"""
     max_steps: int | None = None
@@ -164,17 +180,18 @@ def load_constitution(path):
     return principles
 
 
-def answer_token_ids(tok):
-    """The token ids of answering "A" and "B", as the labeller would write them after the question."""
+def answer_token_ids(tok, answers=("A", "B")):
+    """The token ids of the answers ("A" and "B", or the digits of a rating), as the labeller would write them
+    after the question: the first token of each."""
     question = [{"role": "user", "content": "?"}]
     ids = []
-    for answer in ("A", "B"):
+    for answer in answers:
         if tok.chat_template:
             ids.append(common.encode_completion(tok, question, [{"role": "assistant", "content": answer}])[0])
         else:
             ids.append(tok(" " + answer, add_special_tokens=False)["input_ids"][0])
-    if ids[0] == ids[1]:
-        plumbing.fail("the labeller's tokenizer does not tell the answers 'A' and 'B' apart by their first token")
+    if len(set(ids)) < len(ids):
+        plumbing.fail(f"the labeller's tokenizer does not tell the answers {list(answers)} apart by their first token")
     return ids
 
 
@@ -187,7 +204,7 @@ def encode_question(tok, text):
 
 @torch.inference_mode()
 def answer_logprobs(judge, questions, answer_ids, pad_id, device, batch_size, autocast):
-    """log-softmax over the two answer tokens after each question: (N, 2)."""
+    """log-softmax over the answer tokens after each question: (N, number of answers)."""
     out = []
     for i in range(0, len(questions), batch_size):
         ids, mask = (t.to(device) for t in common.pad(questions[i : i + batch_size], pad_id, "left"))
@@ -209,8 +226,9 @@ def label_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng
     Questions over judge_max_length give p = 0.5 and are marked in `skipped`."""
     chosen_principles = [rng.choice(principles) for _ in prompt_texts]  # one principle per comparison
     pairs = list(zip(chosen_principles, prompt_texts, firsts, seconds, strict=True))
-    ab = [encode_question(judge_tok, judge_query(args.preamble, c, p, a, b)) for c, p, a, b in pairs]
-    ba = [encode_question(judge_tok, judge_query(args.preamble, c, p, b, a)) for c, p, a, b in pairs]
+    preamble = args.preamble or PREAMBLE
+    ab = [encode_question(judge_tok, judge_query(preamble, c, p, a, b)) for c, p, a, b in pairs]
+    ba = [encode_question(judge_tok, judge_query(preamble, c, p, b, a)) for c, p, a, b in pairs]
     skipped = torch.tensor([max(len(x), len(y)) > args.judge_max_length for x, y in zip(ab, ba, strict=True)])
     ab, ba = ([q[-args.judge_max_length :] for q in qs] for qs in (ab, ba))  # cut to fit; their p is set to 0.5
     answers = answer_token_ids(judge_tok)
@@ -221,6 +239,27 @@ def label_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng
     flipped = ((lp_ab[:, 0] > lp_ab[:, 1]) != (lp_ba[:, 1] > lp_ba[:, 0])).cpu()
     p[skipped] = 0.5
     return p, flipped & ~skipped, skipped
+
+
+def rate_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng, args, device, autocast):
+    """d-RLAIF (Lee et al. 2023, detail 26): the labeller rates each response alone under the pair's principle;
+    a rating is the expected digit, sum_k k p(k), under the softmax of its logits over the digits 1-9, and
+    p(first better) = sigmoid(rating(first) - rating(second)). No order to be biased by: nothing flips."""
+    chosen_principles = [rng.choice(principles) for _ in prompt_texts]  # one principle per comparison
+    preamble = args.preamble or DIRECT_PREAMBLE
+    questions = [
+        encode_question(judge_tok, rating_query(preamble, c, p, y))
+        for c, p, a, b in zip(chosen_principles, prompt_texts, firsts, seconds, strict=True)
+        for y in (a, b)
+    ]
+    skipped = torch.tensor([len(q) > args.judge_max_length for q in questions]).view(-1, 2).any(1)
+    questions = [q[-args.judge_max_length :] for q in questions]  # cut to fit; their p is set to 0.5
+    digits = answer_token_ids(judge_tok, RATINGS)
+    lp = answer_logprobs(judge, questions, digits, judge_tok.pad_token_id, device, args.judge_batch_size, autocast)
+    ratings = (lp.exp() * torch.arange(1, 10, device=lp.device)).sum(1).view(-1, 2).cpu()
+    p = torch.sigmoid(ratings[:, 0] - ratings[:, 1])
+    p[skipped] = 0.5
+    return p, torch.zeros_like(skipped), skipped
 
 
 def labeller_metrics(p, flipped, skipped, reference_first_better=None):
@@ -528,10 +567,12 @@ if __name__ == "__main__":
     judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
     judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
     judge.eval().requires_grad_(False)
+    answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
 
     def label(prompts, firsts, seconds):
-        """The labeller's debiased p(first better), flips and skips for text pairs (details 20-22)."""
-        return label_pairs(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
+        """The labeller's p(first better), flips and skips for text pairs (details 20-22, or 26 when direct)."""
+        labeller = label_pairs if args.judge_mode == "pairwise" else rate_pairs
+        return labeller(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
 
     if args.mode == "label":
         label_dataset(args, label, gold_scorer, device, autocast)

@@ -183,15 +183,19 @@ if __name__ == "__main__":
         out = os.path.join(args.output_dir, f"kl_{kl}")
         if args.run:
             run_rounds(args, kl, out)
-    print("| kl_coef | round | episodes | RM accuracy on the policy's samples (retrained) | rm_score | gold_score | "
-          "gold_win_rate_vs_ref | kl_to_ref | distinct_2 |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| kl_coef | round | episodes | RM accuracy on the policy's samples: its RM -> retrained (labels' ceiling) | "
+          "rm_score | gold_score | gold_win_rate_vs_ref | kl_to_ref | distinct_2 |\n"
+          "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     curves = {}
     for kl in args.kl_coefs:
-        rows = [json.loads(line) for line in open(os.path.join(args.output_dir, f"kl_{kl}", "rounds.jsonl"))]
+        out = os.path.join(args.output_dir, f"kl_{kl}")
+        rows = [json.loads(line) for line in open(os.path.join(out, "rounds.jsonl"))]
         curves[f"kl_coef {kl}"] = rows
-        for x in rows:
-            print(f"| {kl} | {x['round']} | {x['episodes']} | {x['rm_accuracy_on_policy']:.3f} "
-                  f"({x['new_rm_accuracy_on_policy']:.3f}) | {x['rm_score']:.2f} | {x['gold_score']:.3f} | "
-                  f"{x['gold_win_rate_vs_ref']:.2f} | {x['kl_to_ref']:.2f} | {x['distinct_2']:.3f} |")  # fmt: skip
+        for x in rows:  # the ceiling: how often the gold rater agrees with the annotators' labels of these pairs
+            ceiling = json.load(open(f"{out}/reward_{x['round'] + 1}/eval.json"))["gold_label_agreement"]
+            print(f"| {kl} | {x['round']} | {x['episodes']} | {x['rm_accuracy_on_policy']:.3f} -> "
+                  f"{x['new_rm_accuracy_on_policy']:.3f} ({ceiling:.3f}) | {x['rm_score']:.2f} | "
+                  f"{x['gold_score']:.3f} | {x['gold_win_rate_vs_ref']:.2f} | {x['kl_to_ref']:.2f} | "
+                  f"{x['distinct_2']:.3f} |")  # fmt: skip
     svg_plot(curves, os.path.join(args.output_dir, "iterated.svg"))
     print(f"wrote {os.path.join(args.output_dir, 'iterated.svg')}")

@@ -48,7 +48,8 @@ def chat(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(smollm2, chat, tmp_path_factory):
-    """sft.py, then reward.py and dpo.py side by side, then ppo.py and rlaif.py side by side: all on SmolLM2."""
+    """sft.py, then reward.py and dpo.py side by side, then ppo.py and rlaif.py side by side: all on SmolLM2
+    (rlaif.py with SmolLM2 itself as the labeller, rating each response: d-RLAIF)."""
     out = tmp_path_factory.mktemp("real")
     small = "--max_steps 2 --batch_size 4 --micro_batch_size 2 --learning_rate 1e-5 --max_length 96"
     evals = " ".join(map(str, EVAL))
@@ -65,7 +66,7 @@ def runs(smollm2, chat, tmp_path_factory):
         f"ppo.py --model_name_or_path {out}/sft --reward_model_name_or_path {out}/reward --dataset_name "
         f"{chat}/prompts --output_dir {out}/ppo {rollouts} {evals}",
         f"rlaif.py --model_name_or_path {out}/sft --judge_model_name_or_path {smollm2} --dataset_name "
-        f"{chat}/prompts --judge_batch_size 4 --output_dir {out}/rlaif {rollouts} {evals}",
+        f"{chat}/prompts --judge_mode direct --judge_batch_size 4 --output_dir {out}/rlaif {rollouts} {evals}",
     )
     return out
 
@@ -76,6 +77,7 @@ def test_every_script_writes_a_model_plain_transformers_loads(runs):
         assert type(model).__name__ == "LlamaForCausalLM", name
         results = json.load(open(runs / name / "eval.json"))
         assert 0 <= results["eos_rate"] <= 1 and "gold_score" in results, name
+    assert json.load(open(runs / "rlaif" / "eval.json"))["labeller_flip_rate"] == 0  # rated alone: no order
     reward = AutoModelForSequenceClassification.from_pretrained(runs / "reward")
     assert type(reward).__name__ == "LlamaForSequenceClassification"
     value = AutoModelForSequenceClassification.from_pretrained(runs / "ppo" / "value_model")  # from the reward model

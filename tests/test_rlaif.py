@@ -37,7 +37,7 @@ def tok():
 
 
 def args_for(**kw):
-    return SimpleNamespace(preamble=rlaif.PREAMBLE, judge_max_length=512, judge_batch_size=4, **kw)
+    return SimpleNamespace(**{"preamble": rlaif.PREAMBLE, "judge_max_length": 512, "judge_batch_size": 4, **kw})
 
 
 def label(judge, tok, firsts, seconds, principles=("Be kind.",), seed=0):
@@ -106,6 +106,45 @@ def test_one_principle_per_comparison_the_same_in_both_orders(tok):
     assert all(sum(p in q for p in principles) == 1 for q in judge.questions)
     assert asked[:40] == asked[40:]  # questions 0-39 in order A/B, 40-79 the same pairs swapped
     assert set(asked) == set(principles)  # all are sampled over 40 comparisons
+
+
+DIGITS = list(range(100, 109))  # the world's tokenizer writes most digits in two tokens: stand-in answer ids
+
+
+class RatingJudge(torch.nn.Module):
+    """A labeller that rates a response 7 when it says "Good." and 3 otherwise, almost surely."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok, self.digits, self.questions = tok, DIGITS, []
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        logits = torch.zeros(len(input_ids), 1, len(self.tok))
+        for i, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
+            self.questions.append(self.tok.decode(ids[mask.bool()]))
+            logits[i, 0, self.digits[6 if "Response: Good." in self.questions[-1] else 2]] = 30.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_direct_mode_rates_each_response_alone(tok, monkeypatch):
+    """d-RLAIF: rating = expected digit under the softmax over 1-9; p(first better) = sigmoid(rating difference).
+    (On SmolLM2, whose digits are single tokens: the real-model tier.)"""
+    monkeypatch.setattr(rlaif, "answer_token_ids", lambda tok, answers: DIGITS)
+    judge = RatingJudge(tok)
+    prompts = [f"Opening {i}." for i in range(3)]
+    p, flipped, skipped = rlaif.rate_pairs(
+        judge, tok, prompts, [" Good.", " Bad.", " Good."], [" Bad.", " Good.", " Good."], ["Be kind."],
+        random.Random(0), args_for(preamble=None), "cpu", __import__("contextlib").nullcontext(),
+    )  # fmt: skip
+    s = 1 / (1 + math.exp(-4))  # ratings 7 and 3
+    torch.testing.assert_close(p, torch.tensor([s, 1 - s, 0.5]), atol=1e-6, rtol=0)
+    assert not flipped.any() and not skipped.any()
+    assert len(judge.questions) == 6  # one question per response, not two per pair
+    q = judge.questions[0]
+    assert rlaif.DIRECT_PREAMBLE in q and "Principle: Be kind." in q and "Prompt: Opening 0." in q
+    assert "Response: Good." in q and "Response: Bad." not in q and "Answer with one digit." in q
+    uniform = torch.zeros(1, 9).log_softmax(-1)  # a labeller with no opinion rates 5
+    assert (uniform.exp() * torch.arange(1, 10)).sum().item() == pytest.approx(5.0)
 
 
 def test_online_losses_match_dpo_py_sigmoid_and_length_normalised_ipo():
@@ -316,3 +355,12 @@ def test_online_rlaif_raises_the_gold_score_over_the_sft_policy(online_runs):
     assert results["labeller_gold_agreement"] > 0.6
     assert results["gold_score"] > results["gold_score_ref"] + 0.2  # seeds 0-3: +0.31 to +0.46
     assert results["gold_win_rate_vs_ref"] > 0.6
+
+
+def test_direct_mode_needs_a_labeller_that_writes_digits_in_one_token(tmp_path):
+    """The world's labeller writes " 2" as two tokens: --judge_mode direct cannot read its rating, and says so."""
+    from conftest import one_line_error
+
+    proc = run("rlaif.py", "--judge_mode", "direct", "--output_dir", tmp_path / "o", ok=False)
+    one_line_error(proc, "does not tell the answers", "first token")
+    assert not os.path.exists(tmp_path / "o")
