@@ -6,6 +6,7 @@ median of --runs.
     bash ../shared/peers/setup_venvs.sh                          # TRL's two venvs (only needed for --peers)
     python benchmarks/bench.py --runs 3 --peers                  # JSON lines, then the table of medians and ratios
     python benchmarks/bench.py --world data/world --hidden_size 1024 --num_layers 24   # a random 0.5B Llama
+    python benchmarks/bench.py --model runs/smollm2 --peers     # SmolLM2-135M (extras/smollm2.py), ours and TRL
 
 Each measurement runs one script, unchanged, in a fresh process (benchmarks/bench.py --child NAME): the script
 is executed as __main__ with the shapes below as its arguments, and torch's global hooks take a timestamp after
@@ -65,6 +66,9 @@ class Args:
     """with --num_layers: random Llamas of this size (policy and reward model) instead of the peer's (GPU MFU)"""
     num_layers: int | None = None
     """layers of that Llama"""
+    model: str | None = None
+    """a pretrained causal LM directory (e.g. runs/smollm2): the peer world's data with this model and its
+    tokenizer, and a reward model made of it with a fresh one-output head, for ours and TRL alike"""
     extra: str = ""
     """more arguments for every script, e.g. --extra="--bf16 True --compile True" (the defaults follow the device)"""
     out: str = "/tmp/bench/results.jsonl"
@@ -84,6 +88,8 @@ def prepare(args):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     work = os.path.join(os.path.dirname(args.out), "models")
+    if args.model:
+        return model_world(args, os.path.join(work, os.path.basename(os.path.normpath(args.model))))
     tokenizer = next(p for p in (f"{args.world}/tokenizer", f"{args.world}/base") if os.path.isdir(p))
     if args.hidden_size and args.num_layers:
         models = {}
@@ -114,6 +120,27 @@ def prepare(args):
             shutil.copytree(os.path.join(args.world, name), target, dirs_exist_ok=True)
             shutil.copytree(tokenizer, target, dirs_exist_ok=True)
     return {"policy": os.path.join(work, "policy"), "reward": os.path.join(work, "reward")}
+
+
+def model_world(args, target: str) -> dict:
+    """The peer world with --model as its policy, tokenizer and (with a fresh one-output head, seed 0) reward model,
+    laid out as the peer harness reads a world; args.world then points at it, for ours and TRL alike."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not os.path.exists(os.path.join(target, "reward", "config.json")):
+        for name in ("sft", "preference", "prompts"):
+            os.makedirs(target, exist_ok=True)
+            shutil.copy(f"{args.world}/{name}.jsonl", target)
+        shutil.copytree(args.model, os.path.join(target, "policy"), dirs_exist_ok=True)
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(os.path.join(target, "tokenizer"))
+        torch.manual_seed(0)
+        reward = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
+        reward.config.pad_token_id = reward.config.pad_token_id or reward.config.eos_token_id
+        reward.save_pretrained(os.path.join(target, "reward"))
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(os.path.join(target, "reward"))
+    args.world = target
+    return {"policy": os.path.join(target, "policy"), "reward": os.path.join(target, "reward")}
 
 
 def matmul_params(model_dir: str) -> tuple[int, int]:
