@@ -3,7 +3,7 @@ number of annotated prompts and at an equal number of compared pairs, all evalua
 preference pairs.
 
     python sft.py                                   # the backbone every reward model starts from (runs/sft)
-    python benchmarks/rankings.py                   # 12 reward.py runs (~20 min on 2 CPU cores), then the table
+    python benchmarks/rankings.py                   # 13 reward.py runs, then the table
     python benchmarks/rankings.py --no_run          # only the table, from runs already made
 
 A ranking of K = 4 responses holds K(K-1)/2 = 6 compared pairs for one annotated prompt (one annotator's work,
