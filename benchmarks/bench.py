@@ -347,6 +347,8 @@ def measure(cmd, cwd, env):
 
 
 def main(args):
+    if args.peers and (args.batch_size, args.max_length, args.response_length) != (16, 128, 48):
+        sys.exit("--peers: the peer harness's shapes are fixed (batch_size 16, max_length 128, response_length 48)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     prepare(args)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1")
@@ -365,6 +367,8 @@ def main(args):
                 jobs = [("ours", [sys.executable, os.path.abspath(__file__), *passthrough, "--child", name], ROOT)]
                 if args.peers:
                     py, script, extra = PEER_JOBS[name]
+                    steps = args.steps * 12 // 32 if name.startswith("ppo") else args.steps  # PPO: rollouts
+                    extra = [*extra, "--steps", str(steps), "--warmup", str(args.warmup)]
                     jobs.append(("trl", [py, script, "--world", args.world, *extra], PEERS))
                 for impl, cmd, cwd in jobs if i % 2 == 0 else jobs[::-1]:  # alternate who goes first
                     r = {**measure(cmd, cwd, env), "impl": impl, "run": i, "machine": machine, "peak_flops": peak}
