@@ -17,9 +17,11 @@ Each round r and each kl_coef:
      labels then weigh alike, with nothing forgotten and no new schedule to tune; it costs one reward.py run on
      the growing union a round.
 The table gives, for each round's policy, the reward model's accuracy on that policy's held-out samples before and
-after retraining, the proxy (rm_score of the reward model the policy was trained against), the gold score, the
-KL to the SFT policy and distinct-2; iterated.svg draws each round's proxy and gold score against its KL, as
-goodhart.svg does (each round's proxy is a different reward model's score).
+after retraining (and its ceiling: how often the gold rater agrees with the annotators' labels of those pairs),
+the proxy (rm_score of the reward model the policy was trained against), the gold score, the KL to the SFT policy
+and distinct-2; iterated.svg draws each round's proxy and gold score against its KL, as goodhart.svg does (each
+round's proxy is a different reward model's score). --no_relabel runs the control: the same rounds of PPO, each
+against round 0's reward model, without new labels.
 """
 
 import json
@@ -69,6 +71,9 @@ class Args:
     """where every round's models, labels and results go"""
     seed: int = 1
     """seed of sampling and labelling"""
+    relabel: bool = True
+    """label each round's samples and retrain the reward model (--no_relabel: the control, every round against
+    round 0's reward model, with the same restarts of PPO; its results go to kl_<coef>_no_relabel)"""
     run: bool = True
     """run the rounds (otherwise only read their results)"""
 
@@ -125,6 +130,14 @@ def accuracy(reward_dir: str, rows: list[dict]) -> float:
     return right / len(pairs)
 
 
+def label_ceiling(rows: list[dict]) -> float:
+    """How often the gold rater agrees with the annotators' labels (ties count half): what a reward model can reach."""
+    from data.gold import gold_score
+
+    gold = [(gold_score(r["chosen"]), gold_score(r["rejected"])) for r in rows]
+    return sum((c > r) + 0.5 * (c == r) for c, r in gold) / len(gold)
+
+
 def run_rounds(args, kl_coef: float, out: str):
     """The rounds of one kl_coef; each round's figures are appended to out/rounds.jsonl."""
     import plumbing
@@ -155,18 +168,21 @@ def run_rounds(args, kl_coef: float, out: str):
         test = label_pairs(test_prompts, *sample_pairs(ppo_dir, test_prompts, args, 10_000 + r), seed=10_000 + r)
         before = accuracy(reward, test)  # the reward model this policy was trained against, on its samples
         # 3. the next reward model, from the SFT backbone, on everything labelled so far
-        labelled += new
-        data, reward = f"{out}/labels_{r}", f"{out}/reward_{r + 1}"
-        os.makedirs(data)
-        plumbing.write_jsonl(f"{data}/train.jsonl", labelled)
-        plumbing.write_jsonl(f"{data}/test.jsonl", test)
-        script(
-            "reward.py",
-            f"--model_name_or_path {args.sft_model} --dataset_name {data} --output_dir {reward} {args.reward_args}",
-        )
-        after = json.load(open(f"{reward}/eval.json"))["rewards/accuracies"]
+        after = None
+        if args.relabel:
+            labelled += new
+            data, reward = f"{out}/labels_{r}", f"{out}/reward_{r + 1}"
+            os.makedirs(data)
+            plumbing.write_jsonl(f"{data}/train.jsonl", labelled)
+            plumbing.write_jsonl(f"{data}/test.jsonl", test)
+            script(
+                "reward.py",
+                f"--model_name_or_path {args.sft_model} --dataset_name {data} --output_dir {reward} {args.reward_args}",
+            )
+            after = json.load(open(f"{reward}/eval.json"))["rewards/accuracies"]
         row = {"kl_coef": kl_coef, "round": r, "episodes": (r + 1) * args.episodes_per_round}
         row.update(labelled_pairs=len(labelled), rm_accuracy_on_policy=before, new_rm_accuracy_on_policy=after)
+        row.update(labels_ceiling=label_ceiling(test))
         row.update(
             {k: results[k] for k in ("rm_score", "gold_score", "gold_win_rate_vs_ref", "kl_to_ref", "distinct_2")}
         )
@@ -179,23 +195,24 @@ def run_rounds(args, kl_coef: float, out: str):
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    suffix = "" if args.relabel else "_no_relabel"
     for kl in args.kl_coefs:
-        out = os.path.join(args.output_dir, f"kl_{kl}")
+        out = os.path.join(args.output_dir, f"kl_{kl}{suffix}")
         if args.run:
             run_rounds(args, kl, out)
-    print("| kl_coef | round | episodes | RM accuracy on the policy's samples: its RM -> retrained (labels' ceiling) | "
+    print("| run | round | episodes | RM accuracy on the policy's samples: its RM -> retrained (labels' ceiling) | "
           "rm_score | gold_score | gold_win_rate_vs_ref | kl_to_ref | distinct_2 |\n"
           "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     curves = {}
     for kl in args.kl_coefs:
-        out = os.path.join(args.output_dir, f"kl_{kl}")
-        rows = [json.loads(line) for line in open(os.path.join(out, "rounds.jsonl"))]
-        curves[f"kl_coef {kl}"] = rows
-        for x in rows:  # the ceiling: how often the gold rater agrees with the annotators' labels of these pairs
-            ceiling = json.load(open(f"{out}/reward_{x['round'] + 1}/eval.json"))["gold_label_agreement"]
-            print(f"| {kl} | {x['round']} | {x['episodes']} | {x['rm_accuracy_on_policy']:.3f} -> "
-                  f"{x['new_rm_accuracy_on_policy']:.3f} ({ceiling:.3f}) | {x['rm_score']:.2f} | "
-                  f"{x['gold_score']:.3f} | {x['gold_win_rate_vs_ref']:.2f} | {x['kl_to_ref']:.2f} | "
-                  f"{x['distinct_2']:.3f} |")  # fmt: skip
-    svg_plot(curves, os.path.join(args.output_dir, "iterated.svg"))
-    print(f"wrote {os.path.join(args.output_dir, 'iterated.svg')}")
+        name = f"kl_coef {kl}" + ", no new labels" * (not args.relabel)
+        rows = [json.loads(line) for line in open(os.path.join(args.output_dir, f"kl_{kl}{suffix}", "rounds.jsonl"))]
+        curves[name] = rows
+        for x in rows:
+            after = "-" if x["new_rm_accuracy_on_policy"] is None else f"{x['new_rm_accuracy_on_policy']:.3f}"
+            print(f"| {name} | {x['round']} | {x['episodes']} | {x['rm_accuracy_on_policy']:.3f} -> {after} "
+                  f"({x['labels_ceiling']:.3f}) | {x['rm_score']:.2f} | {x['gold_score']:.3f} | "
+                  f"{x['gold_win_rate_vs_ref']:.2f} | {x['kl_to_ref']:.2f} | {x['distinct_2']:.3f} |")  # fmt: skip
+    plot = os.path.join(args.output_dir, f"iterated{suffix}.svg")
+    svg_plot(curves, plot)
+    print(f"wrote {plot}")

@@ -26,10 +26,11 @@ def test_two_rounds_of_iterated_rlhf(sft_model, reward_model, tmp_path):
     assert [r["labelled_pairs"] for r in rounds] == [48 + 12, 48 + 24]  # the world's pairs, then each round's
     for r in rounds:
         assert 0 <= r["rm_accuracy_on_policy"] <= 1 and 0 <= r["new_rm_accuracy_on_policy"] <= 1
+        assert 0 <= r["labels_ceiling"] <= 1
     # round 1 continued from round 0's policy, against round 0's retrained reward model, with the SFT reference
     args = json.load(open(out / "kl_0.0" / "ppo_1" / "run.json"))["args"]
     assert args["model_name_or_path"].endswith("ppo_0") and args["reward_model_name_or_path"].endswith("reward_1")
     assert args["ref_model_name_or_path"] == sft_model
     labels = read_jsonl(out / "kl_0.0" / "labels_1" / "train.jsonl")
     assert len(labels) == 72 and all({"prompt", "chosen", "rejected"} <= set(r) for r in labels)
-    assert "| 0.0 | 1 | 32 |" in proc.stdout and os.path.exists(out / "iterated.svg")
+    assert "| kl_coef 0.0 | 1 | 32 |" in proc.stdout and os.path.exists(out / "iterated.svg")
