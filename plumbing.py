@@ -163,7 +163,8 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
             fail(f"{name!r} holds a {architectures[0]}, not a {expected}")
         if device.type == "cpu" and torch.backends.mkldnn.matmul.fp32_precision == "bf16":
             kwargs.setdefault("attn_implementation", "eager")  # with oneDNN matmuls, faster than SDPA's CPU kernel
-        if init_without_weights and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
+        no_weights = os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name))
+        if init_without_weights and no_weights:
             print(f"note: {name} holds a config but no weights: initialising the model at random")
             model = cls.from_config(config).to(dtype)
         else:
