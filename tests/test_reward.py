@@ -57,6 +57,20 @@ def test_ranking_loss_averages_the_pairs_of_a_ranking():
     assert torch.equal(reward.ranking_loss(pairs, margins=m, labels=p), reward.preference_loss(rc, rr, m, p))
 
 
+def test_chat_rankings_tokenise_as_chat_pairs():
+    """A ranking in chat messages: the prompt rendered with the generation prompt, each response what follows it,
+    exactly as the same responses tokenise in a chat pair."""
+    from data.chat_world import to_chat
+
+    tok = common.load_tokenizer(f"{WORLD}/base")
+    row = to_chat(read_jsonl(f"{WORLD}/ranking/test.jsonl")[0])
+    (ranking,) = reward.tokenize_rankings(tok, [row], ["prompt", "responses"], max_length=512)
+    pair = {"prompt": row["prompt"], "chosen": row["responses"][0], "rejected": row["responses"][3]}
+    (x,) = common.tokenize_pairs(tok, [pair], max_length=512)
+    assert ranking.prompt == x.prompt and ranking.responses[0] == x.chosen and ranking.responses[3] == x.rejected
+    assert len(ranking.responses) == 4 and all(r[-1] == tok.eos_token_id for r in ranking.responses)
+
+
 @pytest.fixture(scope="module")
 def tiny_rm():
     torch.manual_seed(0)
