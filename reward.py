@@ -259,8 +259,9 @@ if __name__ == "__main__":
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    kind = "pairs" if len(train[0].responses) == 2 else f"rankings of {len(train[0].responses)}"
-    eval_kind = "pairs" if len(evals[0].responses) == 2 else f"rankings of {len(evals[0].responses)}"
+    kind, eval_kind = (
+        "pairs" if len(x[0].responses) == 2 else f"rankings of {len(x[0].responses)}" for x in (train, evals)
+    )
     print(f"reward model: {n_params:.2f}M parameters; {len(train)} train {kind}, {len(evals)} eval {eval_kind}")
     forward_model = torch.compile(model) if use_compile else model
 

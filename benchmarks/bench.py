@@ -133,12 +133,13 @@ def model_world(args, target: str) -> dict:
             os.makedirs(target, exist_ok=True)
             shutil.copy(f"{args.world}/{name}.jsonl", target)
         shutil.copytree(args.model, os.path.join(target, "policy"), dirs_exist_ok=True)
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(os.path.join(target, "tokenizer"))
+        tok = AutoTokenizer.from_pretrained(args.model)
+        tok.save_pretrained(os.path.join(target, "tokenizer"))
         torch.manual_seed(0)
         reward = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
         reward.config.pad_token_id = reward.config.pad_token_id or reward.config.eos_token_id
         reward.save_pretrained(os.path.join(target, "reward"))
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(os.path.join(target, "reward"))
+        tok.save_pretrained(os.path.join(target, "reward"))
     args.world = target
     return {"policy": os.path.join(target, "policy"), "reward": os.path.join(target, "reward")}
 

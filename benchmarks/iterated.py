@@ -109,33 +109,34 @@ def sample_pairs(policy_dir: str, prompts: list[str], args, seed: int) -> tuple[
 
 
 def accuracy(reward_dir: str, rows: list[dict]) -> float:
-    """How often the reward model orders labelled pairs as the annotator did (ties count half)."""
+    """How often the reward model orders labelled pairs as the annotator did: reward.py's held-out accuracy (ties
+    count half), with its scoring."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     import common
     import plumbing
+    import reward
 
     tok = common.load_tokenizer(reward_dir)
     model = plumbing.load_model(AutoModelForSequenceClassification, reward_dir, tok, torch.device("cpu")).eval()
-    pairs = common.tokenize_pairs(tok, rows, max_length=10_000)
-    right = 0.0
+    pairs = reward.tokenize_rankings(tok, rows, ["prompt", "chosen", "rejected"], max_length=10_000)
     with torch.inference_mode():
-        for i in range(0, len(pairs), 64):
-            part = pairs[i : i + 64]
-            seqs = [x.prompt + x.chosen for x in part] + [x.prompt + x.rejected for x in part]
-            r = common.sequence_scores(model, *common.pad(seqs, tok.pad_token_id))
-            chosen, rejected = r[: len(part)], r[len(part) :]
-            right += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
-    return right / len(pairs)
+        scores = [
+            reward.ranking_rewards(model, pairs[i : i + 64], tok.pad_token_id, "cpu") for i in range(0, len(pairs), 64)
+        ]
+    return float(reward.pair_metrics(*reward.ranked_pairs(torch.cat(scores).double()))["rewards/accuracies"])
 
 
 def label_ceiling(rows: list[dict]) -> float:
     """How often the gold rater agrees with the annotators' labels (ties count half): what a reward model can reach."""
+    import torch
+
+    import reward
     from data.gold import gold_score
 
-    gold = [(gold_score(r["chosen"]), gold_score(r["rejected"])) for r in rows]
-    return sum((c > r) + 0.5 * (c == r) for c, r in gold) / len(gold)
+    gold = torch.tensor([[gold_score(r["chosen"]), gold_score(r["rejected"])] for r in rows], dtype=torch.float64)
+    return float(reward.pair_metrics(gold[:, 0], gold[:, 1])["rewards/accuracies"])
 
 
 def run_rounds(args, kl_coef: float, out: str):
