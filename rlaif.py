@@ -10,9 +10,9 @@ responses, and is asked "Which response is better? Answer A or B." Its preferenc
 log-probs of the two answer tokens. Position bias is removed by asking again with the responses swapped and
 averaging: p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2 (details 20-23 of
 docs/implementation_details.md; the steps below are numbered as its "rlaif.py" lists). With --judge_mode direct
-(d-RLAIF, Lee et al. 2023; detail 26) it rates each response alone from 1 to 9 instead: a rating is the expected
-digit under its answer's softmax over the nine digits, and p(y1 better) = sigmoid(rating(y1) - rating(y2)), for
-labellers whose pairwise answer only follows the position.
+(d-RLAIF, Lee et al. 2023; detail 26) it rates each response alone from 1 to 9 instead, answering a question of
+RATING_CONSTITUTION: a rating is the expected digit under its answer's softmax over the nine digits, and
+p(y1 better) = sigmoid(rating(y1) - rating(y2)), for labellers whose pairwise answer only follows the position.
 
   --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current policy,
                  the labeller picks one, and a DPO-family update learns from that fresh pair (the reference
@@ -51,6 +51,14 @@ CONSTITUTION = [  # the built-in constitution; --constitution replaces it with a
     "Choose the response that praises the film more warmly without repeating itself.",
     "Choose the response that sounds like a natural, non-repetitive review that loves the film.",
 ]
+RATING_CONSTITUTION = [  # the same principles as questions about one response (--judge_mode direct)
+    "How positive and enthusiastic about the film is the response? Rate it from 1 (very negative) to 9 (very "
+    "positive).",
+    "How much would a fan of the film like to read the response? Rate it from 1 (not at all) to 9 (very much).",
+    "How warmly does the response praise the film without repeating itself? Rate it from 1 (not at all) to 9 (very).",
+    "How much does the response sound like a natural, non-repetitive review that loves the film? Rate it from 1 (not "
+    "at all) to 9 (very much).",
+]
 
 
 def judge_query(preamble, principle, prompt, a, b):
@@ -62,11 +70,9 @@ def judge_query(preamble, principle, prompt, a, b):
 
 
 def rating_query(preamble, principle, prompt, response):
-    """The labeller's question about one response alone (--judge_mode direct)."""
-    return (
-        f"{preamble}\nPrinciple: {principle}\nPrompt: {prompt}\nResponse:{response}\n"
-        "Rate the response by the principle, from 1 (worst) to 9 (best). Answer with one digit."
-    )
+    """The labeller's question about one response alone (--judge_mode direct): the principle is the question,
+    with its scale of 1 to 9 (RATING_CONSTITUTION)."""
+    return f"{preamble}\n\nPrompt: {prompt.strip()}\nResponse: {response.strip()}\n\n{principle} Answer with one digit."
 
 
 @dataclass
@@ -75,7 +81,8 @@ class Args:
     """online: OAIF training of the policy; label: write an AI-labelled preference dataset"""
     # ---- algorithm ----
     constitution: str | None = None
-    """a text file (one principle per line) or JSON list of principles replacing the built-in constitution"""
+    """a text file (one principle per line) or JSON list of principles replacing the built-in constitution
+    (CONSTITUTION; in direct mode RATING_CONSTITUTION, whose principles are questions with a scale of 1 to 9)"""
     judge_mode: Literal["pairwise", "direct"] = "pairwise"
     """pairwise: the labeller compares the two responses, asked in both orders; direct (d-RLAIF): it rates each
     response alone from 1 to 9, and p(first better) = sigmoid(rating difference)"""
@@ -162,9 +169,9 @@ class Args:
 
 
 # ---- the labeller -------------------------------------------------------------------------------------
-def load_constitution(path):
+def load_constitution(path, direct=False):
     if path is None:
-        return list(CONSTITUTION)
+        return list(RATING_CONSTITUTION if direct else CONSTITUTION)
     if not os.path.isfile(path):
         plumbing.fail(f"constitution {path!r} does not exist")
     text = open(path).read()
@@ -280,8 +287,12 @@ def labeller_metrics(p, flipped, skipped, reference_first_better=None):
 
 
 def text_of(x):
-    """A prompt or response as plain text: chat messages become "role: content" lines."""
-    return x if isinstance(x, str) else "\n".join(f"{m['role']}: {m['content']}" for m in x)
+    """A prompt or response as the labeller reads it: plain text as is; of chat messages the system's are left
+    out (they instruct the policy, not the labeller), one message is its content, several "role: content" lines."""
+    if isinstance(x, str):
+        return x
+    turns = [m for m in x if m["role"] != "system"]
+    return turns[0]["content"] if len(turns) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in turns)
 
 
 def gold_first_better(gold_scorer, prompts, firsts, seconds):
@@ -562,7 +573,7 @@ if __name__ == "__main__":
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     rng = random.Random(args.seed)  # the principle of each comparison
-    principles = load_constitution(args.constitution)
+    principles = load_constitution(args.constitution, direct=args.judge_mode == "direct")
     judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
     judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
     judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)

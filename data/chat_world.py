@@ -2,7 +2,8 @@
 
     python data/chat_world.py                       # -> runs/world_chat/{sft,preference,ranking,prompts}
 
-Each prompt becomes a user message asking for the review's continuation; each response (completion, chosen,
+Each prompt becomes a system message asking for the review's continuation and a user message with the opening
+(the instruction is the policy's; rlaif.py's labeller reads the user's turn only); each response (completion, chosen,
 rejected, a ranking's responses) the assistant's reply, without the leading space that continued the text. The
 gold rater reads the responses only, so data.gold:score scores the replies as it scores the continuations.
 Every script reads these files unchanged: conversational rows are rendered with the tokenizer's chat template.
@@ -12,12 +13,12 @@ import json
 import os
 import sys
 
-INSTRUCTION = "Continue this movie review with two to four sentences.\n\n"
+INSTRUCTION = "Continue the user's movie review with two to four sentences."
 SPLITS = ("sft", "preference", "ranking", "prompts")
 
 
 def user(prompt: str) -> list[dict]:
-    return [{"role": "user", "content": INSTRUCTION + prompt}]
+    return [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": prompt.strip()}]
 
 
 def assistant(response: str) -> list[dict]:

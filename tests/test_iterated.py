@@ -34,3 +34,33 @@ def test_two_rounds_of_iterated_rlhf(sft_model, reward_model, tmp_path):
     labels = read_jsonl(out / "kl_0.0" / "labels_1" / "train.jsonl")
     assert len(labels) == 72 and all({"prompt", "chosen", "rejected"} <= set(r) for r in labels)
     assert "| kl_coef 0.0 | 1 | 32 |" in proc.stdout and os.path.exists(out / "iterated.svg")
+
+
+def test_the_real_model_recipe_asks_only_for_flags_the_scripts_have(tmp_path):
+    """benchmarks/real_model.py (an hour on SmolLM2, not run here): every stage's command parses with its script's
+    own Args, the held-out pairs it labels are the world's test pairs, and its table reads the runs' results."""
+    import shlex
+
+    import tyro
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import real_model
+
+    recipe = real_model.Args(output_dir=str(tmp_path), model="runs/smollm2", heldout_pairs=5)
+    model, chat = real_model.prepare(recipe, str(tmp_path))
+    assert len(read_jsonl(os.path.join(chat, "heldout_pairs", "test.jsonl"))) == 5
+    assert read_jsonl(os.path.join(chat, "heldout_pairs", "test.jsonl"))[0]["prompt"][0]["role"] == "system"
+    lines = real_model.stages(recipe, model, chat, str(tmp_path))
+    assert list(lines)[:5] == ["sft", "reward", "dpo", "ppo", "rlaif"]
+    for name, line in lines.items():
+        script, *rest = shlex.split(line)
+        module = __import__(script.removesuffix(".py"))
+        args = tyro.cli(module.Args, args=[*rest, "--output_dir", str(tmp_path / name)])
+        assert args.output_dir == str(tmp_path / name), name
+    os.makedirs(tmp_path / "ppo")
+    result = {"gold_win_rate_vs_ref": 0.625, "kl_to_ref": 1.5, "gold_score": 0.3, "gold_score_ref": 0.1,
+              "rm_score": 2.0, "eos_rate": 1.0, "distinct_2": 0.2, "mean_length": 20.0}  # fmt: skip
+    json.dump(result, open(tmp_path / "ppo" / "eval.json", "w"))
+    assert "| `ppo.py` | 2 min | **0.625** | 1.50 | 0.300 (0.100) | 2.00 | 1.00 | 0.200 | 20.0 |" in (
+        real_model.table(str(tmp_path), {"ppo": 120.0})
+    )

