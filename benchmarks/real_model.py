@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data.chat_world import write  # noqa: E402
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Args:
     model: str | None = None
     """a save_pretrained directory of the model (None: extras/smollm2.py makes one under output_dir)"""
     heldout_pairs: int = 256
-    """held-out preference pairs of the reward model's accuracy, DPO's and the labeller's agreement"""
+    """held-out preference pairs of DPO's evaluation and of the labeller's agreement (the reward model: all 1,000)"""
     eval_prompts: int = 128
     """held-out prompts each policy and the SFT policy are sampled on"""
     run: bool = True
@@ -78,9 +80,6 @@ def prepare(args, out):
         subprocess.run([sys.executable, "extras/smollm2.py", "--output_dir", model], cwd=ROOT, check=True)
     chat = os.path.join(out, "world_chat")
     if not os.path.isdir(os.path.join(chat, "heldout_pairs")):
-        sys.path.insert(0, ROOT)
-        from data.chat_world import write
-
         write(os.path.join(ROOT, "data", "world"), chat)
         os.makedirs(os.path.join(chat, "heldout_pairs"))
         with open(os.path.join(chat, "preference", "test.jsonl")) as f:
@@ -98,13 +97,12 @@ def result(out, name):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-def fmt(x, digits=3):
-    return "" if x is None else f"{x:.{digits}f}"
-
-
 def table(out, times):
     sft, reward = result(out, "sft"), result(out, "reward")
-    wall = lambda name: f"{times[name] / 60:.0f} min" if name in times else ""  # noqa: E731
+
+    def wall(name):
+        return f"{times[name] / 60:.0f} min" if name in times else ""
+
     lines = ["| stage | wall time | held-out result |", "|---|---|---|"]
     if sft:
         lines.append(f"| `sft.py` | {wall('sft')} | loss {sft['loss']:.3f}, eos_rate {sft['eos_rate']:.2f}, "
@@ -126,8 +124,9 @@ def table(out, times):
                         ("rlaif_pairwise", "`rlaif.py`, pairwise")):  # fmt: skip
         r = result(out, name)
         if r:
+            rm_score = f"{r['rm_score']:.2f}" if "rm_score" in r else ""
             lines.append(f"| {label} | {wall(name)} | **{r['gold_win_rate_vs_ref']:.3f}** | {r['kl_to_ref']:.2f} | "
-                         f"{r['gold_score']:.3f} ({r['gold_score_ref']:.3f}) | {fmt(r.get('rm_score'), 2)} | "
+                         f"{r['gold_score']:.3f} ({r['gold_score_ref']:.3f}) | {rm_score} | "
                          f"{r['eos_rate']:.2f} | {r['distinct_2']:.3f} | {r['mean_length']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
