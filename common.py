@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from plumbing import describe, fail, is_local
+from plumbing import describe, fail, gather, gathered, is_local, reduce_sum, shard
 
 
 # ---- tokenisation --------------------------------------------------------------------------------------
@@ -289,15 +289,18 @@ def evaluate(
     log pi_ref(y_t) on the policy's own samples: an unbiased estimate of KL(pi || pi_ref)); given a reward model,
     rm_score; given the task's gold_scorer (prompts, responses) -> scores, gold_score and, with a reference,
     gold_score_ref and gold_win_rate_vs_ref (pairwise on the same prompt, ties count half)."""
-    if not all(bool(torch.isfinite(p).all()) for p in policy.parameters()):  # e.g. an update that blew up
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]  # this rank's shards
+    if reduce_sum(torch.stack([~torch.isfinite(p).all() for p in local]).any().float()) > 0:  # an update blew up
         fail("the policy's weights are not finite (an update exploded): stopped before saving the model")
-    device, eos, pad_id = next(policy.parameters()).device, tok.eos_token_id, tok.pad_token_id
+    device, eos, pad_id = local[0].device, tok.eos_token_id, tok.pad_token_id
     autocast = autocast or nullcontext()
     texts, ref_texts, lengths, has_eos, kls, rm_scores = [], [], [], [], [], []
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = (t.to(device) for t in pad(prompts[i : i + batch_size], pad_id, "left"))
+    own = shard(prompts)  # under torchrun each rank samples its share of the prompts; in one process all of them
+    for i in range(0, len(own), batch_size):
+        ids, mask = (t.to(device) for t in pad(own[i : i + batch_size], pad_id, "left"))
         with autocast:
-            raw = sample(policy, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True)
+            with gathered(policy):  # each rank stops at its own rows' EOS
+                raw = sample(policy, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True)
             responses, response_mask, eos_found = truncate_after_eos(raw, eos, pad_id)
             seq, seq_mask = torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1)
             if reward_model is not None:
@@ -307,11 +310,16 @@ def evaluate(
                 logprobs = forward_logprobs(policy, seq, seq_mask, temperature, n)
                 kl = logprobs - forward_logprobs(ref, seq, seq_mask, temperature, n)
                 kls += (kl * response_mask).sum(1).tolist()
-                raw = sample(ref, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True)
+                with gathered(ref):
+                    raw = sample(ref, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True)
                 ref_texts += tok.batch_decode(truncate_after_eos(raw, eos, pad_id)[0], skip_special_tokens=True)
         texts += tok.batch_decode(responses, skip_special_tokens=True)
         lengths += response_mask.sum(1).tolist()
         has_eos += eos_found.tolist()
+    # every rank's results in prompt order, without shard()'s copies
+    texts, ref_texts, lengths, has_eos, kls, rm_scores = (
+        gather(x)[: len(prompts)] for x in (texts, ref_texts, lengths, has_eos, kls, rm_scores)
+    )
     metrics = {
         "eos_rate": float(np.mean(has_eos)),
         "mean_length": float(np.mean(lengths)),

@@ -59,9 +59,9 @@ class Args:
     max_steps: int | None = None
     """stop after this many steps (a cap for quick runs; the schedule follows it)"""
     batch_size: int = 32
-    """pairs per step (one optimizer step)"""
+    """pairs per step (one optimizer step); under torchrun the global batch, split over the processes"""
     micro_batch_size: int = 32
-    """pairs per forward/backward pass (2x sequences), in training and evaluation"""
+    """pairs per forward/backward pass of one process (2x sequences), in training and evaluation"""
     warmup_steps: int = 20
     """linear warmup steps, then cosine decay to 0"""
     max_warmup_fraction: float = 0.1
@@ -191,6 +191,7 @@ if __name__ == "__main__":
     plumbing.check_positive(args, "beta num_epochs max_steps batch_size micro_batch_size max_length eval_every")
     plumbing.check_positive(args, "num_eval_pairs num_eval_prompts max_new_tokens eval_temperature eval_batch_size")
     plumbing.check_positive(args, "log_every")
+    plumbing.per_rank(args.batch_size)
     if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
         plumbing.fail(
             f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}"
@@ -212,13 +213,13 @@ if __name__ == "__main__":
     _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, _ = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
-    policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    policy = plumbing.shard_model(plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device))
     needs_ref = args.loss_type != "simpo"
 
     def load_ref():
         """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 25)."""
         ref = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
-        return ref.eval().requires_grad_(False)  # eval(): no dropout, as the policy's (below)
+        return plumbing.shard_model(ref.eval().requires_grad_(False))  # eval(): no dropout, as the policy's (below)
 
     micro = min(args.micro_batch_size, args.batch_size)
     steps_per_epoch = len(train) // args.batch_size
@@ -234,14 +235,14 @@ if __name__ == "__main__":
     # ---- ALGO LOGIC: 2. the reference's log-probs of every pair, computed once (detail 19) -------------------
     @torch.inference_mode()
     def ref_logps_of(pairs, model):
-        """(chosen, rejected) reference log-probs of every pair: (N, 2)."""
-        out = []
-        for i in tqdm(range(0, len(pairs), micro), "reference log-probs", mininterval=5, leave=False):
+        """(chosen, rejected) reference log-probs of every pair: (N, 2); each rank computes its share."""
+        own, out = plumbing.shard(pairs), []
+        for i in tqdm(range(0, len(own), micro), "reference log-probs", mininterval=5, leave=False):
             # training's micro-batch shape: no larger peak memory than training's
             with autocast:
-                chosen, rejected, _, _ = pair_logps(model, pairs[i : i + micro], tok.pad_token_id, device)
-            out.append(torch.stack([chosen, rejected], 1).float())
-        return torch.cat(out)
+                chosen, rejected, _, _ = pair_logps(model, own[i : i + micro], tok.pad_token_id, device)
+            out += torch.stack([chosen, rejected], 1).tolist()
+        return torch.tensor(plumbing.gather(out)[: len(pairs)], device=device)
 
     ref_model, train_ref_logps, eval_ref_logps = None, None, None
     if needs_ref and args.precompute_ref_logps:
@@ -251,6 +252,7 @@ if __name__ == "__main__":
         print(f"reference log-probs precomputed for {len(train)} train and {len(evals)} eval pairs")
     elif needs_ref:
         ref_model = load_ref()
+    plumbing.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy
     # AdamW(params, lr, betas, eps, weight_decay)
     optimizer = torch.optim.AdamW(
@@ -287,12 +289,14 @@ if __name__ == "__main__":
     @torch.inference_mode()
     def evaluate_pairs():
         """4. Held-out preference metrics: does the implicit reward order the pairs as the labels do?"""
-        stats = []
-        for i in range(0, len(evals), micro):
+        own, stats = plumbing.shard(range(len(evals))), []  # each rank its share of the pairs
+        for i in range(0, len(own), micro):
             with autocast:
-                indices = torch.arange(i, min(i + micro, len(evals)))
-                stats.append(pair_metrics(*loss_on(evals[i : i + micro], indices, eval_ref_logps)))
-        return dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist(), strict=True))
+                indices = own[i : i + micro]
+                losses = loss_on([evals[j] for j in indices], torch.tensor(indices), eval_ref_logps)
+            stats += pair_metrics(*losses).tolist()
+        stats = torch.tensor(plumbing.gather(stats)[: len(evals)])
+        return dict(zip(PAIR_METRICS, stats.mean(0).tolist(), strict=True))
 
     rng = np.random.default_rng(args.seed)
     lengths = [len(x.prompt) + max(len(x.chosen), len(x.rejected)) for x in train]
@@ -309,18 +313,19 @@ if __name__ == "__main__":
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         indices = batches.pop()
-        stats = []
-        for m in range(0, len(indices), micro):
-            part = indices[m : m + micro]
+        own, stats = plumbing.shard(indices), []  # under torchrun each rank takes its share of the batch
+        for m in range(0, len(own), micro):
+            part = own[m : m + micro]
             with autocast:
                 losses, chosen_rewards, rejected_rewards = loss_on(
                     [train[i] for i in part], torch.tensor(part), train_ref_logps
                 )
-            (losses.sum() / len(indices)).backward()
+            (losses.sum() / len(indices)).backward()  # divided by the whole batch's size: ranks' gradients add up
             stats.append(pair_metrics(losses, chosen_rewards, rejected_rewards))
+        stats = plumbing.reduce_sum(torch.cat(stats).sum(0)) / len(indices)  # the batch's mean statistics
         step += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        if plumbing.finite_or_stop(torch.cat(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
+        grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -328,7 +333,7 @@ if __name__ == "__main__":
 
         # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
         if step % args.log_every == 0 or step == total_steps:
-            metrics = dict(zip(PAIR_METRICS, torch.cat(stats).mean(0).tolist(), strict=True))
+            metrics = dict(zip(PAIR_METRICS, stats.tolist(), strict=True))
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             metrics["train/loss"] = metrics.pop("loss")
             log({**metrics, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)
@@ -369,8 +374,10 @@ if __name__ == "__main__":
     log({f"eval/{k}": v for k, v in results.items()}, step)
 
     # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
+    weights = plumbing.full_state_dict(policy)  # under torchrun gathered from the shards; None in one process
+
     def write(tmp):
-        policy.save_pretrained(tmp)
+        policy.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)

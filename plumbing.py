@@ -1,7 +1,8 @@
 """Run plumbing that every script shares and no algorithm depends on: one-line errors, argument checks, data
-and model loading, device and precision, checkpoints and resume, atomic saves, tracking. A reader can skip
-this file; the language-model helpers the algorithms use are in common.py."""
+and model loading, device and precision, several processes (torchrun, FSDP2), checkpoints and resume, atomic
+saves, tracking. A reader can skip this file; the language-model helpers the algorithms use are in common.py."""
 
+import atexit
 import importlib
 import json
 import math
@@ -10,7 +11,8 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+import traceback
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -19,11 +21,21 @@ DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 CHECKPOINT = "checkpoint"  # the directory of checkpoints inside --output_dir
 # the arguments a resumed run may set differently; any other change would make it another run
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "skip_nonfinite", "track", "wandb_project")
+# torchrun sets these for each process it starts; `python script.py` is one process (rank 0 of 1) and then
+# nothing below touches torch.distributed
+DISTRIBUTED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ---- one-line errors and argument checks -------------------------------------------------------------
 def fail(message: str):
-    """A user's mistake ends the run with one line naming it, not a traceback."""
+    """A user's mistake ends the run with one line naming it, not a traceback. Under torchrun every rank meets
+    the same mistake and rank 0 says it; torchrun then stops the other ranks. Only a mistake that no other rank
+    meets outlives the wait below, and is then said by its rank."""
+    if RANK > 0:
+        time.sleep(10)
+        print(f"error (rank {RANK}): {message}", file=sys.__stderr__, flush=True)
+        os._exit(1)
     sys.exit(f"error: {message}")
 
 
@@ -196,9 +208,169 @@ def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, k
         x = torch.full((64, 64), 1 + 2**-10)
         if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # bf16 gives 64.0, fp32 64.125
             torch.backends.mkldnn.matmul.fp32_precision = "none"
+    if DISTRIBUTED:
+        device = start_processes(device)
     onednn = " (fp32 matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
-    print(f"note: {device.type}, {'bf16 autocast' if bf16 else 'fp32'}{onednn}, {'compiled' if compile else 'eager'}")
+    where = f", {WORLD_SIZE} processes (FSDP2)" if DISTRIBUTED else ""
+    mode = f"{'bf16 autocast' if bf16 else 'fp32'}{onednn}, {'compiled' if compile else 'eager'}{where}"
+    print(f"note: {device.type}, {mode}")
     return device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), compile, bf16
+
+
+# ---- several processes: torchrun and FSDP2 -----------------------------------------------------------
+# Under `torchrun --nproc_per_node N`, every rank runs the whole script. The trained models' parameters,
+# gradients and AdamW state are sharded over the ranks (FSDP2); each rank takes its share of every batch, and
+# whatever reduces over a batch reduces over all ranks. Without torchrun each helper below is the identity.
+def start_processes(device):
+    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU); the rank's device. Only rank 0 prints:
+    the others' output is dropped, except errors (fail, and tracebacks) which still reach the terminal."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if RANK > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # tqdm's bars, notes and warnings: once, by rank 0
+        sys.excepthook = lambda *e: traceback.print_exception(*e, file=sys.__stderr__)
+    return device
+
+
+def per_rank(batch_size: int, name: str = "batch_size") -> int:
+    """Each rank's share of a global batch size, which must split evenly over the ranks."""
+    if batch_size % WORLD_SIZE:
+        fail(f"--{name} {batch_size} (the global batch) does not split evenly over {WORLD_SIZE} processes")
+    return batch_size // WORLD_SIZE
+
+
+def seed_sampling(seed: int):
+    """Detail 16: each rank draws its own samples, from seed + rank * 100003. Called after the models are made,
+    so that every rank initialises them alike; one process keeps its seed's stream untouched."""
+    if DISTRIBUTED:
+        torch.manual_seed(seed + RANK * 100003)
+
+
+def shard_model(model, units=None):
+    """FSDP2 under torchrun: every decoder layer (the classes transformers names in _no_split_modules) is a unit
+    whose parameters are all-gathered just before its forward and freed after, then `units` hold the rest. Frozen models are sharded too: at 7B a replicated fp32 reference and bf16 reward
+    model would take 42 GB of every GPU, sharded 42 / N. A trained model's gradients are summed over ranks, not
+    averaged: each rank's loss is already its share of the step's loss (sums divided by the global batch's
+    counts), so N ranks with micro-batch m take the step one process takes with micro-batch N * m."""
+    if not DISTRIBUTED:
+        return model
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, reshard_after_forward=True)
+    if units is None:  # a sequence classifier's backbone and score head: the scripts also call them apart
+        units = [model.base_model, model.score] if hasattr(model, "score") else [model]
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=True)
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule) and any(p.requires_grad for p in unit.parameters()):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+    return model
+
+
+@contextmanager
+def gathered(*models):
+    """Whole models on every rank for the block (sampling): their forward passes then need no other rank, so each
+    rank can stop sampling when its own rows are done. Without torchrun, nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)] if DISTRIBUTED else []
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def shard(items: list) -> list:
+    """This rank's share of `items`: contiguous and of equal size on every rank (the last shares are topped up
+    with copies of the last item), so every rank runs as many forward passes: a sharded forward is a collective.
+    gather(results)[: len(items)] puts per-item results back in order, without the copies."""
+    k = -(-len(items) // WORLD_SIZE)
+    part = list(items[RANK * k : (RANK + 1) * k])
+    return part + [items[-1]] * (k - len(part))
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if not DISTRIBUTED:
+        return list(items)
+    import torch.distributed as dist
+
+    parts = [None] * WORLD_SIZE
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over ranks (x itself in one process)."""
+    if not DISTRIBUTED:
+        return x
+    import torch.distributed as dist
+
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm (over all ranks' shards); the norm before clipping, a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's whole value on every rank (every rank must call it); x itself in one process."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def assign(param: torch.Tensor, value: torch.Tensor):
+    """Set a parameter, sharded or not, to `value`, the whole tensor (the same on every rank)."""
+    with torch.no_grad():
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        param.copy_(value)
+
+
+def full_state_dict(model):
+    """For save_pretrained(state_dict=...): under torchrun, the whole model's weights gathered from the shards
+    onto rank 0's CPU (every rank must call it; the others get None), with tied names sharing one tensor again
+    so that it is written once. In one process None: save_pretrained reads the model itself."""
+    if not DISTRIBUTED:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if RANK > 0:
+        return None
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for aliases in names.values():  # the state dict keeps one name of a shared parameter
+        kept = next((a for a in aliases if a in weights), None)
+        weights.update({a: weights[kept] for a in aliases} if kept else {})
+    return weights
+
+
+def barrier():
+    if DISTRIBUTED:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 # ---- outputs, checkpoints, logs ------------------------------------------------------------------------
@@ -224,58 +396,80 @@ def check_output_dir(args, script: str):
             fail(f"--resume with other arguments than the checkpoint's run: {changes}")
 
 
-def write_atomic(target: str, script: str, args, write):
-    """write(tmp) fills a temporary directory that then takes target's place by renames: never half of one."""
+def write_atomic(target: str, script: str, args, write, write_shards=None):
+    """write(tmp) fills a temporary directory that then takes target's place by renames: never half of one.
+    Every rank calls it: write_shards(tmp), when given, runs on every rank (a sharded save is a collective),
+    write(tmp) and the renames on rank 0 only."""
     target = target.rstrip("/")
-    tmp, old = f"{target}.tmp-{os.getpid()}", f"{target}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    write_json(os.path.join(tmp, "run.json"), {"script": script, "args": vars(args)})
-    if os.path.exists(target):
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    pid = gather([os.getpid()])[0]  # rank 0's: one directory for all ranks
+    tmp, old = f"{target}.tmp-{pid}", f"{target}.old-{pid}"
+    if RANK == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if write_shards is not None:
+        write_shards(tmp)
+    if RANK == 0:
+        write(tmp)
+        write_json(os.path.join(tmp, "run.json"), {"script": script, "args": vars(args)})
+        if os.path.exists(target):
+            os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer, scheduler, state: dict):
-    """All a run needs to continue as if never stopped: weights, optimizer, scheduler, RNGs and the script's `state`."""
-    from safetensors.torch import save_model
+    """All a run needs to continue as if never stopped: weights and optimizer state (torch.distributed.checkpoint:
+    under torchrun each rank writes its own shards, no rank ever holds the whole), the scheduler, every rank's
+    RNGs and the script's `state` (the same on every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(torch.nn.ModuleDict(models), optimizer)  # names prefixed by the models' keys
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # sampling on the GPU draws here
+    rngs = gather([{"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng}])
+
+    def write_shards(tmp):
+        dcp.save({"models": weights, "optimizer": optim}, checkpoint_id=os.path.join(tmp, "shards"))
 
     def write(tmp):
-        for name, model in models.items():
-            save_model(model, os.path.join(tmp, f"{name}.safetensors"))
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        rngs = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng}
-        optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None}
-        torch.save({**optim, **rngs, **state}, os.path.join(tmp, "state.pt"))
+        scheduler_state = scheduler.state_dict() if scheduler else None
+        torch.save({"scheduler": scheduler_state, "rngs": rngs, **state}, os.path.join(tmp, "state.pt"))
 
-    write_atomic(os.path.join(output_dir, CHECKPOINT), script, args, write)
+    write_atomic(os.path.join(output_dir, CHECKPOINT), script, args, write, write_shards)
 
 
 def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict:
     """Restore what save_checkpoint wrote; return the script's own state (tensors only: weights_only=True)."""
-    from safetensors.torch import load_model
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = os.path.join(output_dir, CHECKPOINT)
-    for name, model in models.items():
-        load_model(model, os.path.join(path, f"{name}.safetensors"))
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state.pop("optimizer"))
+    rngs = state.pop("rngs")
+    if len(rngs) != WORLD_SIZE:  # each rank continues its own random streams
+        launch = "torchrun --nproc_per_node " if len(rngs) > 1 else "python "
+        fail(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {WORLD_SIZE}: {launch}...")
+    modules = torch.nn.ModuleDict(models)
+    weights, optim = get_state_dict(modules, optimizer)
+    saved = {"models": weights, "optimizer": optim}
+    dcp.load(saved, checkpoint_id=os.path.join(path, "shards"))
+    set_state_dict(modules, optimizer, model_state_dict=saved["models"], optim_state_dict=saved["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state.pop("torch_rng"))
-    random.setstate(state.pop("python_rng"))
-    cuda_rng = state.pop("cuda_rng", None)  # sampling on the GPU draws from its generators
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_rng)
+    torch.set_rng_state(rngs[RANK]["torch_rng"])
+    random.setstate(rngs[RANK]["python_rng"])
+    if rngs[RANK]["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rngs[RANK]["cuda_rng"])
     print(f"resumed from {path} at step {state.get('step')}")
     return state
 
 
 def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> bool:
-    """True when `value` is finite; else stop, naming the step, before anything more is saved (or, with skip, False)."""
-    if bool(torch.isfinite(value).all()):
+    """True when `value` is finite on every rank; else stop, naming the step, before anything more is saved (or,
+    with skip, False: every rank skips alike)."""
+    if bool(torch.isfinite(reduce_sum(value.detach().float().sum()))):  # inf or nan on any rank makes the sum so
         return True
     if skip:
         print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
@@ -288,7 +482,7 @@ def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> boo
 def start_tracking(args, script: str):
     """(log, history): log(metrics, step) appends to history (metrics.jsonl), and to wandb only with --track."""
     history, wandb = [], None
-    if args.track:
+    if args.track and RANK == 0:
         import wandb
 
         wandb.init(project=args.wandb_project, name=f"{script}__{args.seed}__{int(time.time())}", config=vars(args))

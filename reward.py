@@ -46,9 +46,10 @@ class Args:
     max_steps: int | None = None
     """stop after this many steps (a cap for quick runs; the schedule follows it)"""
     batch_size: int = 64
-    """pairs (or rankings) per step (one optimizer step)"""
+    """pairs (or rankings) per step (one optimizer step); under torchrun the global batch, split over the processes"""
     micro_batch_size: int = 64
-    """pairs (or rankings) per forward/backward pass (2x, or K x, sequences), in training and evaluation"""
+    """pairs (or rankings) per forward/backward pass of one process (2x, or K x, sequences), in training and
+    evaluation"""
     warmup_steps: int = 20
     """linear warmup steps, then cosine decay to 0"""
     max_warmup_fraction: float = 0.1
@@ -209,16 +210,17 @@ def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
     with v.h close to 1 for every demonstration (least squares; hidden states share a common direction),
     scaled so its mean over them is exactly 1, and set w <- w - mean_reward * v: rewards move by
     -mean_reward * (v.h), a constant shift up to the fit's residual, which is reported."""
-    w = head.weight.data[0].float()
+    w = plumbing.full_tensor(head.weight.detach())[0].float()
     scores = hidden @ w
     ones = torch.ones(len(hidden), 1, device=hidden.device)
     v = torch.linalg.lstsq(hidden, ones, driver="gelsd" if hidden.device.type == "cpu" else None).solution[:, 0]
     v = v / (hidden @ v).mean()
     shift = scores.mean()
-    head.weight.data[0] = (w - shift * v).to(head.weight.dtype)
+    new_w = (w - shift * v).to(head.weight.dtype)
+    plumbing.assign(head.weight, new_w[None])
     return {
         "reward_mean_before_normalisation": float(shift),
-        "reward_mean_after_normalisation": float((hidden @ head.weight.data[0].float()).mean()),
+        "reward_mean_after_normalisation": float((hidden @ new_w.float()).mean()),
         "normalisation_shift_residual_std": float((shift * (hidden @ v - 1)).std()),
     }
 
@@ -228,6 +230,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size num_normalisation_rows")
     plumbing.check_positive(args, "max_length eval_every log_every")
+    plumbing.per_rank(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "reward.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -258,6 +261,7 @@ if __name__ == "__main__":
         plumbing.fail(f"{args.model_name_or_path} does not give a one-output score head")
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+    plumbing.shard_model(model)  # under torchrun: FSDP2
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     kind, eval_kind = (
         "pairs" if len(x[0].responses) == 2 else f"rankings of {len(x[0].responses)}" for x in (train, evals)
@@ -284,12 +288,12 @@ if __name__ == "__main__":
         """Held-out loss and pairwise metrics over every pair of the held-out pairs or rankings and, given a gold
         scorer, agreement with it (step 5)."""
         model.eval()
-        rewards_ = []
-        for i in range(0, len(evals), micro):  # training's batch shape: no larger peak memory than training's
+        own, rewards_ = plumbing.shard(evals), []  # under torchrun each rank scores its share
+        for i in range(0, len(own), micro):  # training's batch shape: no larger peak memory than training's
             with autocast:
-                rewards_.append(ranking_rewards(forward_model, evals[i : i + micro], tok.pad_token_id, device))
+                rewards_ += ranking_rewards(forward_model, own[i : i + micro], tok.pad_token_id, device).tolist()
         model.train()
-        held_out = torch.cat(rewards_).cpu().double()
+        held_out = torch.tensor(plumbing.gather(rewards_)[: len(evals)], dtype=torch.double)
         better, worse = ranked_pairs(held_out)
         metrics = {"loss": ranking_loss(held_out).mean(), **pair_metrics(better, worse)}
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -323,9 +327,9 @@ if __name__ == "__main__":
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
-        stats = []
-        for m in range(0, len(batch), micro):
-            part = batch[m : m + micro]
+        own, stats = plumbing.shard(batch), []  # under torchrun each rank takes its share of the batch
+        for m in range(0, len(own), micro):
+            part = own[m : m + micro]
             extras = torch.tensor([x.extras for x in part], device=device).reshape(len(part), len(extra))
             margins = extras[:, extra.index(args.margin_column)] if args.margin_column else None
             labels = extras[:, extra.index(args.label_column)] if args.label_column else None
@@ -339,13 +343,14 @@ if __name__ == "__main__":
             better, worse = ranked_pairs(part_rewards)
             if args.center_rewards_coef:
                 loss = loss + args.center_rewards_coef * ((better + worse) ** 2).mean()
-            share = len(part) / len(batch)  # the micro-batch's share of the batch's means
+            share = len(part) / len(batch)  # the micro-batch's share of the (whole) batch's means
             (loss * share).backward()
             pair_stats = pair_metrics(better.detach(), worse.detach())
             stats.append(share * torch.stack([loss.detach(), *pair_stats.values()]))
+        stats = plumbing.reduce_sum(torch.stack(stats).sum(0))  # the batch's means
         step += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if plumbing.finite_or_stop(torch.stack(stats)[:, 0].sum() + grad_norm, "loss", step, args.skip_nonfinite):
+        grad_norm = plumbing.clip_grad_norm(model.parameters(), args.max_grad_norm)
+        if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -353,7 +358,7 @@ if __name__ == "__main__":
 
         # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
         if step % args.log_every == 0 or step == total_steps:
-            loss_value, *means = torch.stack(stats).sum(0).tolist()  # the batch's means
+            loss_value, *means = stats.tolist()
             metrics = {
                 "train/loss": loss_value,
                 **dict(zip(pair_stats, means, strict=True)),
@@ -380,12 +385,11 @@ if __name__ == "__main__":
 
     # ---- 4. normalisation: the SFT demonstrations' mean reward becomes 0 (detail 7) ------------------------
     model.eval()
-    with autocast:
-        hidden = [
-            last_hidden_states(model, seqs[i : i + 2 * micro], tok.pad_token_id, device)
-            for i in range(0, len(seqs), 2 * micro)
-        ]
-    normalisation = fold_shift_into_head(model.score, torch.cat(hidden))
+    own, hidden = plumbing.shard(seqs), []  # under torchrun each rank its share of the demonstrations
+    with torch.inference_mode(), autocast:
+        for i in range(0, len(own), 2 * micro):
+            hidden += last_hidden_states(model, own[i : i + 2 * micro], tok.pad_token_id, device).tolist()
+    normalisation = fold_shift_into_head(model.score, torch.tensor(plumbing.gather(hidden)[: len(seqs)], device=device))
 
     # ---- 5. evaluation ----------------------------------------------------------------------------------
     results = {**evaluate(), **normalisation, "steps": step, "train_seconds": round(train_seconds, 1)}
@@ -393,8 +397,10 @@ if __name__ == "__main__":
     log({f"eval/{k}": v for k, v in results.items()}, step)
 
     # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
+    weights = plumbing.full_state_dict(model)  # under torchrun gathered from the shards; None in one process
+
     def write(tmp):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)

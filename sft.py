@@ -37,9 +37,9 @@ class Args:
     max_steps: int | None = None
     """stop after this many steps (a cap for quick runs; the schedule follows it)"""
     batch_size: int = 32
-    """sequences per step (one optimizer step)"""
+    """sequences per step (one optimizer step); under torchrun the global batch, split over the processes"""
     micro_batch_size: int = 32
-    """sequences per forward/backward pass; batch_size / micro_batch_size passes of gradient accumulation"""
+    """sequences per forward/backward pass of one process; the rest of its share is gradient accumulation"""
     warmup_steps: int = 30
     """linear warmup steps, then cosine decay to 0"""
     max_warmup_fraction: float = 0.1
@@ -123,6 +123,7 @@ if __name__ == "__main__":
     plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size max_length eval_every")
     plumbing.check_positive(args, "num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature")
     plumbing.check_positive(args, "eval_batch_size log_every")
+    plumbing.per_rank(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "sft.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -137,6 +138,8 @@ if __name__ == "__main__":
     evals = tokenize(tok, eval_rows, fmt, args.max_length, "eval")
     # a directory with a config and no weights (the world's base model) is initialised at random (seed above)
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
+    plumbing.shard_model(model)  # under torchrun: FSDP2 (then every rank samples from its own seed)
+    plumbing.seed_sampling(args.seed)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"data: {len(train)} train / {len(evals)} eval rows ({fmt})"
@@ -158,16 +161,17 @@ if __name__ == "__main__":
 
     @torch.inference_mode()
     def eval_loss():
-        """The held-out loss: mean NLL per completion token."""
+        """The held-out loss: mean NLL per completion token (each rank scores its share of the rows)."""
         model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(evals), args.micro_batch_size):
-            prompts, completions = zip(*evals[i : i + args.micro_batch_size], strict=True)
+        own, rows = plumbing.shard(evals), []
+        for i in range(0, len(own), args.micro_batch_size):
+            prompts, completions = zip(*own[i : i + args.micro_batch_size], strict=True)
             with autocast:
                 logps, n = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)
-            total, count = total - logps.sum().item(), count + int(n.sum())
+            rows += zip(logps.tolist(), n.tolist(), strict=True)
         model.train()
-        return total / count
+        logps, n = np.array(plumbing.gather(rows)[: len(evals)]).T
+        return float(-logps.sum() / n.sum())
 
     def generate_samples(n):
         model.eval()
@@ -203,18 +207,20 @@ if __name__ == "__main__":
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
         # 3. loss = mean NLL over every predicted completion token of the step; a row with no prompt ({"text"}
-        # without BOS) cannot predict its first token
+        # without BOS) cannot predict its first token. Under torchrun each rank sums over its share of the batch
+        # (divided by the whole batch's count): the ranks' gradients add up to the step's.
         n_tokens = sum(len(c) - (not p) for p, c in batch)
-        loss_sum = 0.0
-        for m in range(0, len(batch), args.micro_batch_size):
-            prompts, completions = zip(*batch[m : m + args.micro_batch_size], strict=True)
+        own, loss_sum = plumbing.shard(batch), torch.zeros((), device=device)
+        for m in range(0, len(own), args.micro_batch_size):
+            prompts, completions = zip(*own[m : m + args.micro_batch_size], strict=True)
             with autocast:
                 logps = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)[0]
                 loss = -logps.sum() / n_tokens
             loss.backward()
             loss_sum += loss.detach()
+        loss_sum = plumbing.reduce_sum(loss_sum)
         step += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = plumbing.clip_grad_norm(model.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(loss_sum + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -259,8 +265,10 @@ if __name__ == "__main__":
     log({f"eval/{k}": v for k, v in results.items()}, step)
 
     # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
+    weights = plumbing.full_state_dict(model)  # under torchrun gathered from the shards; None in one process
+
     def write(tmp):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)
