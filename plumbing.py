@@ -251,12 +251,14 @@ def seed_sampling(seed: int):
         torch.manual_seed(seed + RANK * 100003)
 
 
-def shard_model(model, units=None):
+def shard_model(model):
     """FSDP2 under torchrun: every decoder layer (the classes transformers names in _no_split_modules) is a unit
-    whose parameters are all-gathered just before its forward and freed after, then `units` hold the rest. Frozen models are sharded too: at 7B a replicated fp32 reference and bf16 reward
-    model would take 42 GB of every GPU, sharded 42 / N. A trained model's gradients are summed over ranks, not
-    averaged: each rank's loss is already its share of the step's loss (sums divided by the global batch's
-    counts), so N ranks with micro-batch m take the step one process takes with micro-batch N * m."""
+    whose parameters are all-gathered just before its forward and freed after; the rest is one more unit (a
+    sequence classifier's backbone and score head two: the scripts also call them apart). Frozen models are
+    sharded too: at 7B a replicated fp32 reference and bf16 reward model would take 42 GB of every GPU, sharded
+    42 / N. A trained model's gradients are summed over ranks, not averaged: each rank's loss is already its
+    share of the step's loss (sums divided by the global batch's counts), so N ranks with micro-batch m take the
+    step one process takes with micro-batch N * m."""
     if not DISTRIBUTED:
         return model
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -265,9 +267,7 @@ def shard_model(model, units=None):
     for module in model.modules():
         if type(module).__name__ in layers:
             fully_shard(module, reshard_after_forward=True)
-    if units is None:  # a sequence classifier's backbone and score head: the scripts also call them apart
-        units = [model.base_model, model.score] if hasattr(model, "score") else [model]
-    for unit in units:
+    for unit in [model.base_model, model.score] if hasattr(model, "score") else [model]:
         fully_shard(unit, reshard_after_forward=True)
     for unit in model.modules():
         if isinstance(unit, FSDPModule) and any(p.requires_grad for p in unit.parameters()):
