@@ -269,10 +269,15 @@ def shard_model(model):
             fully_shard(module, reshard_after_forward=True)
     for unit in [model.base_model, model.score] if hasattr(model, "score") else [model]:
         fully_shard(unit, reshard_after_forward=True)
-    for unit in model.modules():
-        if isinstance(unit, FSDPModule) and any(p.requires_grad for p in unit.parameters()):
+    for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
+        if any(p.requires_grad for p in unit.parameters()):
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+        # FSDP makes a unit's buffer for its gathered weights at the first gather and reuses it: made under
+        # torch.inference_mode (a rollout), it could not be written to by a training forward
+        with torch.inference_mode(False):
+            unit.unshard()
+            unit.reshard()
     return model
 
 

@@ -46,11 +46,13 @@ class Args:
     max_steps: int | None = None
     """stop after this many steps (rollout batches); the learning-rate schedule follows it"""
     batch_size: int = 64
-    """episodes per step: one rollout batch, learnt from in num_ppo_epochs x num_mini_batches optimizer steps"""
+    """episodes per step: one rollout batch, learnt from in num_ppo_epochs x num_mini_batches optimizer steps;
+    under torchrun the global batch, split over the processes"""
     num_mini_batches: int = 1
     """minibatches (optimizer steps) per PPO epoch"""
     micro_batch_size: int = 64
-    """episodes per forward/backward pass; minibatch / micro_batch_size passes of gradient accumulation"""
+    """episodes per forward/backward pass of one process; the rest of its share of a minibatch is gradient
+    accumulation"""
     num_ppo_epochs: int = 4
     """passes over each rollout batch"""
     learning_rate: float = 3e-5
@@ -150,16 +152,17 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim) if dim is not None else (x * mask).sum() / mask.sum()
 
 
-def masked_var(x, mask, unbiased=True):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
-    return var * n / (n - 1) if unbiased else var
-
-
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens only; shift_mean=False keeps the mean."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    """(x - mean) / std over the batch's real tokens only (unbiased variance); shift_mean=False keeps the mean.
+    Under torchrun the batch is every rank's share: the sums below run over all ranks, so each rank whitens its
+    share exactly as one process would whiten the whole batch."""
+
+    def batch_mean(y):
+        sums = plumbing.reduce_sum(torch.stack([(y * mask).sum(), mask.sum()]))
+        return sums[0] / sums[1], sums[1]
+
+    mean, n = batch_mean(x)
+    var = batch_mean((x - mean) ** 2)[0] * n / (n - 1)
     white = (x - mean) * torch.rsqrt(var + 1e-8)
     return white if shift_mean else white + mean
 
@@ -251,12 +254,13 @@ if __name__ == "__main__":
     plumbing.check_positive(args, "num_ppo_epochs response_length rollout_temperature max_prompt_length eval_every")
     plumbing.check_positive(args, "num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature")
     plumbing.check_positive(args, "eval_batch_size log_every log_samples_every")
-    if args.batch_size % args.num_mini_batches or (args.batch_size // args.num_mini_batches) % args.micro_batch_size:
+    minibatch_size = args.batch_size // args.num_mini_batches
+    if args.batch_size % args.num_mini_batches or minibatch_size % (plumbing.WORLD_SIZE * args.micro_batch_size):
+        processes = f", over {plumbing.WORLD_SIZE} processes," if plumbing.WORLD_SIZE > 1 else ""
         plumbing.fail(
             f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
-            f"minibatches of whole micro-batches of {args.micro_batch_size}"
+            f"minibatches of whole micro-batches of {args.micro_batch_size}{processes}"
         )
-    minibatch_size = args.batch_size // args.num_mini_batches
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "ppo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -287,7 +291,8 @@ if __name__ == "__main__":
     # detail 9: dropout off everywhere. eval() mode for every model, also while training: gradients still flow,
     # and the log-probs of the update match those of the rollout exactly.
     for model in (policy, ref_policy, reward_model, value_model):
-        model.eval()
+        plumbing.shard_model(model.eval())  # under torchrun: FSDP2
+    plumbing.seed_sampling(args.seed)
     # the training forwards are compiled on CUDA; sampling and the rollout forwards run eagerly
     forward_policy, value_backbone = (torch.compile(m) if use_compile else m for m in (policy, value_model.base_model))
     num_steps = args.total_episodes // args.batch_size
@@ -341,12 +346,13 @@ if __name__ == "__main__":
         optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)
         if len(order) < args.batch_size:
             order = [int(i) for i in rng.permutation(len(prompts))]
-        batch = [prompts[order.pop()] for _ in range(args.batch_size)]
+        batch = plumbing.shard([prompts[order.pop()] for _ in range(args.batch_size)])  # this rank's share
 
         with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
             # 1. rollout: response_length tokens sampled from left-padded prompts (detail 3)
             queries, query_mask = (t.to(device) for t in common.pad(batch, pad_id, "left"))
-            raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
+            with plumbing.gathered(policy):
+                raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
             # 2. the EOS trick: cut after the first EOS (its score is replaced in step 4 when there is none)
             responses, response_mask, has_eos = common.truncate_after_eos(raw, eos, pad_id)
             R = int(response_mask.sum(1).max())  # columns that are padding in every row are dropped: exact, cheaper
@@ -372,15 +378,16 @@ if __name__ == "__main__":
         advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, mask) * mask
 
-        # 6. PPO epochs over shuffled minibatches of micro-batches
-        stats = []
+        # 6. PPO epochs over shuffled minibatches of micro-batches (under torchrun, of this rank's share)
+        stats, share = [], len(batch) // args.num_mini_batches
         for _ in range(args.num_ppo_epochs):
-            perm = torch.randperm(args.batch_size, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
-            for mb_start in range(0, args.batch_size, minibatch_size):
-                for micro_start in range(mb_start, mb_start + minibatch_size, args.micro_batch_size):
+            perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
+            for mb_start in range(0, len(batch), share):
+                for micro_start in range(mb_start, mb_start + share, args.micro_batch_size):
                     idx = perm[micro_start : micro_start + args.micro_batch_size].to(device)
                     m = mask[idx]
-                    scale = len(idx) / minibatch_size  # the micro-batch's share of the minibatch's mean loss
+                    # the micro-batch's share of the (whole) minibatch's mean loss: ranks' gradients add up
+                    scale = len(idx) / minibatch_size
                     # PPO's objective (Schulman et al. 2017, eq. 9), minimised:
                     #     loss = pg_loss - entropy_coef * entropy + vf_coef * vf_loss
                     # The policy and the value model share no weights, so the two parts are backpropagated one
@@ -400,26 +407,38 @@ if __name__ == "__main__":
                     vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], m, args.cliprange_value)
                     (args.vf_coef * vf_loss * scale).backward()
                     stats.append(torch.stack([pg_loss, vf_loss, entropy, *pg_stats.values(), vf_clipfrac]).detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                grad_norm = plumbing.clip_grad_norm(params, args.max_grad_norm)
                 if plumbing.finite_or_stop(grad_norm, "loss", step, args.skip_nonfinite):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
+        # the batch's means over every rank's share: for the KL controller and the logs
+        sums = [
+            kl.sum(),
+            (-logprobs * mask).sum(),
+            non_score_reward.sum(),
+            scores.sum(),
+            has_eos.float().sum(),
+            mask.sum(),
+        ]
+        means = plumbing.reduce_sum(torch.stack(sums).float()) / args.batch_size
+        mean_kl, mean_entropy, mean_non_score_reward, mean_score, eos_rate, mean_length = means.tolist()
+
         # 7. adaptive KL (Ziegler et al. 2019): nudge kl_coef so that the KL per response tracks target_kl
-        mean_kl = kl.sum(1).mean()
         if args.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, float(mean_kl), args.target_kl, args.batch_size, args.kl_horizon)
+            kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.target_kl, args.batch_size, args.kl_horizon)
 
         # ---- TRY NOT TO MODIFY: logging (the reference implementations' names, detail 17), evaluation ------
         if step % args.log_every == 0 or step == num_steps:
-            pg, vf, entropy, approxkl, clipfrac, ratio, vf_clipfrac = torch.stack(stats).mean(0).tolist()
+            update_means = plumbing.reduce_sum(torch.stack(stats).mean(0)) / plumbing.WORLD_SIZE
+            pg, vf, entropy, approxkl, clipfrac, ratio, vf_clipfrac = update_means.tolist()
             metrics = {
-                "objective/kl": float(mean_kl),
-                "objective/entropy": float((-logprobs * mask).sum(1).mean()),
-                "objective/non_score_reward": float(non_score_reward.sum(1).mean()),
-                "objective/rlhf_reward": float((scores + non_score_reward.sum(1)).mean()),
-                "objective/scores": float(scores.mean()),
-                "objective/eos_rate": float(has_eos.float().mean()),
+                "objective/kl": mean_kl,
+                "objective/entropy": mean_entropy,
+                "objective/non_score_reward": mean_non_score_reward,
+                "objective/rlhf_reward": mean_score + mean_non_score_reward,
+                "objective/scores": mean_score,
+                "objective/eos_rate": eos_rate,
                 "policy/approxkl": approxkl,
                 "policy/clipfrac": clipfrac,
                 "policy/entropy": entropy,
@@ -427,7 +446,7 @@ if __name__ == "__main__":
                 "loss/value": vf,
                 "val/clipfrac": vf_clipfrac,
                 "val/ratio": ratio,
-                "val/mean_length": float(mask.sum(1).mean()),
+                "val/mean_length": mean_length,
                 "train/grad_norm": float(grad_norm),
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "train/kl_coef": kl_coef,
@@ -481,10 +500,12 @@ if __name__ == "__main__":
     log({f"eval/{k}": v for k, v in results.items()}, num_steps)
 
     # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
+    weights = {m: plumbing.full_state_dict(m) for m in (policy, value_model)}  # None in one process
+
     def write(tmp):
-        policy.save_pretrained(tmp)
+        policy.save_pretrained(tmp, state_dict=weights[policy])
         tok.save_pretrained(tmp)
-        value_model.save_pretrained(os.path.join(tmp, "value_model"))
+        value_model.save_pretrained(os.path.join(tmp, "value_model"), state_dict=weights[value_model])
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
             plumbing.write_jsonl(os.path.join(tmp, name), rows)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)

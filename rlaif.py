@@ -93,9 +93,10 @@ class Args:
     max_steps: int | None = None
     """online: stop after this many steps; the learning-rate schedule follows it"""
     batch_size: int = 64
-    """online: episodes per step (one optimizer step on their fresh pairs); label: prompts sampled at once"""
+    """online: episodes per step (one optimizer step on their fresh pairs), under torchrun the global batch split
+    over the processes; label: prompts sampled at once (by each process)"""
     micro_batch_size: int = 32
-    """online: pairs per forward/backward pass (gradient accumulation)"""
+    """online: pairs per forward/backward pass of one process (gradient accumulation)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """online: DPO (sigmoid; summed log-probs) or IPO (per-token average log-probs, as dpo.py) on the labelled pair"""
     beta: float = 0.1
@@ -307,7 +308,7 @@ def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
     ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
     ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
     eos = tok.eos_token_id
-    with autocast:
+    with autocast, plumbing.gathered(policy):  # under torchrun the whole policy, on each rank's own prompts
         raw = common.sample(policy, ids, mask, args.response_length, args.rollout_temperature, eos, stop_at_eos=True)
     responses, response_mask, _ = common.truncate_after_eos(raw, eos, tok.pad_token_id)
     lists = [r[: int(n)].tolist() for r, n in zip(responses.cpu(), response_mask.sum(1).cpu(), strict=True)]
@@ -333,6 +334,7 @@ def label_dataset(args, label, gold_scorer, device, autocast):
     if fmt == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
         tok = common.load_tokenizer(args.model_name_or_path)
         policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
+        plumbing.shard_model(policy.requires_grad_(False))  # under torchrun: FSDP2
     results, splits = {}, {}
     for split, rows in (("train", train_rows), ("test", eval_rows)):
         rows = rows[: args.max_label_rows or len(rows)]
@@ -341,19 +343,24 @@ def label_dataset(args, label, gold_scorer, device, autocast):
             firsts, seconds = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
         else:
             prompt_ids, kept = common.encode_prompts(tok, rows, args.max_prompt_length, split)
-            rows, firsts, seconds = [rows[i] for i in kept], [], []
-            for i in tqdm(range(0, len(rows), args.batch_size), desc=f"sampling {split}", mininterval=5):
+            rows, prompt_ids, firsts, seconds = [rows[i] for i in kept], plumbing.shard(prompt_ids), [], []
+            for i in tqdm(range(0, len(prompt_ids), args.batch_size), desc=f"sampling {split}", mininterval=5):
                 a, b = sample_pairs(policy, tok, prompt_ids[i : i + args.batch_size], args, device, autocast)
                 firsts += tok.batch_decode(a, skip_special_tokens=True)
                 seconds += tok.batch_decode(b, skip_special_tokens=True)
+            # under torchrun each rank sampled its share of the prompts
+            firsts, seconds = (plumbing.gather(x)[: len(rows)] for x in (firsts, seconds))
         prompts = [r["prompt"] for r in rows]
         # 2. the labeller's debiased preference, and how it agrees with the given labels and the gold scorer
-        texts = [[text_of(x) for x in xs] for xs in (prompts, firsts, seconds)]
-        chunks = range(0, len(rows), 512)  # in chunks, so that the progress shows
+        texts = [plumbing.shard([text_of(x) for x in xs]) for xs in (prompts, firsts, seconds)]  # this rank's
+        chunks = range(0, len(texts[0]), 512)  # in chunks, so that the progress shows
         labels = [
             label(*(t[i : i + 512] for t in texts)) for i in tqdm(chunks, desc=f"labelling {split}", mininterval=5)
         ]
-        p, flipped, skipped = (torch.cat(x) for x in zip(*labels, strict=True))
+        p, flipped, skipped = (
+            torch.tensor(plumbing.gather(torch.cat(x).tolist())[: len(rows)]) for x in zip(*labels, strict=True)
+        )
+        texts = [[text_of(x) for x in xs] for xs in (prompts, firsts, seconds)]
         metrics = labeller_metrics(p, flipped, skipped)
         if policy is None:  # agreement with the labels the data came with (chosen was preferred)
             metrics["label_agreement"] = labeller_metrics(p, flipped, skipped, torch.ones(len(p)))["agreement"]
@@ -403,7 +410,8 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 25
     ref_policy.requires_grad_(False)
     for model in (policy, ref_policy):
-        model.eval()  # dropout off: the log-probs of the update are those of the policy that sampled
+        # dropout off: the log-probs of the update are those of the policy that sampled; under torchrun: FSDP2
+        plumbing.shard_model(model.eval())
     forward_policy = torch.compile(policy) if use_compile else policy
     num_steps = args.total_episodes // args.batch_size
     if args.max_steps is not None:
@@ -448,7 +456,7 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
         optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)
         if len(order) < args.batch_size:
             order = [int(i) for i in data_rng.permutation(len(prompts))]
-        idx = [order.pop() for _ in range(args.batch_size)]
+        idx = plumbing.shard([order.pop() for _ in range(args.batch_size)])  # under torchrun, this rank's share
         batch = [prompts[i] for i in idx]
 
         # 1. two fresh samples per prompt from the current policy
@@ -460,23 +468,25 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
         ]
         # 2. the labeller's debiased preference, one principle per pair
         p, flipped, skipped = label(*texts)
-        gold = gold_first_better(gold_scorer, *texts) if gold_scorer is not None else None
-        labeller_stats.append(labeller_metrics(p, flipped, skipped, gold))
-        keep = [i for i in range(len(batch)) if not skipped[i]]
-        if not keep:
+        gold = gold_first_better(gold_scorer, *texts).tolist() if gold_scorer is not None else None
+        every_rank = [torch.tensor(plumbing.gather(x.tolist())) for x in (p, flipped, skipped)]
+        labeller_stats.append(labeller_metrics(*every_rank, plumbing.gather(gold) if gold is not None else None))
+        # a pair whose question was too long for the labeller weighs 0 (every rank still runs as many passes)
+        weights = (~skipped).float().to(device)
+        n_kept = float(plumbing.reduce_sum(weights.sum()))
+        if n_kept == 0:
             plumbing.fail(
                 f"step {step}: every labeller question is over judge_max_length {args.judge_max_length} "
                 "tokens: nothing to learn from"
             )
-        chosen = [firsts[i] if p[i] >= 0.5 else seconds[i] for i in keep]
-        rejected = [seconds[i] if p[i] >= 0.5 else firsts[i] for i in keep]
-        pair_prompts = [batch[i] for i in keep]
+        chosen = [a if pa >= 0.5 else b for a, b, pa in zip(firsts, seconds, p.tolist(), strict=True)]
+        rejected = [b if pa >= 0.5 else a for a, b, pa in zip(firsts, seconds, p.tolist(), strict=True)]
 
         # 3. one DPO-family step on the labelled pairs, against the frozen SFT reference
-        losses_sum, margins = 0.0, []
-        for m in range(0, len(keep), args.micro_batch_size):
+        sums = torch.zeros(3, device=device)  # loss, margins and accuracies, summed over kept pairs
+        for m in range(0, len(batch), args.micro_batch_size):
             sl = slice(m, m + args.micro_batch_size)
-            both_prompts, both = pair_prompts[sl] * 2, chosen[sl] + rejected[sl]
+            both_prompts, both = batch[sl] * 2, chosen[sl] + rejected[sl]
             with torch.inference_mode(), autocast:
                 ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0]
             with autocast:
@@ -484,11 +494,13 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
             losses, h = dpo_losses(
                 logps.float(), ref_logps.float(), lengths, len(chosen[sl]), args.loss_type, args.beta
             )
-            (losses.sum() / len(keep)).backward()
-            losses_sum = losses_sum + losses.detach().sum()  # a tensor: no host sync per micro-batch
-            margins.append(args.beta * h.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        if plumbing.finite_or_stop(grad_norm + losses_sum, "loss", step, args.skip_nonfinite):
+            w = weights[sl]
+            ((losses * w).sum() / n_kept).backward()  # divided by the whole batch's count: ranks' gradients add up
+            margins = args.beta * h.detach()
+            sums += torch.stack([(losses.detach() * w).sum(), (margins * w).sum(), ((margins > 0) * w).sum()])
+        loss_value, mean_margin, accuracy = (plumbing.reduce_sum(sums) / n_kept).tolist()
+        grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        if plumbing.finite_or_stop(grad_norm + loss_value, "loss", step, args.skip_nonfinite):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -498,11 +510,10 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
                 k.removeprefix("labeller_"): float(np.mean([s[k] for s in labeller_stats[-args.log_every :]]))
                 for k in labeller_stats[-1]
             }
-            margins = torch.cat(margins)
             metrics = {
-                "train/loss": float(losses_sum) / len(keep),
-                "rewards/margins": float(margins.mean()),
-                "rewards/accuracies": float((margins > 0).float().mean()),
+                "train/loss": loss_value,
+                "rewards/margins": mean_margin,
+                "rewards/accuracies": accuracy,
                 "train/grad_norm": float(grad_norm),
                 "train/lr": optimizer.param_groups[0]["lr"],
                 **{f"labeller/{k}": v for k, v in recent.items()},
@@ -550,8 +561,10 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     log({f"eval/{k}": v for k, v in results.items()}, num_steps)
 
     # ---- TRY NOT TO MODIFY: saving ----
+    weights = plumbing.full_state_dict(policy)  # under torchrun gathered from the shards; None in one process
+
     def write(tmp):
-        policy.save_pretrained(tmp)
+        policy.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
             plumbing.write_jsonl(os.path.join(tmp, name), rows)
@@ -568,6 +581,8 @@ if __name__ == "__main__":
     plumbing.check_positive(args, "rollout_temperature max_prompt_length judge_max_length judge_batch_size")
     plumbing.check_positive(args, "max_label_rows eval_every num_periodic_eval_prompts num_eval_prompts")
     plumbing.check_positive(args, "max_new_tokens eval_temperature eval_batch_size log_every")
+    if args.mode == "online":
+        plumbing.per_rank(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rlaif.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -577,7 +592,8 @@ if __name__ == "__main__":
     judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
     judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
     judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
-    judge.eval().requires_grad_(False)
+    plumbing.shard_model(judge.eval().requires_grad_(False))  # under torchrun: FSDP2
+    plumbing.seed_sampling(args.seed)
     answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
 
     def label(prompts, firsts, seconds):
