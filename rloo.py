@@ -55,11 +55,12 @@ class Args:
     """stop after this many steps (rollout batches); the learning-rate schedule follows it"""
     batch_size: int = 16
     """episodes (prompts) per step: batch_size * rloo_k responses, learnt from in num_ppo_epochs x
-    num_mini_batches optimizer steps"""
+    num_mini_batches optimizer steps; under torchrun the global batch, split over the processes"""
     num_mini_batches: int = 1
     """minibatches (optimizer steps) per epoch"""
     micro_batch_size: int = 16
-    """episodes per forward/backward pass (micro_batch_size x rloo_k responses; gradient accumulation)"""
+    """episodes per forward/backward pass of one process (micro_batch_size x rloo_k responses; gradient
+    accumulation)"""
     num_ppo_epochs: int = 4
     """passes over each rollout batch (1 with one minibatch: plain REINFORCE)"""
     learning_rate: float = 3e-5
@@ -177,14 +178,20 @@ if __name__ == "__main__":
     plumbing.check_positive(args, "eval_temperature eval_batch_size log_every log_samples_every")
     if args.rloo_k < 2:
         plumbing.fail(f"--rloo_k must be at least 2 (a response's baseline is made of the others), got {args.rloo_k}")
-    if args.batch_size % args.num_mini_batches or (args.batch_size // args.num_mini_batches) % args.micro_batch_size:
+    prompts_per_minibatch = args.batch_size // args.num_mini_batches
+    if args.batch_size % args.num_mini_batches or prompts_per_minibatch % (plumbing.WORLD_SIZE * args.micro_batch_size):
+        processes = f", over {plumbing.WORLD_SIZE} processes," if plumbing.WORLD_SIZE > 1 else ""
         plumbing.fail(
             f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
-            f"minibatches of whole micro-batches of {args.micro_batch_size}"
+            f"minibatches of whole micro-batches of {args.micro_batch_size}{processes}"
         )
-    # the rollout batch's responses, shuffled into minibatches and micro-batches of responses
-    n_responses, minibatch_size = args.batch_size * args.rloo_k, args.batch_size // args.num_mini_batches * args.rloo_k
-    micro_size = args.micro_batch_size * args.rloo_k
+    # the rollout batch's responses (under torchrun, this rank's share), shuffled into minibatches and
+    # micro-batches of responses; minibatch_size counts the whole minibatch's
+    n_responses, minibatch_size = (
+        args.batch_size * args.rloo_k // plumbing.WORLD_SIZE,
+        prompts_per_minibatch * args.rloo_k,
+    )
+    share, micro_size = minibatch_size // plumbing.WORLD_SIZE, args.micro_batch_size * args.rloo_k
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rloo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -211,7 +218,8 @@ if __name__ == "__main__":
     for model in (ref_policy, reward_model):
         model.requires_grad_(False)
     for model in (policy, ref_policy, reward_model):  # detail 9: dropout off, also while training
-        model.eval()
+        plumbing.shard_model(model.eval())  # under torchrun: FSDP2
+    plumbing.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy  # sampling and rollout forwards: eager
     num_steps = args.total_episodes // args.batch_size
     if args.max_steps is not None:
@@ -260,13 +268,14 @@ if __name__ == "__main__":
         optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)  # detail 15
         if len(order) < args.batch_size:
             order = [int(i) for i in rng.permutation(len(prompts))]
-        batch = [prompts[order.pop()] for _ in range(args.batch_size)]
+        batch = plumbing.shard([prompts[order.pop()] for _ in range(args.batch_size)])  # this rank's share
 
         with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
             # 1. rollout: k responses per prompt, the prompts' rows repeated in place (a prompt's group is
             # rows i*k .. i*k + k-1), response_length tokens each from left-padded prompts (detail 3)
             queries, query_mask = (t.repeat_interleave(k, 0).to(device) for t in common.pad(batch, pad_id, "left"))
-            raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
+            with plumbing.gathered(policy):
+                raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
             # 2. the EOS trick: cut after the first EOS; a response without one scores missing_eos_score (detail 10)
             responses, response_mask, has_eos = common.truncate_after_eos(raw, eos, pad_id)
             R = int(response_mask.sum(1).max())  # columns that are padding in every row are dropped: exact, cheaper
@@ -292,8 +301,8 @@ if __name__ == "__main__":
         stats = []
         for _ in range(args.num_ppo_epochs):
             perm = torch.randperm(n_responses, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
-            for mb_start in range(0, n_responses, minibatch_size):
-                for micro_start in range(mb_start, mb_start + minibatch_size, micro_size):
+            for mb_start in range(0, n_responses, share):
+                for micro_start in range(mb_start, mb_start + share, micro_size):
                     idx = perm[micro_start : micro_start + micro_size].to(device)
                     m = mask[idx]
                     with autocast:
@@ -305,27 +314,33 @@ if __name__ == "__main__":
                     )
                     kl_loss = masked_mean(kl_k3(new_logprobs, ref_logprobs[idx]), m)  # GRPO's KL term
                     loss = pg_loss + args.kl_coef * kl_loss if args.baseline == "grpo" else pg_loss
-                    (loss * len(idx) / minibatch_size).backward()  # the micro-batch's share of the minibatch
+                    # the micro-batch's share of the (whole) minibatch: the ranks' gradients add up
+                    (loss * len(idx) / minibatch_size).backward()
                     stats.append(torch.stack([pg_loss, kl_loss, clipfrac, approxkl]).detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
                 if plumbing.finite_or_stop(grad_norm, "loss", step, args.skip_nonfinite):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
         # ---- TRY NOT TO MODIFY: logging (ppo.py's names), evaluation, checkpoints -------------------------
         if step % args.log_every == 0 or step == num_steps:
-            pg, kl_term, clipfrac, approxkl = torch.stack(stats).mean(0).tolist()
+            # means over the batch's responses and the update's micro-batches, on every rank
+            sums = [kl.sum(), (-logprobs * mask).sum(), scores.sum(), has_eos.float().sum(), mask.sum()]
+            means = plumbing.reduce_sum(torch.stack(sums).float()) / (args.batch_size * k)
+            mean_kl, mean_entropy, mean_score, eos_rate, mean_length = means.tolist()
+            update_means = plumbing.reduce_sum(torch.stack(stats).mean(0)) / plumbing.WORLD_SIZE
+            pg, kl_term, clipfrac, approxkl = update_means.tolist()
             metrics = {
-                "objective/kl": float(kl.mean()),
-                "objective/entropy": float((-logprobs * mask).sum(1).mean()),
-                "objective/rlhf_reward": float((scores - args.kl_coef * kl).mean()),
-                "objective/scores": float(scores.mean()),
-                "objective/eos_rate": float(has_eos.float().mean()),
+                "objective/kl": mean_kl,
+                "objective/entropy": mean_entropy,
+                "objective/rlhf_reward": mean_score - args.kl_coef * mean_kl,
+                "objective/scores": mean_score,
+                "objective/eos_rate": eos_rate,
                 "policy/approxkl": approxkl,
                 "policy/clipfrac": clipfrac,
                 "loss/policy": pg,
                 "loss/kl": kl_term,
-                "val/mean_length": float(mask.sum(1).mean()),
+                "val/mean_length": mean_length,
                 "train/grad_norm": float(grad_norm),
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "train/episodes": step * args.batch_size,
@@ -373,8 +388,10 @@ if __name__ == "__main__":
     log({f"eval/{name}": value for name, value in results.items()}, num_steps)
 
     # ---- TRY NOT TO MODIFY: saving ---------------------------------------------------------------------------
+    weights = plumbing.full_state_dict(policy)  # under torchrun gathered from the shards; None in one process
+
     def write(tmp):
-        policy.save_pretrained(tmp)
+        policy.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
             plumbing.write_jsonl(os.path.join(tmp, name), rows)

@@ -175,6 +175,19 @@ def test_rlaif_on_two_ranks_end_to_end_and_killed_and_resumed(sft_model, tmp_pat
     AutoModelForCausalLM.from_pretrained(tmp_path / "straight")
 
 
+def test_rloo_on_two_ranks_end_to_end(sft_model, reward_model, tmp_path):
+    args = ["--model_name_or_path", sft_model, "--reward_model_name_or_path", reward_model, "--max_steps", 2]
+    args += ["--batch_size", 4, "--micro_batch_size", 1, "--num_mini_batches", 2, "--response_length", 8]
+    args += ["--num_eval_prompts", 5, "--eval_every", 1000]
+    torchrun("rloo.py", "--output_dir", tmp_path / "out", *args)
+    assert len(read_jsonl(tmp_path / "out" / "samples.jsonl")) == 5
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # 4 prompts, 2 minibatches, 2 ranks: one prompt a micro-batch, no more
+    bad = ["--model_name_or_path", sft_model, "--batch_size", 4, "--micro_batch_size", 2, "--num_mini_batches", 2]
+    proc = torchrun("rloo.py", "--output_dir", tmp_path / "bad", *bad, ok=False)
+    assert "error: batch_size 4 must split" in proc.stderr and "over 2 processes" in proc.stderr
+
+
 def test_a_mistake_under_torchrun_is_one_line_once_and_no_rank_hangs(tmp_path):
     started = time.time()
     proc = torchrun("sft.py", "--output_dir", tmp_path / "out", "--dataset_name", tmp_path / "missing.jsonl", ok=False)
