@@ -8,7 +8,8 @@
 # 1. each script's training step on a random Llama of ~0.5B parameters (hidden 1024, 24 layers) in bf16 with
 #    compile: tokens/s, model FLOP/s against the measured matmul peak, SFT's MFU against the GPU's dense bf16
 #    peak, peak memory, and PPO's sampling speed and share of the step (benchmarks/bench.py);
-# 2. the offline world's pipeline end to end with capped steps, each script's eval.json printed.
+# 2. the offline world's pipeline end to end with capped steps, each script's eval.json printed;
+# 3. the same under `torchrun --nproc_per_node 1` (FSDP2, sharded checkpoints, gathered sampling), fewer steps.
 # On a machine without CUDA it runs the same commands on the CPU, smaller (the dry run: `DRY_RUN=1`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,9 +48,10 @@ $PY benchmarks/bench.py --world data/world $size --runs 1 --out "$OUT/bench/resu
 grep -v '^{' "$OUT/bench.log" | tail -12
 
 echo "== 2. the pipeline on the offline world, $steps steps each (rollout batches for ppo, rloo and rlaif)"
-run() {  # script, then its arguments; print the final evaluation
+LAUNCH=$PY
+run() {  # name, script, then its arguments; print the final evaluation
     local name=$1 start=$SECONDS; shift
-    $PY "$@" $extra --output_dir "$OUT/runs/$name" > "$OUT/$name.log" 2>&1 || { tail -20 "$OUT/$name.log"; exit 1; }
+    $LAUNCH "$@" $extra --output_dir "$OUT/runs/$name" > "$OUT/$name.log" 2>&1 || { tail -20 "$OUT/$name.log"; exit 1; }
     echo "$name: $((SECONDS - start)) s"
     $PY -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), indent=None))" "$OUT/runs/$name/eval.json"
 }
@@ -62,4 +64,14 @@ run rloo rloo.py --model_name_or_path "$OUT/runs/sft" --reward_model_name_or_pat
     --max_steps $((steps / 4)) --num_eval_prompts 64
 run dpo dpo.py --model_name_or_path "$OUT/runs/sft" --max_steps "$steps" --num_eval_prompts 64
 run rlaif rlaif.py --model_name_or_path "$OUT/runs/sft" --max_steps $((steps / 4)) --num_eval_prompts 64
+
+echo "== 3. every script under torchrun --nproc_per_node 1 (FSDP2), a checkpoint each, from the models of 2."
+LAUNCH="$PY -m torch.distributed.run --standalone --nproc_per_node 1"
+fsdp="--max_steps $((steps / 6 + 2)) --save_every $((steps / 12 + 1))" prompts="--num_eval_prompts 32"
+run fsdp_sft sft.py $fsdp $prompts
+run fsdp_reward reward.py --model_name_or_path "$OUT/runs/sft" $fsdp --num_normalisation_rows 64
+run fsdp_ppo ppo.py --model_name_or_path "$OUT/runs/sft" --reward_model_name_or_path "$OUT/runs/reward" $fsdp $prompts
+run fsdp_rloo rloo.py --model_name_or_path "$OUT/runs/sft" --reward_model_name_or_path "$OUT/runs/reward" $fsdp $prompts
+run fsdp_dpo dpo.py --model_name_or_path "$OUT/runs/sft" $fsdp $prompts
+run fsdp_rlaif rlaif.py --model_name_or_path "$OUT/runs/sft" $fsdp $prompts
 echo "== done: $OUT"
