@@ -191,7 +191,7 @@ if __name__ == "__main__":
     plumbing.check_positive(args, "beta num_epochs max_steps batch_size micro_batch_size max_length eval_every")
     plumbing.check_positive(args, "num_eval_pairs num_eval_prompts max_new_tokens eval_temperature eval_batch_size")
     plumbing.check_positive(args, "log_every")
-    plumbing.per_rank(args.batch_size)
+    plumbing.check_global_batch(args.batch_size)
     if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
         plumbing.fail(
             f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}"

@@ -237,11 +237,10 @@ def start_processes(device):
     return device
 
 
-def per_rank(batch_size: int, name: str = "batch_size") -> int:
-    """Each rank's share of a global batch size, which must split evenly over the ranks."""
+def check_global_batch(batch_size: int):
+    """A global batch size must split evenly over the ranks."""
     if batch_size % WORLD_SIZE:
-        fail(f"--{name} {batch_size} (the global batch) does not split evenly over {WORLD_SIZE} processes")
-    return batch_size // WORLD_SIZE
+        fail(f"--batch_size {batch_size} (the global batch) does not split evenly over {WORLD_SIZE} processes")
 
 
 def seed_sampling(seed: int):
@@ -305,7 +304,7 @@ def shard(items: list) -> list:
     gather(results)[: len(items)] puts per-item results back in order, without the copies."""
     k = -(-len(items) // WORLD_SIZE)
     part = list(items[RANK * k : (RANK + 1) * k])
-    return part + [items[-1]] * (k - len(part))
+    return part + list(items[-1:]) * (k - len(part))
 
 
 def gather(items: list) -> list:
@@ -452,10 +451,12 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
 
     path = os.path.join(output_dir, CHECKPOINT)
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    if "rngs" not in state:
+        fail(f"--resume: {path} was written by an older version of this script (no sharded checkpoint)")
     rngs = state.pop("rngs")
     if len(rngs) != WORLD_SIZE:  # each rank continues its own random streams
-        launch = "torchrun --nproc_per_node " if len(rngs) > 1 else "python "
-        fail(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {WORLD_SIZE}: {launch}...")
+        launch = f"torchrun --nproc_per_node {len(rngs)}" if len(rngs) > 1 else "python"
+        fail(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {WORLD_SIZE}: use {launch}")
     modules = torch.nn.ModuleDict(models)
     weights, optim = get_state_dict(modules, optimizer)
     saved = {"models": weights, "optimizer": optim}

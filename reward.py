@@ -230,7 +230,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size num_normalisation_rows")
     plumbing.check_positive(args, "max_length eval_every log_every")
-    plumbing.per_rank(args.batch_size)
+    plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "reward.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")

@@ -20,6 +20,11 @@ p(y1 better) = sigmoid(rating(y1) - rating(y2)), for labellers whose pairwise an
   --mode label   labels pairs, given ({prompt, chosen, rejected}) or sampled from the policy for {prompt}
                  rows, and writes a preference dataset with a soft `label` column (p(chosen is better) >=
                  0.5) that reward.py (--label_column label) and dpo.py read: distilled RLAIF.
+  --mode revise  Constitutional AI's first stage (SL-CAI, Bai et al. 2022, section 3): the model answers each
+                 prompt, then num_revisions times critiques its answer under a critique request drawn from
+                 REVISION_REQUESTS and revises it under the paired revision request; the final revisions
+                 are a {prompt, completion} dataset for sft.py. Online or label mode (the second stage) then
+                 starts from the fine-tuned model. Here because both stages read the same constitution.
 
 Reported: the labeller's agreement with the gold scorer or with given labels, how often its choice flips when
 the order is swapped, and its mean confidence.
@@ -60,6 +65,33 @@ RATING_CONSTITUTION = [  # the same principles as questions about one response (
     "at all) to 9 (very much).",
 ]
 
+# revise mode: the same principles as critique and revision requests, in pairs (Bai et al. 2022, appendix C);
+# --constitution replaces them with a JSON list of {"critique": ..., "revision": ...} objects
+REVISION_REQUESTS = [
+    {
+        "critique": "Identify specific ways in which your last response is negative, lukewarm or unenthusiastic "
+        "about the film.",
+        "revision": "Please rewrite your last response to be positive and enthusiastic about the film. Write only "
+        "the rewritten response.",
+    },
+    {
+        "critique": "Explain what a fan of the film would dislike about your last response.",
+        "revision": "Please rewrite your last response so that a fan of the film would like to read it. Write only "
+        "the rewritten response.",
+    },
+    {
+        "critique": "Point out where your last response repeats itself or praises the film only coldly.",
+        "revision": "Please rewrite your last response to praise the film warmly without repeating itself. Write "
+        "only the rewritten response.",
+    },
+    {
+        "critique": "Identify ways in which your last response does not read like a natural review that loves the "
+        "film.",
+        "revision": "Please rewrite your last response as a natural, non-repetitive review that loves the film. "
+        "Write only the rewritten response.",
+    },
+]
+
 
 def judge_query(preamble, principle, prompt, a, b):
     """The labeller's question about one ordered pair (responses are shown as they continue the prompt)."""
@@ -77,12 +109,16 @@ def rating_query(preamble, principle, prompt, response):
 
 @dataclass
 class Args:
-    mode: Literal["online", "label"] = "online"
-    """online: OAIF training of the policy; label: write an AI-labelled preference dataset"""
+    mode: Literal["online", "label", "revise"] = "online"
+    """online: OAIF training of the policy; label: write an AI-labelled preference dataset; revise: critique and
+    revise the model's own responses into an SFT dataset (Constitutional AI's first stage)"""
     # ---- algorithm ----
     constitution: str | None = None
     """a text file (one principle per line) or JSON list of principles replacing the built-in constitution
-    (CONSTITUTION; in direct mode RATING_CONSTITUTION, whose principles are questions with a scale of 1 to 9)"""
+    (CONSTITUTION; in direct mode RATING_CONSTITUTION, whose principles are questions with a scale of 1 to 9);
+    revise: a JSON list of {"critique": ..., "revision": ...} requests replacing REVISION_REQUESTS"""
+    num_revisions: int = 2
+    """revise: rounds of critique and revision of each response"""
     judge_mode: Literal["pairwise", "direct"] = "pairwise"
     """pairwise: the labeller compares the two responses, asked in both orders; direct (d-RLAIF): it rates each
     response alone from 1 to 9, and p(first better) = sigmoid(rating difference)"""
@@ -94,7 +130,7 @@ class Args:
     """online: stop after this many steps; the learning-rate schedule follows it"""
     batch_size: int = 64
     """online: episodes per step (one optimizer step on their fresh pairs), under torchrun the global batch split
-    over the processes; label: prompts sampled at once (by each process)"""
+    over the processes; label, revise: prompts sampled at once (by each process)"""
     micro_batch_size: int = 32
     """online: pairs per forward/backward pass of one process (gradient accumulation)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -112,24 +148,28 @@ class Args:
     max_grad_norm: float = 1.0
     """online: gradient clipping"""
     response_length: int = 64
-    """longest sampled response of a pair in tokens (online, and label mode for {prompt} rows)"""
+    """longest sampled response of a pair in tokens (online, and label mode for {prompt} rows); revise: longest
+    response, critique or revision (a response or revision cut there is dropped, counted)"""
     rollout_temperature: float = 1.0
-    """temperature of the two samples per prompt (online, and label mode for {prompt} rows)"""
+    """temperature of the two samples per prompt (online, and label mode for {prompt} rows); revise: of the
+    responses, critiques and revisions"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
-    """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows)"""
+    """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows;
+    revise: answers, critiques and revises, through its chat template)"""
     judge_model_name_or_path: str = "data/world/judge_model"
     """the AI labeller: any causal LM (the offline world's: sft.py trained on data/world/judge)"""
     dataset_name: str = "data/world/prompts"
-    """online: prompts {prompt}; label: pairs {prompt, chosen, rejected} or prompts {prompt}"""
+    """online, revise: prompts {prompt} (revise: of the train split); label: pairs {prompt, chosen, rejected}
+    or prompts {prompt}"""
     max_prompt_length: int = 128
-    """longest prompt to sample from in tokens (online, and label mode for {prompt} rows); longer ones dropped"""
+    """longest prompt to sample from in tokens (online, label mode for {prompt} rows, revise); longer ones dropped"""
     judge_max_length: int = 512
     """longest labeller question in tokens; longer ones count as ties and are skipped"""
     judge_batch_size: int = 64
     """questions per labeller forward"""
     max_label_rows: int | None = None
-    """label: label at most this many rows of each split"""
+    """label: label at most this many rows of each split; revise: revise the responses to at most this many"""
     # ---- evaluation ----
     eval_every: int = 24
     """online: steps between evaluations on held-out prompts"""
@@ -150,7 +190,8 @@ class Args:
     """online: steps between logged training metrics"""
     # ---- run ----
     output_dir: str = "runs/rlaif"
-    """online: the trained policy; label: the labelled dataset (train.jsonl, test.jsonl)"""
+    """online: the trained policy; label: the labelled dataset (train.jsonl, test.jsonl); revise: the SFT dataset
+    (train.jsonl), every critique and revision (revisions.jsonl) and the figures (revision.json)"""
     seed: int = 1
     """seed of sampling, principle choice and data order"""
     save_every: int = 0
@@ -396,6 +437,152 @@ def label_dataset(args, label, gold_scorer, device, autocast):
     print(f"saved {args.output_dir}: {len(splits['train'])} train / {len(splits['test'])} test labelled pairs")
 
 
+# ---- ALGO LOGIC: revise mode, Constitutional AI's first stage (SL-CAI) -------------------------------------
+def load_revision_requests(path):
+    """The critique and revision requests (Bai et al. 2022, appendix C): REVISION_REQUESTS, or a JSON file of
+    {"critique": ..., "revision": ...} objects."""
+    if path is None:
+        return list(REVISION_REQUESTS)
+    if not os.path.isfile(path):
+        plumbing.fail(f"constitution {path!r} does not exist")
+    try:
+        pairs = json.load(open(path))
+    except json.JSONDecodeError:
+        pairs = None
+    if (
+        not isinstance(pairs, list)
+        or not pairs
+        or not all(
+            isinstance(p, dict) and all(isinstance(p.get(k), str) and p[k].strip() for k in ("critique", "revision"))
+            for p in pairs
+        )
+    ):
+        plumbing.fail(
+            f"constitution {path!r} holds no critique and revision requests: revise mode needs a JSON list of "
+            '{"critique": ..., "revision": ...} objects'
+        )
+    return pairs
+
+
+def critique_messages(prompt, response, request):
+    """The model's conversation when asked to critique its response (step 2, detail 27): the prompt (a text
+    prompt becomes a user message), its response, and the critique request as the user's next message."""
+    turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return [*turns, {"role": "assistant", "content": response}, {"role": "user", "content": request["critique"]}]
+
+
+def current(record):
+    """A record's latest response: its last revision, or the first response before any."""
+    return record["rounds"][-1]["revision"] if record["rounds"] else record["response"]
+
+
+def revision_messages(prompt, response, request, critique):
+    """The conversation when asked to revise (step 3): the critique's, its critique, and the revision request."""
+    return [
+        *critique_messages(prompt, response, request),
+        {"role": "assistant", "content": critique},
+        {"role": "user", "content": request["revision"]},
+    ]
+
+
+def generate(model, tok, conversations, args, device, autocast):
+    """The model's reply to each conversation (in batches of batch_size, each rank its share under torchrun): the
+    text, and whether it ended with EOS (else it was cut at response_length)."""
+    eos, own, replies = tok.eos_token_id, plumbing.shard(conversations), []
+    for i in range(0, len(own), args.batch_size):
+        prompt_ids = [common.encode_prompt(tok, c) for c in own[i : i + args.batch_size]]
+        ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
+        with torch.inference_mode(), autocast, plumbing.gathered(model):
+            raw = common.sample(model, ids, mask, args.response_length, args.rollout_temperature, eos, stop_at_eos=True)
+        responses, _, has_eos = common.truncate_after_eos(raw, eos, tok.pad_token_id)
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        replies += [(t.strip(), bool(e)) for t, e in zip(texts, has_eos.tolist(), strict=True)]
+    return plumbing.gather(replies)[: len(conversations)]
+
+
+def revise_dataset(args, rng, gold_scorer, device, autocast):
+    """SL-CAI's data (Bai et al. 2022, section 3): each prompt's response, critiqued and revised num_revisions
+    times by the model itself under requests drawn from the constitution; the final revisions become
+    {prompt, completion} rows that sft.py trains on."""
+    requests = load_revision_requests(args.constitution)
+    train_rows, _, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
+    tok = common.load_tokenizer(args.model_name_or_path)
+    if tok.chat_template is None:
+        plumbing.fail(
+            f"revise mode needs a chat model: the tokenizer of {args.model_name_or_path!r} has no chat template"
+        )
+    model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    plumbing.shard_model(model.eval().requires_grad_(False))  # under torchrun: FSDP2
+    rows = train_rows[: args.max_label_rows or len(train_rows)]
+    _, kept = common.encode_prompts(tok, rows, args.max_prompt_length)  # prompts over the limit dropped, counted
+    prompts = [rows[i]["prompt"] for i in kept]
+
+    # 1. the model's own response to each prompt
+    replies = generate(model, tok, prompts, args, device, autocast)
+    records = [{"prompt": p, "response": r, "rounds": []} for p, (r, _) in zip(prompts, replies, strict=True)]
+    alive = [i for i, (_, has_eos) in enumerate(replies) if has_eos]
+    cut = {"response": len(records) - len(alive)}
+    for n in range(1, args.num_revisions + 1):
+        # 2. a critique of the current response under a request pair drawn for this round
+        drawn = {i: rng.choice(requests) for i in alive}
+        conversations = [critique_messages(records[i]["prompt"], current(records[i]), drawn[i]) for i in alive]
+        critiques = generate(model, tok, conversations, args, device, autocast)
+        # 3. the revision, asked after the critique; it replaces the response for the next round
+        conversations = [
+            revision_messages(records[i]["prompt"], current(records[i]), drawn[i], c)
+            for i, (c, _) in zip(alive, critiques, strict=True)
+        ]
+        revisions = generate(model, tok, conversations, args, device, autocast)
+        for i, (critique, _), (revision, has_eos) in zip(alive, critiques, revisions, strict=True):
+            records[i]["rounds"].append(
+                {
+                    "critique_request": drawn[i]["critique"],
+                    "critique": critique,
+                    "revision_request": drawn[i]["revision"],
+                    "revision": revision,
+                    "revision_cut": not has_eos,
+                }
+            )
+        # a revision cut at response_length (no EOS) leaves the dataset and the later rounds
+        before = len(alive)
+        alive = [i for i, (_, has_eos) in zip(alive, revisions, strict=True) if has_eos]
+        cut[f"revision_{n}"] = before - len(alive)
+    kept_records = [records[i] for i in alive]
+    if not kept_records:
+        plumbing.fail(
+            f"no response survived {args.num_revisions} revisions within response_length {args.response_length} "
+            f"tokens (cut: {', '.join(f'{k} {v}' for k, v in cut.items())})"
+        )
+    # 4. gold score and diversity of the same prompts' responses before revision and after each round
+    texts = [text_of(r["prompt"]) for r in kept_records]
+    stages = [[r["response"] for r in kept_records]]
+    stages += [[r["rounds"][n]["revision"] for r in kept_records] for n in range(args.num_revisions)]
+    results = {"prompts": len(records), "kept": len(kept_records), **{f"cut_{k}": v for k, v in cut.items()}}
+    for n, responses in enumerate(stages):
+        name = f"revision_{n}" if n else "response"
+        results[f"{name}_distinct_2"] = common.distinct_n(responses)
+        results[f"{name}_mean_words"] = float(np.mean([len(r.split()) for r in responses]))
+        if gold_scorer is not None:
+            results[f"{name}_gold_score"] = float(np.mean(gold_scorer(texts, responses)))
+    print(json.dumps(results, indent=2))
+
+    # 5. the SFT dataset: each kept prompt with its final revision, as a chat reply to a chat prompt
+    dataset = [
+        {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": current(r)}]}
+        if isinstance(r["prompt"], list)
+        else {"prompt": r["prompt"], "completion": current(r)}
+        for r in kept_records
+    ]
+
+    def write(tmp):
+        plumbing.write_jsonl(os.path.join(tmp, "train.jsonl"), dataset)
+        plumbing.write_jsonl(os.path.join(tmp, "revisions.jsonl"), records)  # every critique and revision
+        plumbing.write_json(os.path.join(tmp, "revision.json"), results)
+
+    plumbing.write_atomic(args.output_dir, "rlaif.py", args, write)
+    print(f"saved {args.output_dir}: {len(dataset)} prompts with their revised responses for sft.py")
+
+
 # ---- ALGO LOGIC: online mode, OAIF -----------------------------------------------------------------------
 def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     """Online AI feedback: two fresh samples per prompt, the labeller's pick, one DPO-family step a batch."""
@@ -579,29 +766,33 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_positive(args, "total_episodes max_steps batch_size micro_batch_size beta response_length")
     plumbing.check_positive(args, "rollout_temperature max_prompt_length judge_max_length judge_batch_size")
-    plumbing.check_positive(args, "max_label_rows eval_every num_periodic_eval_prompts num_eval_prompts")
+    plumbing.check_positive(args, "max_label_rows eval_every num_periodic_eval_prompts num_eval_prompts num_revisions")
     plumbing.check_positive(args, "max_new_tokens eval_temperature eval_batch_size log_every")
     if args.mode == "online":
-        plumbing.per_rank(args.batch_size)
+        plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rlaif.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
-    rng = random.Random(args.seed)  # the principle of each comparison
-    principles = load_constitution(args.constitution, direct=args.judge_mode == "direct")
-    judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
-    judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
-    judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
-    plumbing.shard_model(judge.eval().requires_grad_(False))  # under torchrun: FSDP2
-    plumbing.seed_sampling(args.seed)
-    answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
-
-    def label(prompts, firsts, seconds):
-        """The labeller's p(first better), flips and skips for text pairs (details 20-22, or 26 when direct)."""
-        labeller = label_pairs if args.judge_mode == "pairwise" else rate_pairs
-        return labeller(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
-
-    if args.mode == "label":
-        label_dataset(args, label, gold_scorer, device, autocast)
+    rng = random.Random(args.seed)  # the principle of each comparison (or critique and revision)
+    if args.mode == "revise":  # the model is its own critic: no labeller
+        plumbing.seed_sampling(args.seed)
+        revise_dataset(args, rng, gold_scorer, device, autocast)
     else:
-        train_online(args, label, rng, gold_scorer, device, autocast, use_compile)
+        principles = load_constitution(args.constitution, direct=args.judge_mode == "direct")
+        judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
+        judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
+        judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
+        plumbing.shard_model(judge.eval().requires_grad_(False))  # under torchrun: FSDP2
+        plumbing.seed_sampling(args.seed)
+        answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
+
+        def label(prompts, firsts, seconds):
+            """The labeller's p(first better), flips and skips for text pairs (details 20-22, or 26 when direct)."""
+            labeller = label_pairs if args.judge_mode == "pairwise" else rate_pairs
+            return labeller(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
+
+        if args.mode == "label":
+            label_dataset(args, label, gold_scorer, device, autocast)
+        else:
+            train_online(args, label, rng, gold_scorer, device, autocast, use_compile)

@@ -123,7 +123,7 @@ if __name__ == "__main__":
     plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size max_length eval_every")
     plumbing.check_positive(args, "num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature")
     plumbing.check_positive(args, "eval_batch_size log_every")
-    plumbing.per_rank(args.batch_size)
+    plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "sft.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")

@@ -11,7 +11,7 @@ import torch
 
 import common
 import rlaif
-from conftest import WORLD, read_jsonl, run, write_jsonl
+from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
 
 
 class StubJudge(torch.nn.Module):
@@ -378,3 +378,72 @@ def test_direct_mode_needs_a_labeller_that_writes_digits_in_one_token(tmp_path):
     proc = run("rlaif.py", "--judge_mode", "direct", "--output_dir", tmp_path / "o", ok=False)
     one_line_error(proc, "does not tell the answers", "first token")
     assert not os.path.exists(tmp_path / "o")
+
+
+# ---- revise mode: Constitutional AI's first stage ----------------------------------------------------------
+def test_critique_and_revision_requests_are_asked_as_documented(tok):
+    request = rlaif.REVISION_REQUESTS[0]
+    prompt = [{"role": "system", "content": "Continue the review."}, {"role": "user", "content": "I saw Heat."}]
+    critique = rlaif.critique_messages(prompt, "It was fine.", request)
+    assert critique == [
+        *prompt,
+        {"role": "assistant", "content": "It was fine."},
+        {"role": "user", "content": request["critique"]},
+    ]
+    revision = rlaif.revision_messages(prompt, "It was fine.", request, "Too lukewarm.")
+    assert revision == [
+        *critique,
+        {"role": "assistant", "content": "Too lukewarm."},
+        {"role": "user", "content": request["revision"]},
+    ]
+    # a text prompt is the user's message; the conversation reaches the model through its chat template
+    assert rlaif.critique_messages("I saw Heat.", "Fine.", request)[0] == {"role": "user", "content": "I saw Heat."}
+    text = tok.decode(common.encode_prompt(tok, rlaif.revision_messages("I saw Heat.", "Fine.", request, "Cold.")))
+    assert text.index("I saw Heat.") < text.index("Fine.") < text.index(request["critique"]) < text.index("Cold.")
+    assert text.index("Cold.") < text.index(request["revision"]) and text.endswith("Assistant:")
+    # every built-in critique request has its revision request
+    assert all(set(r) == {"critique", "revision"} for r in rlaif.REVISION_REQUESTS)
+
+
+def test_revise_mode_writes_revisions_that_sft_trains_on(sft_model, tmp_path):
+    out = tmp_path / "revised"
+    args = ["--mode", "revise", "--model_name_or_path", sft_model, "--max_label_rows", 16, "--batch_size", 8]
+    run("rlaif.py", *args, "--response_length", 64, "--output_dir", out)
+    figures = json.load(open(out / "revision.json"))
+    records, dataset = read_jsonl(out / "revisions.jsonl"), read_jsonl(out / "train.jsonl")
+    cut = sum(v for k, v in figures.items() if k.startswith("cut_"))
+    assert figures["prompts"] == len(records) == 16 and figures["kept"] == len(dataset) == 16 - cut
+    assert len(dataset) > 0 and all(set(row) == {"prompt", "completion"} for row in dataset)
+    pairs = [(r["critique"], r["revision"]) for r in rlaif.REVISION_REQUESTS]
+    kept = [r for r in records if len(r["rounds"]) == 2 and not r["rounds"][-1]["revision_cut"]]
+    assert [r["prompt"] for r in kept] == [row["prompt"] for row in dataset]
+    for record, row in zip(kept, dataset, strict=True):
+        assert row["completion"] == record["rounds"][-1]["revision"]  # the final revision is the demonstration
+        for r in record["rounds"]:  # the intermediate critiques and revisions are kept, each under its pair
+            assert (r["critique_request"], r["revision_request"]) in pairs and isinstance(r["critique"], str)
+    for stage in ("response", "revision_1", "revision_2"):
+        assert f"{stage}_gold_score" in figures and f"{stage}_distinct_2" in figures
+    run("sft.py", "--model_name_or_path", sft_model, "--dataset_name", out, "--output_dir", tmp_path / "sl_cai",
+        "--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 4, "--eval_every", 1000,
+        "--num_eval_prompts", 2, "--max_new_tokens", 4, "--learning_rate", 1e-5)  # fmt: skip
+
+
+def test_revise_mode_mistakes(sft_model, tmp_path):
+    plain = tmp_path / "no_template"  # the SFT model with its tokenizer's chat template removed
+    plain.mkdir()
+    for f in os.listdir(sft_model):
+        if f != "chat_template.jinja":
+            data = open(os.path.join(sft_model, f), "rb").read()
+            (plain / f).write_bytes(data)
+    config = json.load(open(plain / "tokenizer_config.json"))
+    config.pop("chat_template", None)
+    json.dump(config, open(plain / "tokenizer_config.json", "w"))
+    args = ["--mode", "revise", "--max_label_rows", 4, "--output_dir", tmp_path / "out"]
+    one_line_error(run("rlaif.py", *args, "--model_name_or_path", plain, ok=False), "no chat template")
+    principles = tmp_path / "principles.txt"
+    principles.write_text("Choose the kinder response.\n")
+    proc = run("rlaif.py", *args, "--model_name_or_path", sft_model, "--constitution", principles, ok=False)
+    one_line_error(proc, "critique and revision requests")
+    proc = run("rlaif.py", *args, "--model_name_or_path", sft_model, "--response_length", 1, ok=False)
+    one_line_error(proc, "response_length 1", "cut")  # every response cut: counted, nothing left
+    assert not os.path.exists(tmp_path / "out")
