@@ -149,7 +149,7 @@ class Args:
     """online: gradient clipping"""
     response_length: int = 64
     """longest sampled response of a pair in tokens (online, and label mode for {prompt} rows); revise: longest
-    response, critique or revision (a response or revision cut there is dropped, counted)"""
+    response, critique or revision (a revision cut there is dropped, counted)"""
     rollout_temperature: float = 1.0
     """temperature of the two samples per prompt (online, and label mode for {prompt} rows); revise: of the
     responses, critiques and revisions"""
@@ -517,11 +517,13 @@ def revise_dataset(args, rng, gold_scorer, device, autocast):
     _, kept = common.encode_prompts(tok, rows, args.max_prompt_length)  # prompts over the limit dropped, counted
     prompts = [rows[i]["prompt"] for i in kept]
 
-    # 1. the model's own response to each prompt
+    # 1. the model's own response to each prompt (one cut at response_length is critiqued and revised as it is)
     replies = generate(model, tok, prompts, args, device, autocast)
-    records = [{"prompt": p, "response": r, "rounds": []} for p, (r, _) in zip(prompts, replies, strict=True)]
-    alive = [i for i, (_, has_eos) in enumerate(replies) if has_eos]
-    cut = {"response": len(records) - len(alive)}
+    records = [
+        {"prompt": p, "response": r, "response_cut": not has_eos, "rounds": []}
+        for p, (r, has_eos) in zip(prompts, replies, strict=True)
+    ]
+    alive, dropped = list(range(len(records))), {}
     for n in range(1, args.num_revisions + 1):
         # 2. a critique of the current response under a request pair drawn for this round
         drawn = {i: rng.choice(requests) for i in alive}
@@ -543,21 +545,22 @@ def revise_dataset(args, rng, gold_scorer, device, autocast):
                     "revision_cut": not has_eos,
                 }
             )
-        # a revision cut at response_length (no EOS) leaves the dataset and the later rounds
+        # a revision cut at response_length has lost its end: it leaves the dataset and the later rounds
         before = len(alive)
         alive = [i for i, (_, has_eos) in zip(alive, revisions, strict=True) if has_eos]
-        cut[f"revision_{n}"] = before - len(alive)
+        dropped[f"dropped_revision_{n}"] = before - len(alive)
     kept_records = [records[i] for i in alive]
     if not kept_records:
         plumbing.fail(
-            f"no response survived {args.num_revisions} revisions within response_length {args.response_length} "
-            f"tokens (cut: {', '.join(f'{k} {v}' for k, v in cut.items())})"
+            f"every revision was cut at response_length {args.response_length} tokens: nothing to fine-tune on "
+            f"({', '.join(f'{k} {v}' for k, v in dropped.items())})"
         )
     # 4. gold score and diversity of the same prompts' responses before revision and after each round
     texts = [text_of(r["prompt"]) for r in kept_records]
     stages = [[r["response"] for r in kept_records]]
     stages += [[r["rounds"][n]["revision"] for r in kept_records] for n in range(args.num_revisions)]
-    results = {"prompts": len(records), "kept": len(kept_records), **{f"cut_{k}": v for k, v in cut.items()}}
+    responses_cut = sum(r["response_cut"] for r in records)
+    results = {"prompts": len(records), "kept": len(kept_records), "responses_cut": responses_cut, **dropped}
     for n, responses in enumerate(stages):
         name = f"revision_{n}" if n else "response"
         results[f"{name}_distinct_2"] = common.distinct_n(responses)

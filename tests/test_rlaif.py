@@ -411,8 +411,9 @@ def test_revise_mode_writes_revisions_that_sft_trains_on(sft_model, tmp_path):
     run("rlaif.py", *args, "--response_length", 64, "--output_dir", out)
     figures = json.load(open(out / "revision.json"))
     records, dataset = read_jsonl(out / "revisions.jsonl"), read_jsonl(out / "train.jsonl")
-    cut = sum(v for k, v in figures.items() if k.startswith("cut_"))
-    assert figures["prompts"] == len(records) == 16 and figures["kept"] == len(dataset) == 16 - cut
+    dropped = sum(v for k, v in figures.items() if k.startswith("dropped_revision_"))
+    assert figures["prompts"] == len(records) == 16 and figures["kept"] == len(dataset) == 16 - dropped
+    assert figures["responses_cut"] == sum(r["response_cut"] for r in records)
     assert len(dataset) > 0 and all(set(row) == {"prompt", "completion"} for row in dataset)
     pairs = [(r["critique"], r["revision"]) for r in rlaif.REVISION_REQUESTS]
     kept = [r for r in records if len(r["rounds"]) == 2 and not r["rounds"][-1]["revision_cut"]]
@@ -445,5 +446,5 @@ def test_revise_mode_mistakes(sft_model, tmp_path):
     proc = run("rlaif.py", *args, "--model_name_or_path", sft_model, "--constitution", principles, ok=False)
     one_line_error(proc, "critique and revision requests")
     proc = run("rlaif.py", *args, "--model_name_or_path", sft_model, "--response_length", 1, ok=False)
-    one_line_error(proc, "response_length 1", "cut")  # every response cut: counted, nothing left
+    one_line_error(proc, "every revision was cut at response_length 1", "dropped_revision_1")
     assert not os.path.exists(tmp_path / "out")
