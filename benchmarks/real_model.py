@@ -73,14 +73,21 @@ def stages(args, model, chat, out):
     }
 
 
-def prepare(args, out):
-    """The model (converted once) and the world's data as chat; the labeller's pairs are held-out pairs only."""
-    model = args.model or os.path.join(out, "smollm2")
-    if args.model is None:
+def model_and_chat(model, out):
+    """The model (converted once under out, unless given) and the world's data as chat messages."""
+    if model is None:
+        model = os.path.join(out, "smollm2")
         subprocess.run([sys.executable, "extras/smollm2.py", "--output_dir", model], cwd=ROOT, check=True)
     chat = os.path.join(out, "world_chat")
-    if not os.path.isdir(os.path.join(chat, "heldout_pairs")):
+    if not os.path.isdir(os.path.join(chat, "prompts")):
         write(os.path.join(ROOT, "data", "world"), chat)
+    return model, chat
+
+
+def prepare(args, out):
+    """The model and the chat data; the labeller's pairs are held-out pairs only."""
+    model, chat = model_and_chat(args.model, out)
+    if not os.path.isdir(os.path.join(chat, "heldout_pairs")):
         os.makedirs(os.path.join(chat, "heldout_pairs"))
         with open(os.path.join(chat, "preference", "test.jsonl")) as f:
             pairs = f.readlines()[: args.heldout_pairs]
@@ -131,23 +138,33 @@ def table(out, times):
     return "\n".join(lines)
 
 
+def run_stages(lines: dict, out: str, done) -> dict:
+    """Run each stage ("script args", its output in out/name) unless done(name); the wall times of the stages
+    run, now and before, kept in out/times.json."""
+    times_path = os.path.join(out, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    for name, line in lines.items():
+        if done(name):
+            continue
+        script, *rest = shlex.split(line)
+        print(f"== {name}: python {line}", flush=True)
+        start = time.time()
+        cmd = [sys.executable, os.path.join(ROOT, script), *rest, "--output_dir", os.path.join(out, name)]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        times[name] = time.time() - start
+        json.dump(times, open(times_path, "w"), indent=1)
+    return times
+
+
 def main(args):
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
-    times_path = os.path.join(out, "times.json")
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    times = {}
     if args.run:
         model, chat = prepare(args, out)
-        for name, line in stages(args, model, chat, out).items():
-            if result(out, name) is not None:
-                continue
-            script, *rest = shlex.split(line)
-            print(f"== {name}: python {line}", flush=True)
-            start = time.time()
-            cmd = [sys.executable, os.path.join(ROOT, script), *rest, "--output_dir", os.path.join(out, name)]
-            subprocess.run(cmd, cwd=ROOT, check=True)
-            times[name] = time.time() - start
-            json.dump(times, open(times_path, "w"), indent=1)
+        times = run_stages(stages(args, model, chat, out), out, lambda name: result(out, name) is not None)
+    elif os.path.exists(os.path.join(out, "times.json")):
+        times = json.load(open(os.path.join(out, "times.json")))
     text = table(out, times)
     open(os.path.join(out, "table.md"), "w").write(text + "\n")
     print(text)
