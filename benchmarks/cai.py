@@ -91,7 +91,9 @@ def evaluate_against_start(args, model, chat, out, names):
 
 def tables(out, times):
     def wall(name):
-        return f"{times[name] / 60:.0f} min" if name in times else ""
+        return (
+            "" if name not in times else f"{times[name]:.0f} s" if times[name] < 60 else f"{times[name] / 60:.0f} min"
+        )
 
     lines = []
     path = os.path.join(out, "revise", "revision.json")

@@ -64,3 +64,31 @@ def test_the_real_model_recipe_asks_only_for_flags_the_scripts_have(tmp_path):
     assert "| `ppo.py` | 2 min | **0.625** | 1.50 | 0.300 (0.100) | 2.00 | 1.00 | 0.200 | 20.0 |" in (
         real_model.table(str(tmp_path), {"ppo": 120.0})
     )
+
+
+def test_the_constitutional_ai_recipe_asks_only_for_flags_the_scripts_have(tmp_path):
+    """benchmarks/cai.py (40 minutes on SmolLM2, not run here): every stage's command parses with its script's own
+    Args, in the order of the two stages, and its tables read the runs' results."""
+    import shlex
+
+    import tyro
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import cai
+
+    recipe = cai.Args(output_dir=str(tmp_path), model="runs/smollm2")
+    lines = cai.stages(recipe, "runs/smollm2", str(tmp_path / "chat"), str(tmp_path))
+    assert list(lines) == ["revise", "sl_cai", "rlaif_start", "rlaif_sl_cai"]
+    for name, line in lines.items():
+        script, *rest = shlex.split(line)
+        args = tyro.cli(__import__(script.removesuffix(".py")).Args, args=[*rest, "--output_dir", str(tmp_path / name)])
+        assert args.output_dir == str(tmp_path / name), name
+    assert "--mode revise" in lines["revise"] and f"{tmp_path}/revise" in lines["sl_cai"]
+    assert f"{tmp_path}/sl_cai" in lines["rlaif_sl_cai"]
+    os.makedirs(tmp_path / "sl_cai")
+    result = {"gold_win_rate_vs_ref": 0.5, "kl_to_ref": 1.25, "gold_score": 0.3, "gold_score_ref": 0.2,
+              "eos_rate": 0.5, "distinct_2": 0.7, "mean_length": 35.0}  # fmt: skip
+    json.dump(result, open(tmp_path / "sl_cai" / "eval_vs_start.json", "w"))
+    assert "| SL-CAI: SFT on the revisions | 23 s | 0.300 (0.200) | **0.500** | 1.25 | 0.50 | 0.700 | 35.0 |" in (
+        cai.tables(str(tmp_path), {"sl_cai": 23.0})
+    )
