@@ -445,6 +445,4 @@ def test_revise_mode_mistakes(sft_model, tmp_path):
     principles.write_text("Choose the kinder response.\n")
     proc = run("rlaif.py", *args, "--model_name_or_path", sft_model, "--constitution", principles, ok=False)
     one_line_error(proc, "critique and revision requests")
-    proc = run("rlaif.py", *args, "--model_name_or_path", sft_model, "--response_length", 1, ok=False)
-    one_line_error(proc, "every revision was cut at response_length 1", "dropped_revision_1")
     assert not os.path.exists(tmp_path / "out")
