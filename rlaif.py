@@ -669,8 +669,8 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
                 f"step {step}: every labeller question is over judge_max_length {args.judge_max_length} "
                 "tokens: nothing to learn from"
             )
-        chosen = [a if pa >= 0.5 else b for a, b, pa in zip(firsts, seconds, p.tolist(), strict=True)]
-        rejected = [b if pa >= 0.5 else a for a, b, pa in zip(firsts, seconds, p.tolist(), strict=True)]
+        ordered = [(a, b) if pa >= 0.5 else (b, a) for a, b, pa in zip(firsts, seconds, p.tolist(), strict=True)]
+        chosen, rejected = (list(x) for x in zip(*ordered, strict=True))
 
         # 3. one DPO-family step on the labelled pairs, against the frozen SFT reference
         sums = torch.zeros(3, device=device)  # loss, margins and accuracies, summed over kept pairs

@@ -66,7 +66,6 @@ def done(out, name):
 
 def evaluate_against_start(args, model, chat, out, names):
     """Each model's samples of the same held-out prompts, scored against the starting model's."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     import common
@@ -76,7 +75,7 @@ def evaluate_against_start(args, model, chat, out, names):
     rows = [json.loads(line) for line in open(os.path.join(chat, "prompts", "test.jsonl"))][: args.eval_prompts]
     tok = common.load_tokenizer(model)
     prompts, _ = common.encode_prompts(tok, rows, 96, "eval")
-    device = torch.device("cpu")
+    device, autocast, _, _ = plumbing.device_and_autocast()  # the GPU where there is one, as the scripts
     start = plumbing.load_model(AutoModelForCausalLM, model, tok, device).eval()
     for name in names:
         path = os.path.join(out, name, "eval_vs_start.json")
@@ -84,7 +83,7 @@ def evaluate_against_start(args, model, chat, out, names):
             continue
         plumbing.seed_everything(0)
         policy = start if name == "start" else plumbing.load_model(AutoModelForCausalLM, f"{out}/{name}", tok, device)
-        metrics, _ = common.evaluate(policy.eval(), tok, prompts, 48, 0.7, 64, ref=start, gold_scorer=score)
+        metrics, _ = common.evaluate(policy.eval(), tok, prompts, 48, 0.7, 64, autocast, ref=start, gold_scorer=score)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         json.dump(metrics, open(path, "w"), indent=2)
 
