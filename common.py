@@ -6,14 +6,14 @@ The algorithms themselves live in their scripts; run plumbing (loading, checkpoi
 
 import os
 from array import array
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from plumbing import describe, fail, gather, gathered, is_local, reduce_sum, shard
+import plumbing
 
 
 # ---- tokenisation --------------------------------------------------------------------------------------
@@ -21,14 +21,14 @@ def load_tokenizer(name: str):
     """The tokenizer, with a dedicated pad token added if it has none or pads with EOS (detail 1)."""
     from transformers import AutoTokenizer
 
-    if is_local(name) and not os.path.isdir(name):
-        fail(f"model {name!r} " + ("is not a directory" if os.path.exists(name) else "does not exist"))
+    if plumbing.is_local(name) and not os.path.isdir(name):
+        plumbing.fail(f"model {name!r} " + ("is not a directory" if os.path.exists(name) else "does not exist"))
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
-        fail(f"could not load a tokenizer from {name!r}: {describe(e)}")
+        plumbing.fail(f"could not load a tokenizer from {name!r}: {plumbing.describe(e)}")
     if tok.eos_token_id is None:
-        fail(f"the tokenizer of {name!r} has no EOS token")
+        plumbing.fail(f"the tokenizer of {name!r} has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|pad|>"})
         print(f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added {tok.pad_token}")
@@ -39,7 +39,7 @@ def encode_prompt(tok, prompt) -> list[int]:
     """Token ids of a prompt: plain text, or a list of chat messages rendered with the generation prompt."""
     if isinstance(prompt, list):
         if tok.chat_template is None:
-            fail("the data is conversational (lists of messages) but the tokenizer has no chat template")
+            plumbing.fail("the data is conversational (lists of messages) but the tokenizer has no chat template")
         return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
     return tok(prompt)["input_ids"]
 
@@ -51,7 +51,7 @@ def encode_prompts(tok, rows, max_length: int, split: str = "train"):
     if len(kept) < len(ids):
         print(f"note: {split}: {len(ids) - len(kept)} of {len(ids)} prompts longer than {max_length} tokens dropped")
     if not kept:
-        fail(f"no {split} prompt fits in {max_length} tokens")
+        plumbing.fail(f"no {split} prompt fits in {max_length} tokens")
     return [ids[i] for i in kept], kept
 
 
@@ -60,14 +60,14 @@ def encode_completion(tok, prompt, completion) -> list[int]:
     policy will generate it. A conversational completion is what follows the rendered prompt."""
     if isinstance(completion, list):
         if not isinstance(prompt, list) or not prompt:
-            fail(
+            plumbing.fail(
                 "a conversational completion (a list of messages) needs a conversational prompt: a non-empty "
                 f"list of messages before it, got {prompt!r:.60}"
             )
         head = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(prompt + completion, tokenize=False)
         if not full.startswith(head):
-            fail("the chat template renders the prompt differently with and without the completion")
+            plumbing.fail("the chat template renders the prompt differently with and without the completion")
         completion = full[len(head) :]
     ids = tok(completion, add_special_tokens=False)["input_ids"]
     eos = tok.eos_token_id
@@ -102,7 +102,7 @@ def tokenize_pairs(tok, rows, max_length: int, extra_columns=()) -> list[Pair]:
     for i, row in enumerate(rows):
         for k in extra_columns:
             if not isinstance(row[k], (int, float)) or isinstance(row[k], bool) or not np.isfinite(row[k]):
-                fail(f"column {k!r} must hold a finite number in every row, not {row[k]!r:.40}")
+                plumbing.fail(f"column {k!r} must hold a finite number in every row, not {row[k]!r:.40}")
         p = encode_prompt(tok, row["prompt"])
         c, r = (encode_completion(tok, row["prompt"], row[k]) for k in ("chosen", "rejected"))
         if len(p) + max(len(c), len(r)) <= max_length:
@@ -110,7 +110,7 @@ def tokenize_pairs(tok, rows, max_length: int, extra_columns=()) -> list[Pair]:
     if len(out) < len(rows):
         print(f"note: {len(rows) - len(out)} of {len(rows)} pairs longer than max_length {max_length} dropped")
     if not out:
-        fail(f"no pair fits in max_length {max_length}")
+        plumbing.fail(f"no pair fits in max_length {max_length}")
     return out
 
 
@@ -263,6 +263,58 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
     return torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=eos_id)
 
 
+# ---- several processes: the collectives ---------------------------------------------------------------
+# torchrun sets RANK and WORLD_SIZE for each process it starts, and every rank runs the whole script on its share of
+# every batch (detail 16). `python script.py` is one process, rank 0 of 1: then each helper below is the identity.
+DISTRIBUTED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard(items: list) -> list:
+    """This rank's share of `items`: contiguous and of equal size on every rank (the last shares are topped up
+    with copies of the last item), so every rank runs as many forward passes: a sharded forward is a collective.
+    gather(results)[: len(items)] puts per-item results back in order, without the copies."""
+    k = -(-len(items) // WORLD_SIZE)
+    part = list(items[RANK * k : (RANK + 1) * k])
+    return part + list(items[-1:]) * (k - len(part))
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if not DISTRIBUTED:
+        return list(items)
+    parts = [None] * WORLD_SIZE
+    torch.distributed.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over ranks (x itself in one process)."""
+    if not DISTRIBUTED:
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x
+
+
+@contextmanager
+def gathered(*models):
+    """Whole models on every rank for the block (sampling): their forward passes then need no other rank, so each
+    rank can stop sampling when its own rows are done (FSDP2 would otherwise gather each layer's weights anew)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)] if DISTRIBUTED else []
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
 # ---- evaluation --------------------------------------------------------------------------------------------
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct word n-grams over all n-grams of a set of samples: low means the samples repeat."""
@@ -271,33 +323,24 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
 
 
 @torch.inference_mode()
-def evaluate(
-    policy,
-    tok,
-    prompts,
-    max_new_tokens,
-    temperature,
-    batch_size,
-    autocast=None,
-    ref=None,
-    gold_scorer=None,
-    reward_model=None,
-):
-    """Sample once per held-out prompt from the policy (and from the reference, on the same prompts) and score
-    the samples. Returns (metrics, samples), with the keys every script's eval.json shares: eos_rate,
-    mean_length, distinct_2; given a reference, kl_to_ref (mean over samples of sum_t log pi(y_t) -
-    log pi_ref(y_t) on the policy's own samples: an unbiased estimate of KL(pi || pi_ref)); given a reward model,
-    rm_score; given the task's gold_scorer (prompts, responses) -> scores, gold_score and, with a reference,
-    gold_score_ref and gold_win_rate_vs_ref (pairwise on the same prompt, ties count half)."""
+def evaluate(policy, tok, prompts, args, autocast=None, ref=None, gold_scorer=None, reward_model=None):
+    """Sample once per held-out prompt from the policy (and from the reference, on the same prompts) with the
+    script's max_new_tokens, eval_temperature and eval_batch_size, and score the samples. Returns (metrics,
+    samples), with the keys every script's eval.json shares: eos_rate, mean_length, distinct_2; given a reference,
+    kl_to_ref (mean over samples of sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples: an unbiased
+    estimate of KL(pi || pi_ref)); given a reward model, rm_score; given the task's gold_scorer (prompts,
+    responses) -> scores, gold_score and, with a reference, gold_score_ref and gold_win_rate_vs_ref (pairwise on
+    the same prompt, ties count half)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]  # this rank's shards
     if reduce_sum(torch.stack([~torch.isfinite(p).all() for p in local]).any().float()) > 0:  # an update blew up
-        fail("the policy's weights are not finite (an update exploded): stopped before saving the model")
+        plumbing.fail("the policy's weights are not finite (an update exploded): stopped before saving the model")
     device, eos, pad_id = local[0].device, tok.eos_token_id, tok.pad_token_id
+    max_new_tokens, temperature, batch_size = args.max_new_tokens, args.eval_temperature, args.eval_batch_size
     autocast = autocast or nullcontext()
     texts, ref_texts, lengths, has_eos, kls, rm_scores = [], [], [], [], [], []
-    own = shard(prompts)  # under torchrun each rank samples its share of the prompts; in one process all of them
-    for i in range(0, len(own), batch_size):
-        ids, mask = (t.to(device) for t in pad(own[i : i + batch_size], pad_id, "left"))
+    local_prompts = shard(prompts)  # under torchrun each rank samples its share of the prompts; in one process all
+    for i in range(0, len(local_prompts), batch_size):
+        ids, mask = (t.to(device) for t in pad(local_prompts[i : i + batch_size], pad_id, "left"))
         with autocast:
             with gathered(policy):  # each rank stops at its own rows' EOS
                 raw = sample(policy, ids, mask, max_new_tokens, temperature, eos, stop_at_eos=True)

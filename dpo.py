@@ -188,14 +188,14 @@ PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "beta num_epochs max_steps batch_size micro_batch_size max_length eval_every")
-    plumbing.check_positive(args, "num_eval_pairs num_eval_prompts max_new_tokens eval_temperature eval_batch_size")
-    plumbing.check_positive(args, "log_every")
+    plumbing.check_ranges(
+        args,
+        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length beta num_eval_pairs "
+        "[0, inf) weight_decay save_every warmup_steps simpo_gamma rpo_alpha [0, 1) adam_betas [0, 1] "
+        "max_warmup_fraction [0, 0.5) label_smoothing (-inf, inf) seed",
+    )
     plumbing.check_global_batch(args.batch_size)
-    if not 0 <= args.label_smoothing < 0.5:  # at 0.5 the labels carry no information; above, they are reversed
-        plumbing.fail(
-            f"--label_smoothing is the probability that a label is flipped, in [0, 0.5): got {args.label_smoothing}"
-        )
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "dpo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -236,13 +236,13 @@ if __name__ == "__main__":
     @torch.inference_mode()
     def ref_logps_of(pairs, model):
         """(chosen, rejected) reference log-probs of every pair: (N, 2); each rank computes its share."""
-        own, out = plumbing.shard(pairs), []
+        own, out = common.shard(pairs), []
         for i in tqdm(range(0, len(own), micro), "reference log-probs", mininterval=5, leave=False):
             # training's micro-batch shape: no larger peak memory than training's
             with autocast:
                 chosen, rejected, _, _ = pair_logps(model, own[i : i + micro], tok.pad_token_id, device)
             out += torch.stack([chosen, rejected], 1).tolist()
-        return torch.tensor(plumbing.gather(out)[: len(pairs)], device=device)
+        return torch.tensor(common.gather(out)[: len(pairs)], device=device)
 
     ref_model, train_ref_logps, eval_ref_logps = None, None, None
     if needs_ref and args.precompute_ref_logps:
@@ -254,10 +254,8 @@ if __name__ == "__main__":
         ref_model = load_ref()
     plumbing.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy
-    # AdamW(params, lr, betas, eps, weight_decay)
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
-    )
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -289,13 +287,13 @@ if __name__ == "__main__":
     @torch.inference_mode()
     def evaluate_pairs():
         """4. Held-out preference metrics: does the implicit reward order the pairs as the labels do?"""
-        own, stats = plumbing.shard(range(len(evals))), []  # each rank its share of the pairs
+        own, stats = common.shard(range(len(evals))), []  # each rank its share of the pairs
         for i in range(0, len(own), micro):
             with autocast:
                 indices = own[i : i + micro]
                 losses = loss_on([evals[j] for j in indices], torch.tensor(indices), eval_ref_logps)
             stats += pair_metrics(*losses).tolist()
-        stats = torch.tensor(plumbing.gather(stats)[: len(evals)])
+        stats = torch.tensor(common.gather(stats)[: len(evals)])
         return dict(zip(PAIR_METRICS, stats.mean(0).tolist(), strict=True))
 
     rng = np.random.default_rng(args.seed)
@@ -313,7 +311,7 @@ if __name__ == "__main__":
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         indices = batches.pop()
-        own, stats = plumbing.shard(indices), []  # under torchrun each rank takes its share of the batch
+        own, stats = common.shard(indices), []  # under torchrun each rank takes its share of the batch
         for m in range(0, len(own), micro):
             part = own[m : m + micro]
             with autocast:
@@ -322,7 +320,7 @@ if __name__ == "__main__":
                 )
             (losses.sum() / len(indices)).backward()  # divided by the whole batch's size: ranks' gradients add up
             stats.append(pair_metrics(losses, chosen_rewards, rejected_rewards))
-        stats = plumbing.reduce_sum(torch.cat(stats).sum(0)) / len(indices)  # the batch's mean statistics
+        stats = common.reduce_sum(torch.cat(stats).sum(0)) / len(indices)  # the batch's mean statistics
         step += 1
         grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
@@ -357,15 +355,7 @@ if __name__ == "__main__":
     pair_results = evaluate_pairs()
     ref_model = ref_model or load_ref()
     metrics, samples = common.evaluate(
-        policy,
-        tok,
-        eval_prompts,
-        args.max_new_tokens,
-        args.eval_temperature,
-        args.eval_batch_size,
-        autocast,
-        ref=ref_model,
-        gold_scorer=gold_scorer,
+        policy, tok, eval_prompts, args, autocast, ref=ref_model, gold_scorer=gold_scorer
     )
     results = {**metrics, **pair_results, "steps": step, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))

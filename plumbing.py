@@ -1,6 +1,6 @@
-"""Run plumbing that every script shares and no algorithm depends on: one-line errors, argument checks, data
-and model loading, device and precision, several processes (torchrun, FSDP2), checkpoints and resume, atomic
-saves, tracking. A reader can skip this file; the language-model helpers the algorithms use are in common.py."""
+"""Run plumbing that no algorithm depends on: one-line errors and argument checks, data and model loading, device
+and precision, FSDP2 wrapping, checkpoints and resume, atomic saves, tracking. A reader can skip this file: what
+the algorithms use (tokens, log-probs, sampling, evaluation, the collectives) is in common.py."""
 
 import atexit
 import importlib
@@ -12,29 +12,30 @@ import shutil
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+import typing
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+import common
+
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "text")  # a string, or a list of chat messages
+ROLES = ("system", "user", "assistant")  # the roles of a chat message in a dataset
+MADE_BY = {"runs/sft": "sft.py", "runs/reward": "reward.py"}  # the scripts' default inputs, and what writes them
 CHECKPOINT = "checkpoint"  # the directory of checkpoints inside --output_dir
 # the arguments a resumed run may set differently; any other change would make it another run
 RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "skip_nonfinite", "track", "wandb_project")
-# torchrun sets these for each process it starts; `python script.py` is one process (rank 0 of 1) and then
-# nothing below touches torch.distributed
-DISTRIBUTED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ---- one-line errors and argument checks -------------------------------------------------------------
 def fail(message: str):
-    """A user's mistake ends the run with one line naming it, not a traceback. Under torchrun every rank meets
-    the same mistake and rank 0 says it; torchrun then stops the other ranks. Only a mistake that no other rank
-    meets outlives the wait below, and is then said by its rank."""
-    if RANK > 0:
+    """A user's mistake ends the run with one line naming it. Under torchrun rank 0 says it (torchrun then stops the
+    others); a mistake that only one other rank meets is said by that rank after a wait."""
+    if common.RANK > 0:
         time.sleep(10)
-        print(f"error (rank {RANK}): {message}", file=sys.__stderr__, flush=True)
+        print(f"error (rank {common.RANK}): {message}", file=sys.__stderr__, flush=True)
         os._exit(1)
     sys.exit(f"error: {message}")
 
@@ -45,12 +46,27 @@ def describe(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
-def check_positive(args, names: str):
-    """One line naming the first of these arguments (space-separated) that is not above 0, before any loading."""
-    for name in names.split():
+def check_ranges(args, ranges: str):
+    """One line naming the first argument outside its interval, before anything loads. `ranges` lists intervals,
+    each followed by the fields in it: "(0, inf) batch_size beta [0, 1) adam_betas"; None passes (it means off).
+    It must name every numeric field of the Args dataclass once: a misspelt or forgotten field raises at every run."""
+    hints = typing.get_type_hints(type(args))
+    numeric = {n for n, t in hints.items() if {int, float} & {*typing.get_args(t), t} or typing.get_origin(t) is tuple}
+    tokens, named, interval = ranges.split(), [], None
+    while tokens:
+        interval = f"{tokens.pop(0)} {tokens.pop(0)}" if tokens[0][0] in "([" else interval
+        named += [(tokens.pop(0), interval)] if tokens and tokens[0][0] not in "([" else []
+    if sorted(name for name, _ in named) != sorted(numeric):
+        unknown, unchecked = {n for n, _ in named} - numeric, numeric - {n for n, _ in named}
+        raise TypeError(f"check_ranges: not numeric fields {unknown}, unchecked {unchecked}, or named twice")
+    for name, interval in named:
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            fail(f"--{name} must be greater than 0, got {value}")
+        for v in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
+            above = lo < v if interval[0] == "(" else lo <= v
+            below = v < hi if interval[-1] == ")" else v <= hi
+            if not (math.isfinite(v) and above and below):
+                fail(f"--{name} must be in {interval}, got {value}")
 
 
 def seed_everything(seed: int):
@@ -70,17 +86,34 @@ def load_function(spec: str | None, what: str):
         fail(f"--{what} {spec!r} names no function (module:function): {describe(e)}")
 
 
+def read_text(path: str, what: str) -> str:
+    """A file's UTF-8 text, or one line naming what is wrong with it."""
+    if not os.path.isfile(path):
+        fail(f"{what} {does_not_exist(path)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        fail(f"{what} {path!r} is not UTF-8 text (byte {e.start})")
+
+
 # ---- data --------------------------------------------------------------------------------------------
 def is_local(name: str) -> bool:
-    """A name that exists, or is written like a path, is local; anything else is a hub id."""
-    first, path_like = name.split("/")[0], name.startswith((".", "/", "~")) or name.endswith(DATA_EXTENSIONS)
+    """A name that exists, or is written like a path (runs/ holds the scripts' outputs), is local; else a hub id."""
+    first, path_like = name.split("/")[0], name.startswith((".", "/", "~", "runs/")) or name.endswith(DATA_EXTENSIONS)
     return os.path.exists(name) or path_like or name.count("/") > 1 or (first != name and os.path.isdir(first))
+
+
+def does_not_exist(name: str) -> str:
+    """ "'name' does not exist", and for a script's output, which script writes it."""
+    made_by = MADE_BY.get(name.rstrip("/"))
+    hint = f": `python {made_by}` writes it" if made_by else ": run the script that writes it first"
+    return f"{name!r} does not exist" + (hint if name.startswith("runs/") else "")
 
 
 def read_json_rows(path: str) -> list[dict]:
     """The rows of a .jsonl file (one object per line) or a .json file (a list of objects, or lines)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path, "dataset")
     try:
         rows = json.loads(text) if path.endswith(".json") else None
     except json.JSONDecodeError:
@@ -99,7 +132,7 @@ def read_json_rows(path: str) -> list[dict]:
 
 def json_splits(name: str):
     """{split: rows} of a .json/.jsonl file (all "train") or a directory of train/test/validation .json(l) files,
-    read with the json module (importing `datasets` pulls in pyarrow and pandas: benchmarks/README.md); else None."""
+    read with the json module (importing `datasets` pulls in pyarrow and pandas); else None."""
     if os.path.isfile(name):
         return {"train": read_json_rows(name)} if name.endswith((".json", ".jsonl")) else None
     if not os.path.isdir(name):
@@ -111,14 +144,43 @@ def json_splits(name: str):
     return {split: read_json_rows(os.path.join(name, f)) for split, f in splits.items()}
 
 
-def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
-    """(train rows, eval rows, column set) of a hub dataset, a local directory or a .json/.jsonl file.
+def text_problem(text) -> str | None:
+    """What makes a dataset's text field neither a string nor a list of {"role", "content"} chat messages, or None."""
+    if isinstance(text, str):
+        return None
+    if not isinstance(text, list) or not text:
+        return f"not a string or a list of chat messages, but {text!r:.60}"
+    for m in text:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return f"a chat message without a string 'content': {m!r:.60}"
+        if m.get("role") not in ROLES:
+            return f"a chat message of role {m.get('role')!r}, not one of {', '.join(ROLES)}"
+    return None
 
-    `columns` lists the accepted column sets; the first one the data has is returned. The eval split is "test"
-    or "validation" when there is one, else a seeded `eval_fraction` of train (the rows `datasets`'
-    train_test_split would hold out)."""
+
+def check_rows(name: str, split: str, rows: list[dict], columns: list[str]):
+    """Every row has each column; a text column holds text, "messages" chat messages, "responses" a list of texts."""
+    for i, row in enumerate(rows):
+        for c in columns:
+            if row.get(c) is None:
+                fail(f"dataset {name!r}: row {i} of {split} has no {c!r}")
+            listed = isinstance(row[c], list)
+            if c == "responses":
+                problem = next(filter(None, map(text_problem, row[c])), None) if listed else "not a list of responses"
+            elif c in (*TEXT_COLUMNS, "messages"):
+                problem = text_problem(row[c]) if listed or c != "messages" else "not a list of chat messages"
+            else:
+                problem = None  # a numeric column is checked where it is read
+            if problem:
+                fail(f"dataset {name!r}: row {i} of {split}, column {c!r}: {problem}")
+
+
+def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
+    """(train rows, eval rows, column set) of a hub dataset, a local directory or a .json/.jsonl file: the first of
+    the accepted `columns` sets it has. The eval rows are its "test" or "validation" split, else a seeded
+    `eval_fraction` of train."""
     if is_local(name) and not os.path.exists(name):
-        fail(f"dataset {name!r} does not exist")
+        fail(f"dataset {does_not_exist(name)}")
     if os.path.isfile(name) and os.path.getsize(name) == 0:
         fail(f"dataset {name!r} is empty")
     splits = json_splits(name)
@@ -144,10 +206,8 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
         expected = " or ".join("{" + ", ".join(c) + "}" for c in columns)
         fail(f"dataset {name!r} has columns {names}; expected one of {expected}")
     eval_name = next((s for s in ("test", "validation") if splits.get(s)), None)
-    for split in filter(None, ("train", eval_name)):  # a row without a column of the set
-        missing = next(((i, c) for i, row in enumerate(splits[split]) for c in found if row.get(c) is None), None)
-        if missing:
-            fail(f"dataset {name!r}: row {missing[0]} of {split} has no {missing[1]!r}")
+    for split in filter(None, ("train", eval_name)):
+        check_rows(name, split, splits[split], found)
     if eval_name:
         return train, splits[eval_name], found
     if len(train) < 2:
@@ -162,10 +222,11 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
     """A transformers model (safetensors only, no code from the hub) whose embeddings fit the tokenizer, with the
     head `cls` (an Auto class) builds for its config, unless `new_head` allows a fresh one. A local directory with
     a config but no weights gives a randomly initialised model where `init_without_weights` allows it."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     if is_local(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        fail(f"{name!r} holds no config.json: not a model directory")
+        fail(f"{does_not_exist(name)}" if not os.path.exists(name) else f"{name!r} holds no config.json")
     try:
         config = AutoConfig.from_pretrained(name)
         if type(config) not in cls._model_mapping:
@@ -174,14 +235,14 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
         if architectures and not new_head and expected not in architectures:
             fail(f"{name!r} holds a {architectures[0]}, not a {expected}")
         if device.type == "cpu" and torch.backends.mkldnn.matmul.fp32_precision == "bf16":
-            kwargs.setdefault("attn_implementation", "eager")  # with oneDNN matmuls, faster than SDPA's CPU kernel
+            kwargs.setdefault("attn_implementation", "eager")  # with oneDNN's matmuls, faster than SDPA's CPU kernel
         no_weights = os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name))
         if init_without_weights and no_weights:
             print(f"note: {name} holds a config but no weights: initialising the model at random")
             model = cls.from_config(config).to(dtype)
         else:
             model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # a corrupt file is among them
         fail(f"could not load {cls.__name__} from {name!r}: {describe(e)}")
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))  # the new rows are the pad token's; tied weights stay tied
@@ -192,11 +253,9 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
 
 
 def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, kernel_cache: int = 16):
-    """(device, autocast context, compile?, bf16?). bf16 autocast and torch.compile default (None) to on with CUDA
-    and off on the CPU; either is honoured on the CPU when asked for (bf16 is fast only where the CPU has bf16
-    instructions). The CPU's fp32 matmuls go to oneDNN instead of MKL (slow on some AMD CPUs) where oneDNN still
-    computes them in fp32: a product that bf16 would round (1 + 2^-10) checks it. oneDNN caches a kernel per
-    matmul shape: `kernel_cache` entries suit a training step; scripts that also sample keep more."""
+    """(device, autocast context, compile?, bf16?). bf16 autocast and torch.compile
+    default (None) to on with CUDA, off on the CPU. On the CPU fp32 matmuls go to oneDNN where it keeps them fp32,
+    with `kernel_cache` compiled kernels; RLHF_CPU_MATMUL=mkl keeps torch's default, MKL (benchmarks/README.md)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16, compile = (device.type == "cuda" if x is None else x for x in (bf16, compile))
     if device.type == "cuda":
@@ -204,26 +263,24 @@ def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, k
     else:
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernel_cache))
         os.environ.setdefault("LRU_CACHE_CAPACITY", "4")
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        onednn = os.environ.get("RLHF_CPU_MATMUL", "onednn") != "mkl"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if onednn else "none"  # "bf16": oneDNN may take them
         x = torch.full((64, 64), 1 + 2**-10)
-        if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # bf16 gives 64.0, fp32 64.125
+        if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # rounded to bf16 (64.0, not 64.125)
             torch.backends.mkldnn.matmul.fp32_precision = "none"
-    if DISTRIBUTED:
+    if common.DISTRIBUTED:
         device = start_processes(device)
     onednn = " (fp32 matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
-    where = f", {WORLD_SIZE} processes (FSDP2)" if DISTRIBUTED else ""
+    where = f", {common.WORLD_SIZE} processes (FSDP2)" if common.DISTRIBUTED else ""
     mode = f"{'bf16 autocast' if bf16 else 'fp32'}{onednn}, {'compiled' if compile else 'eager'}{where}"
     print(f"note: {device.type}, {mode}")
     return device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), compile, bf16
 
 
-# ---- several processes: torchrun and FSDP2 -----------------------------------------------------------
-# Under `torchrun --nproc_per_node N`, every rank runs the whole script. The trained models' parameters,
-# gradients and AdamW state are sharded over the ranks (FSDP2); each rank takes its share of every batch, and
-# whatever reduces over a batch reduces over all ranks. Without torchrun each helper below is the identity.
+# ---- several processes: torchrun and FSDP2 (the collectives the algorithms call are in common.py) ---------
 def start_processes(device):
-    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU); the rank's device. Only rank 0 prints:
-    the others' output is dropped, except errors (fail, and tracebacks) which still reach the terminal."""
+    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU); the rank's device. Only rank 0 prints; the
+    others' errors (fail, and tracebacks) still reach the terminal."""
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -231,7 +288,7 @@ def start_processes(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     atexit.register(dist.destroy_process_group)
-    if RANK > 0:
+    if common.RANK > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")  # tqdm's bars, notes and warnings: once, by rank 0
         sys.excepthook = lambda *e: traceback.print_exception(*e, file=sys.__stderr__)
     return device
@@ -239,26 +296,22 @@ def start_processes(device):
 
 def check_global_batch(batch_size: int):
     """A global batch size must split evenly over the ranks."""
-    if batch_size % WORLD_SIZE:
-        fail(f"--batch_size {batch_size} (the global batch) does not split evenly over {WORLD_SIZE} processes")
+    if batch_size % common.WORLD_SIZE:
+        fail(f"--batch_size {batch_size} (the global batch) does not split evenly over {common.WORLD_SIZE} processes")
 
 
 def seed_sampling(seed: int):
-    """Detail 16: each rank draws its own samples, from seed + rank * 100003. Called after the models are made,
-    so that every rank initialises them alike; one process keeps its seed's stream untouched."""
-    if DISTRIBUTED:
-        torch.manual_seed(seed + RANK * 100003)
+    """Each rank samples from seed + rank * 100003 (detail 16), set once the models are made alike on every rank."""
+    if common.DISTRIBUTED:
+        torch.manual_seed(seed + common.RANK * 100003)
 
 
 def shard_model(model):
-    """FSDP2 under torchrun: every decoder layer (the classes transformers names in _no_split_modules) is a unit
-    whose parameters are all-gathered just before its forward and freed after; the rest is one more unit (a
-    sequence classifier's backbone and score head two: the scripts also call them apart). Frozen models are
-    sharded too: at 7B a replicated fp32 reference and bf16 reward model would take 42 GB of every GPU, sharded
-    42 / N. A trained model's gradients are summed over ranks, not averaged: each rank's loss is already its
-    share of the step's loss (sums divided by the global batch's counts), so N ranks with micro-batch m take the
-    step one process takes with micro-batch N * m."""
-    if not DISTRIBUTED:
+    """FSDP2 under torchrun: each decoder layer (transformers' _no_split_modules) is a unit gathered just before its
+    forward and freed after, the rest one more (a classifier's backbone and score head two). Frozen models are
+    sharded too. Gradients are summed over ranks, not averaged: each rank's loss is already its share of the
+    step's (sums divided by the global batch's counts), so N ranks take the step one process takes."""
+    if not common.DISTRIBUTED:
         return model
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -272,71 +325,20 @@ def shard_model(model):
         if any(p.requires_grad for p in unit.parameters()):
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
-        # FSDP makes a unit's buffer for its gathered weights at the first gather and reuses it: made under
-        # torch.inference_mode (a rollout), it could not be written to by a training forward
+        # the buffer of a unit's gathered weights is made at its first gather: not under inference_mode (a rollout)
         with torch.inference_mode(False):
             unit.unshard()
             unit.reshard()
     return model
 
 
-@contextmanager
-def gathered(*models):
-    """Whole models on every rank for the block (sampling): their forward passes then need no other rank, so each
-    rank can stop sampling when its own rows are done. Without torchrun, nothing to do."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)] if DISTRIBUTED else []
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
-
-
-def shard(items: list) -> list:
-    """This rank's share of `items`: contiguous and of equal size on every rank (the last shares are topped up
-    with copies of the last item), so every rank runs as many forward passes: a sharded forward is a collective.
-    gather(results)[: len(items)] puts per-item results back in order, without the copies."""
-    k = -(-len(items) // WORLD_SIZE)
-    part = list(items[RANK * k : (RANK + 1) * k])
-    return part + list(items[-1:]) * (k - len(part))
-
-
-def gather(items: list) -> list:
-    """Every rank's list, concatenated in rank order, on every rank."""
-    if not DISTRIBUTED:
-        return list(items)
-    import torch.distributed as dist
-
-    parts = [None] * WORLD_SIZE
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
-
-def reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of x over ranks (x itself in one process)."""
-    if not DISTRIBUTED:
-        return x
-    import torch.distributed as dist
-
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x
-
-
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """Clip the gradients' global norm (over all ranks' shards); the norm before clipping, a plain tensor."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
 def full_tensor(x: torch.Tensor) -> torch.Tensor:
-    """A sharded parameter's whole value on every rank (every rank must call it); x itself in one process."""
+    """A sharded tensor's whole value on every rank (every rank must call it); x itself in one process."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
@@ -351,15 +353,14 @@ def assign(param: torch.Tensor, value: torch.Tensor):
 
 
 def full_state_dict(model):
-    """For save_pretrained(state_dict=...): under torchrun, the whole model's weights gathered from the shards
-    onto rank 0's CPU (every rank must call it; the others get None), with tied names sharing one tensor again
-    so that it is written once. In one process None: save_pretrained reads the model itself."""
-    if not DISTRIBUTED:
+    """For save_pretrained(state_dict=...): under torchrun the whole model's weights, gathered onto rank 0's CPU
+    (every rank must call it; the others get None), tied names sharing one tensor again; in one process None."""
+    if not common.DISTRIBUTED:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if RANK > 0:
+    if common.RANK > 0:
         return None
     names = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -370,14 +371,15 @@ def full_state_dict(model):
     return weights
 
 
-def barrier():
-    if DISTRIBUTED:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 # ---- outputs, checkpoints, logs ------------------------------------------------------------------------
+def read_run_info(path: str) -> dict:
+    """The run.json a script wrote ({"script", "args"}), or {} where there is none or it is not JSON."""
+    try:
+        return dict(json.load(open(path, encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def check_output_dir(args, script: str):
     """Refuse to overwrite what is not a run of this script; with --resume, require its checkpoint and arguments."""
     output_dir = args.output_dir
@@ -385,14 +387,14 @@ def check_output_dir(args, script: str):
         fail(f"--output_dir {output_dir!r} is a file")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         infos = [os.path.join(output_dir, "run.json"), os.path.join(output_dir, CHECKPOINT, "run.json")]
-        previous = next((json.load(open(i)).get("script") for i in infos if os.path.isfile(i)), None)
+        previous = next((read_run_info(i).get("script") for i in infos if os.path.isfile(i)), None)
         if previous != script:
             what = f"the output of {previous}" if previous else "files that no run of this project wrote"
             fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
-    if args.resume:
-        if not os.path.isfile(os.path.join(output_dir, CHECKPOINT, "state.pt")):
+    if getattr(args, "resume", False):  # a script without checkpoints has no --resume
+        saved = read_run_info(os.path.join(output_dir, CHECKPOINT, "run.json")).get("args")
+        if not os.path.isfile(os.path.join(output_dir, CHECKPOINT, "state.pt")) or not isinstance(saved, dict):
             fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
-        saved = json.load(open(os.path.join(output_dir, CHECKPOINT, "run.json")))["args"]
         now = json.loads(json.dumps(vars(args), default=str))  # as run.json holds them
         changed = {k: v for k, v in now.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
         if changed:
@@ -401,38 +403,38 @@ def check_output_dir(args, script: str):
 
 
 def write_atomic(target: str, script: str, args, write, write_shards=None):
-    """write(tmp) fills a temporary directory that then takes target's place by renames: never half of one.
-    Every rank calls it: write_shards(tmp), when given, runs on every rank (a sharded save is a collective),
-    write(tmp) and the renames on rank 0 only."""
+    """write(tmp) fills a temporary directory that then takes target's place by renames: never half of one. Every
+    rank calls it: write_shards(tmp) (a sharded save is a collective) runs on every rank, write(tmp) on rank 0."""
     target = target.rstrip("/")
-    pid = gather([os.getpid()])[0]  # rank 0's: one directory for all ranks
+    pid = common.gather([os.getpid()])[0]  # rank 0's: one directory for all ranks
     tmp, old = f"{target}.tmp-{pid}", f"{target}.old-{pid}"
-    if RANK == 0:
+    if common.RANK == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    barrier()
+    if common.DISTRIBUTED:
+        torch.distributed.barrier()
     if write_shards is not None:
         write_shards(tmp)
-    if RANK == 0:
+    if common.RANK == 0:
         write(tmp)
         write_json(os.path.join(tmp, "run.json"), {"script": script, "args": vars(args)})
         if os.path.exists(target):
             os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    if common.DISTRIBUTED:
+        torch.distributed.barrier()
 
 
 def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer, scheduler, state: dict):
     """All a run needs to continue as if never stopped: weights and optimizer state (torch.distributed.checkpoint:
-    under torchrun each rank writes its own shards, no rank ever holds the whole), the scheduler, every rank's
-    RNGs and the script's `state` (the same on every rank)."""
+    each rank writes its own shards), the scheduler, every rank's RNGs and the script's `state`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     weights, optim = get_state_dict(torch.nn.ModuleDict(models), optimizer)  # names prefixed by the models' keys
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # sampling on the GPU draws here
-    rngs = gather([{"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng}])
+    rngs = common.gather([{"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng}])
 
     def write_shards(tmp):
         dcp.save({"models": weights, "optimizer": optim}, checkpoint_id=os.path.join(tmp, "shards"))
@@ -454,9 +456,11 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
     if "rngs" not in state:
         fail(f"--resume: {path} was written by an older version of this script (no sharded checkpoint)")
     rngs = state.pop("rngs")
-    if len(rngs) != WORLD_SIZE:  # each rank continues its own random streams
+    if len(rngs) != common.WORLD_SIZE:  # each rank continues its own random streams
         launch = f"torchrun --nproc_per_node {len(rngs)}" if len(rngs) > 1 else "python"
-        fail(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {WORLD_SIZE}: use {launch}")
+        fail(
+            f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {common.WORLD_SIZE}: {launch}"
+        )
     modules = torch.nn.ModuleDict(models)
     weights, optim = get_state_dict(modules, optimizer)
     saved = {"models": weights, "optimizer": optim}
@@ -464,10 +468,10 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
     set_state_dict(modules, optimizer, model_state_dict=saved["models"], optim_state_dict=saved["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(rngs[RANK]["torch_rng"])
-    random.setstate(rngs[RANK]["python_rng"])
-    if rngs[RANK]["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rngs[RANK]["cuda_rng"])
+    torch.set_rng_state(rngs[common.RANK]["torch_rng"])
+    random.setstate(rngs[common.RANK]["python_rng"])
+    if rngs[common.RANK]["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rngs[common.RANK]["cuda_rng"])
     print(f"resumed from {path} at step {state.get('step')}")
     return state
 
@@ -475,7 +479,7 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
 def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> bool:
     """True when `value` is finite on every rank; else stop, naming the step, before anything more is saved (or,
     with skip, False: every rank skips alike)."""
-    if bool(torch.isfinite(reduce_sum(value.detach().float().sum()))):  # inf or nan on any rank makes the sum so
+    if bool(torch.isfinite(common.reduce_sum(value.detach().float().sum()))):  # inf or nan on any rank makes it so
         return True
     if skip:
         print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
@@ -488,7 +492,7 @@ def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> boo
 def start_tracking(args, script: str):
     """(log, history): log(metrics, step) appends to history (metrics.jsonl), and to wandb only with --track."""
     history, wandb = [], None
-    if args.track and RANK == 0:
+    if args.track and common.RANK == 0:
         import wandb
 
         wandb.init(project=args.wandb_project, name=f"{script}__{args.seed}__{int(time.time())}", config=vars(args))

@@ -158,7 +158,7 @@ def masked_whiten(x, mask, shift_mean=True):
     share exactly as one process would whiten the whole batch."""
 
     def batch_mean(y):
-        sums = plumbing.reduce_sum(torch.stack([(y * mask).sum(), mask.sum()]))
+        sums = common.reduce_sum(torch.stack([(y * mask).sum(), mask.sum()]))
         return sums[0] / sums[1], sums[1]
 
     mean, n = batch_mean(x)
@@ -250,13 +250,17 @@ def token_values(backbone, head, seq, mask, start):
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "total_episodes max_steps batch_size num_mini_batches micro_batch_size")
-    plumbing.check_positive(args, "num_ppo_epochs response_length rollout_temperature max_prompt_length eval_every")
-    plumbing.check_positive(args, "num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature")
-    plumbing.check_positive(args, "eval_batch_size log_every log_samples_every")
+    plumbing.check_ranges(
+        args,
+        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes num_mini_batches "
+        "num_ppo_epochs response_length rollout_temperature cliprange max_prompt_length num_periodic_eval_prompts "
+        "log_samples_every target_kl kl_horizon cliprange_value [0, inf) weight_decay save_every kl_coef vf_coef "
+        "entropy_coef [0, 1) adam_betas [0, 1] gamma lam (-inf, inf) seed missing_eos_score",
+    )
     minibatch_size = args.batch_size // args.num_mini_batches
-    if args.batch_size % args.num_mini_batches or minibatch_size % (plumbing.WORLD_SIZE * args.micro_batch_size):
-        processes = f", over {plumbing.WORLD_SIZE} processes," if plumbing.WORLD_SIZE > 1 else ""
+    if args.batch_size % args.num_mini_batches or minibatch_size % (common.WORLD_SIZE * args.micro_batch_size):
+        processes = f", over {common.WORLD_SIZE} processes," if common.WORLD_SIZE > 1 else ""
         plumbing.fail(
             f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
             f"minibatches of whole micro-batches of {args.micro_batch_size}{processes}"
@@ -303,10 +307,8 @@ if __name__ == "__main__":
             f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
         )
     params = list(policy.parameters()) + list(value_model.parameters())
-    # AdamW(params, lr, betas, eps, weight_decay)
-    optimizer = torch.optim.AdamW(
-        params, args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
-    )
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, **adamw, fused=True)
     print(
         f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M + value "
         f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.2f}M parameters; {num_steps} steps of "
@@ -318,9 +320,7 @@ if __name__ == "__main__":
             policy,
             tok,
             eval_prompts[:n],
-            args.max_new_tokens,
-            args.eval_temperature,
-            args.eval_batch_size,
+            args,
             autocast,
             ref=ref_policy,
             gold_scorer=gold_scorer,
@@ -346,12 +346,12 @@ if __name__ == "__main__":
         optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)
         if len(order) < args.batch_size:
             order = [int(i) for i in rng.permutation(len(prompts))]
-        batch = plumbing.shard([prompts[order.pop()] for _ in range(args.batch_size)])  # this rank's share
+        batch = common.shard([prompts[order.pop()] for _ in range(args.batch_size)])  # this rank's share
 
         with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
             # 1. rollout: response_length tokens sampled from left-padded prompts (detail 3)
             queries, query_mask = (t.to(device) for t in common.pad(batch, pad_id, "left"))
-            with plumbing.gathered(policy):
+            with common.gathered(policy):
                 raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
             # 2. the EOS trick: cut after the first EOS (its score is replaced in step 4 when there is none)
             responses, response_mask, has_eos = common.truncate_after_eos(raw, eos, pad_id)
@@ -421,7 +421,7 @@ if __name__ == "__main__":
             has_eos.float().sum(),
             mask.sum(),
         ]
-        means = plumbing.reduce_sum(torch.stack(sums).float()) / args.batch_size
+        means = common.reduce_sum(torch.stack(sums).float()) / args.batch_size
         mean_kl, mean_entropy, mean_non_score_reward, mean_score, eos_rate, mean_length = means.tolist()
 
         # 7. adaptive KL (Ziegler et al. 2019): nudge kl_coef so that the KL per response tracks target_kl
@@ -430,7 +430,7 @@ if __name__ == "__main__":
 
         # ---- TRY NOT TO MODIFY: logging (the reference implementations' names, detail 17), evaluation ------
         if step % args.log_every == 0 or step == num_steps:
-            update_means = plumbing.reduce_sum(torch.stack(stats).mean(0)) / plumbing.WORLD_SIZE
+            update_means = common.reduce_sum(torch.stack(stats).mean(0)) / common.WORLD_SIZE
             pg, vf, entropy, approxkl, clipfrac, ratio, vf_clipfrac = update_means.tolist()
             metrics = {
                 "objective/kl": mean_kl,

@@ -228,8 +228,12 @@ def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size num_normalisation_rows")
-    plumbing.check_positive(args, "max_length eval_every log_every")
+    plumbing.check_ranges(
+        args,
+        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
+        "max_length eval_every num_normalisation_rows [0, inf) weight_decay save_every warmup_steps "
+        "center_rewards_coef [0, 1) adam_betas [0, 1] max_warmup_fraction (-inf, inf) seed",
+    )
     plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "reward.py")
@@ -276,10 +280,8 @@ if __name__ == "__main__":
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     micro = min(args.micro_batch_size, args.batch_size)
-    # AdamW(params, lr, betas, eps, weight_decay)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
-    )
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -288,12 +290,12 @@ if __name__ == "__main__":
         """Held-out loss and pairwise metrics over every pair of the held-out pairs or rankings and, given a gold
         scorer, agreement with it (step 5)."""
         model.eval()
-        own, rewards_ = plumbing.shard(evals), []  # under torchrun each rank scores its share
+        own, rewards_ = common.shard(evals), []  # under torchrun each rank scores its share
         for i in range(0, len(own), micro):  # training's batch shape: no larger peak memory than training's
             with autocast:
                 rewards_ += ranking_rewards(forward_model, own[i : i + micro], tok.pad_token_id, device).tolist()
         model.train()
-        held_out = torch.tensor(plumbing.gather(rewards_)[: len(evals)], dtype=torch.double)
+        held_out = torch.tensor(common.gather(rewards_)[: len(evals)], dtype=torch.double)
         better, worse = ranked_pairs(held_out)
         metrics = {"loss": ranking_loss(held_out).mean(), **pair_metrics(better, worse)}
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -327,7 +329,7 @@ if __name__ == "__main__":
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
-        own, stats = plumbing.shard(batch), []  # under torchrun each rank takes its share of the batch
+        own, stats = common.shard(batch), []  # under torchrun each rank takes its share of the batch
         for m in range(0, len(own), micro):
             part = own[m : m + micro]
             extras = torch.tensor([x.extras for x in part], device=device).reshape(len(part), len(extra))
@@ -347,7 +349,7 @@ if __name__ == "__main__":
             (loss * share).backward()
             pair_stats = pair_metrics(better.detach(), worse.detach())
             stats.append(share * torch.stack([loss.detach(), *pair_stats.values()]))
-        stats = plumbing.reduce_sum(torch.stack(stats).sum(0))  # the batch's means
+        stats = common.reduce_sum(torch.stack(stats).sum(0))  # the batch's means
         step += 1
         grad_norm = plumbing.clip_grad_norm(model.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
@@ -385,11 +387,11 @@ if __name__ == "__main__":
 
     # ---- 4. normalisation: the SFT demonstrations' mean reward becomes 0 (detail 7) ------------------------
     model.eval()
-    own, hidden = plumbing.shard(seqs), []  # under torchrun each rank its share of the demonstrations
+    own, hidden = common.shard(seqs), []  # under torchrun each rank its share of the demonstrations
     with torch.inference_mode(), autocast:
         for i in range(0, len(own), 2 * micro):
             hidden += last_hidden_states(model, own[i : i + 2 * micro], tok.pad_token_id, device).tolist()
-    normalisation = fold_shift_into_head(model.score, torch.tensor(plumbing.gather(hidden)[: len(seqs)], device=device))
+    normalisation = fold_shift_into_head(model.score, torch.tensor(common.gather(hidden)[: len(seqs)], device=device))
 
     # ---- 5. evaluation ----------------------------------------------------------------------------------
     results = {**evaluate(), **normalisation, "steps": step, "train_seconds": round(train_seconds, 1)}

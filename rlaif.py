@@ -4,35 +4,32 @@
     python rlaif.py --mode label --dataset_name data/world/preference --output_dir runs/rlaif_labels
     python reward.py --dataset_name runs/rlaif_labels --label_column label --output_dir runs/reward_rlaif
 
-The labeller (Bai et al. 2022, "Constitutional AI"; Lee et al. 2023, "RLAIF vs. RLHF") is any causal LM. It
-reads a preamble, one principle sampled from the constitution for this comparison, the prompt and two
-responses, and is asked "Which response is better? Answer A or B." Its preference is the softmax over its
-log-probs of the two answer tokens. Position bias is removed by asking again with the responses swapped and
-averaging: p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2 (details 20-23 of
-docs/implementation_details.md; the steps below are numbered as its "rlaif.py" lists). With --judge_mode direct
-(d-RLAIF, Lee et al. 2023; detail 26) it rates each response alone from 1 to 9 instead, answering a question of
-RATING_CONSTITUTION: a rating is the expected digit under its answer's softmax over the nine digits, and
+The labeller (Bai et al. 2022, "Constitutional AI"; Lee et al. 2023, "RLAIF vs. RLHF") is any causal LM. It reads
+a preamble, one principle drawn from the constitution for this comparison, the prompt and two responses, and is
+asked "Which response is better? Answer A or B." Its preference is the softmax over its log-probs of the two
+answer tokens; position bias is removed by asking again with the responses swapped and averaging:
+p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2 (details 20-23 of
+docs/implementation_details.md; the steps below are numbered as its "rlaif.py" lists them). With --judge_mode
+direct (d-RLAIF, Lee et al. 2023; detail 26) it rates each response alone from 1 to 9 under a question of
+--rating_constitution: a rating is the expected digit under its softmax over the nine digits, and
 p(y1 better) = sigmoid(rating(y1) - rating(y2)), for labellers whose pairwise answer only follows the position.
 
-  --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current policy,
-                 the labeller picks one, and a DPO-family update learns from that fresh pair (the reference
-                 is the SFT policy). An episode is a prompt and its two samples.
-  --mode label   labels pairs, given ({prompt, chosen, rejected}) or sampled from the policy for {prompt}
-                 rows, and writes a preference dataset with a soft `label` column (p(chosen is better) >=
-                 0.5) that reward.py (--label_column label) and dpo.py read: distilled RLAIF.
-  --mode revise  Constitutional AI's first stage (SL-CAI, Bai et al. 2022, section 3): the model answers each
-                 prompt, then num_revisions times critiques its answer under a critique request drawn from
-                 REVISION_REQUESTS and revises it under the paired revision request; the final revisions
-                 are a {prompt, completion} dataset for sft.py. Online or label mode (the second stage) then
-                 starts from the fine-tuned model. Here because both stages read the same constitution.
+  --mode online  Online AI Feedback (Guo et al. 2024): for each prompt, two samples from the current policy, the
+                 labeller picks one, and a DPO-family update learns from that fresh pair (the reference is the
+                 SFT policy). An episode is a prompt and its two samples.
+  --mode label   labels pairs, given ({prompt, chosen, rejected}) or sampled from the policy for {prompt} rows,
+                 and writes a preference dataset with a soft `label` column (p(chosen is better) >= 0.5) that
+                 reward.py (--label_column label) and dpo.py read: distilled RLAIF.
 
-Reported: the labeller's agreement with the gold scorer or with given labels, how often its choice flips when
-the order is swapped, and its mean confidence.
+Constitutional AI's first stage, critique and revision into an SFT dataset, is sl_cai.py. Reported: the
+labeller's agreement with the gold scorer or with given labels, how often its choice flips when the order is
+swapped, and its mean confidence.
 """
 
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -50,47 +47,6 @@ import plumbing
 PREAMBLE = "You compare two responses to the same prompt."
 DIRECT_PREAMBLE = "You rate a response to a prompt."  # --judge_mode direct
 RATINGS = "123456789"
-CONSTITUTION = [  # the built-in constitution; --constitution replaces it with a text (one per line) or JSON file
-    "Choose the response that is more positive and enthusiastic about the film.",
-    "Choose the response that a fan of the film would rather read.",
-    "Choose the response that praises the film more warmly without repeating itself.",
-    "Choose the response that sounds like a natural, non-repetitive review that loves the film.",
-]
-RATING_CONSTITUTION = [  # the same principles as questions about one response (--judge_mode direct)
-    "How positive and enthusiastic about the film is the response? Rate it from 1 (very negative) to 9 (very "
-    "positive).",
-    "How much would a fan of the film like to read the response? Rate it from 1 (not at all) to 9 (very much).",
-    "How warmly does the response praise the film without repeating itself? Rate it from 1 (not at all) to 9 (very).",
-    "How much does the response sound like a natural, non-repetitive review that loves the film? Rate it from 1 (not "
-    "at all) to 9 (very much).",
-]
-
-# revise mode: the same principles as critique and revision requests, in pairs (Bai et al. 2022, appendix C);
-# --constitution replaces them with a JSON list of {"critique": ..., "revision": ...} objects
-REVISION_REQUESTS = [
-    {
-        "critique": "Identify specific ways in which your last response is negative, lukewarm or unenthusiastic "
-        "about the film.",
-        "revision": "Please rewrite your last response to be positive and enthusiastic about the film. Write only "
-        "the rewritten response.",
-    },
-    {
-        "critique": "Explain what a fan of the film would dislike about your last response.",
-        "revision": "Please rewrite your last response so that a fan of the film would like to read it. Write only "
-        "the rewritten response.",
-    },
-    {
-        "critique": "Point out where your last response repeats itself or praises the film only coldly.",
-        "revision": "Please rewrite your last response to praise the film warmly without repeating itself. Write "
-        "only the rewritten response.",
-    },
-    {
-        "critique": "Identify ways in which your last response does not read like a natural review that loves the "
-        "film.",
-        "revision": "Please rewrite your last response as a natural, non-repetitive review that loves the film. "
-        "Write only the rewritten response.",
-    },
-]
 
 
 def judge_query(preamble, principle, prompt, a, b):
@@ -103,22 +59,19 @@ def judge_query(preamble, principle, prompt, a, b):
 
 def rating_query(preamble, principle, prompt, response):
     """The labeller's question about one response alone (--judge_mode direct): the principle is the question,
-    with its scale of 1 to 9 (RATING_CONSTITUTION)."""
+    with its scale of 1 to 9."""
     return f"{preamble}\n\nPrompt: {prompt.strip()}\nResponse: {response.strip()}\n\n{principle} Answer with one digit."
 
 
 @dataclass
 class Args:
-    mode: Literal["online", "label", "revise"] = "online"
-    """online: OAIF training of the policy; label: write an AI-labelled preference dataset; revise: critique and
-    revise the model's own responses into an SFT dataset (Constitutional AI's first stage)"""
+    mode: Literal["online", "label"] = "online"
+    """online: OAIF training of the policy; label: write an AI-labelled preference dataset"""
     # ---- algorithm ----
-    constitution: str | None = None
-    """a text file (one principle per line) or JSON list of principles replacing the built-in constitution
-    (CONSTITUTION; in direct mode RATING_CONSTITUTION, whose principles are questions with a scale of 1 to 9);
-    revise: a JSON list of {"critique": ..., "revision": ...} requests replacing REVISION_REQUESTS"""
-    num_revisions: int = 2
-    """revise: rounds of critique and revision of each response"""
+    constitution: str = "data/world/constitution.txt"
+    """the pairwise labeller's principles: a text file, one per line, or a JSON list of strings"""
+    rating_constitution: str = "data/world/rating_constitution.txt"
+    """--judge_mode direct: the principles as questions about one response with a scale of 1 to 9 (the same format)"""
     judge_mode: Literal["pairwise", "direct"] = "pairwise"
     """pairwise: the labeller compares the two responses, asked in both orders; direct (d-RLAIF): it rates each
     response alone from 1 to 9, and p(first better) = sigmoid(rating difference)"""
@@ -130,7 +83,7 @@ class Args:
     """online: stop after this many steps; the learning-rate schedule follows it"""
     batch_size: int = 64
     """online: episodes per step (one optimizer step on their fresh pairs), under torchrun the global batch split
-    over the processes; label, revise: prompts sampled at once (by each process)"""
+    over the processes"""
     micro_batch_size: int = 32
     """online: pairs per forward/backward pass of one process (gradient accumulation)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -138,7 +91,7 @@ class Args:
     beta: float = 0.1
     """online: the KL strength of the DPO-family loss"""
     learning_rate: float = 1e-4
-    """online: AdamW learning rate, annealed linearly to 0 (higher than dpo.py's: 96 fresh steps, not 500)"""
+    """online: AdamW learning rate, annealed linearly to 0 (higher than dpo.py's: far fewer steps)"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """online: AdamW betas (torch's defaults, as the reference implementations use them)"""
     adam_eps: float = 1e-5
@@ -148,28 +101,26 @@ class Args:
     max_grad_norm: float = 1.0
     """online: gradient clipping"""
     response_length: int = 64
-    """longest sampled response of a pair in tokens (online, and label mode for {prompt} rows); revise: longest
-    response, critique or revision (a revision cut there is dropped, counted)"""
+    """longest sampled response of a pair in tokens (online, and label mode for {prompt} rows)"""
     rollout_temperature: float = 1.0
-    """temperature of the two samples per prompt (online, and label mode for {prompt} rows); revise: of the
-    responses, critiques and revisions"""
+    """temperature of the two samples per prompt (online, and label mode for {prompt} rows)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
-    """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows;
-    revise: answers, critiques and revises, through its chat template)"""
+    """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows)"""
     judge_model_name_or_path: str = "data/world/judge_model"
     """the AI labeller: any causal LM (the offline world's: sft.py trained on data/world/judge)"""
     dataset_name: str = "data/world/prompts"
-    """online, revise: prompts {prompt} (revise: of the train split); label: pairs {prompt, chosen, rejected}
-    or prompts {prompt}"""
+    """online: prompts {prompt}; label: pairs {prompt, chosen, rejected} or prompts {prompt}"""
     max_prompt_length: int = 128
-    """longest prompt to sample from in tokens (online, label mode for {prompt} rows, revise); longer ones dropped"""
+    """longest prompt to sample from in tokens (online, label mode for {prompt} rows); longer ones dropped"""
     judge_max_length: int = 512
     """longest labeller question in tokens; longer ones count as ties and are skipped"""
     judge_batch_size: int = 64
     """questions per labeller forward"""
     max_label_rows: int | None = None
-    """label: label at most this many rows of each split; revise: revise the responses to at most this many"""
+    """label: label at most this many rows of each split"""
+    sample_batch_size: int = 64
+    """label: {prompt} rows whose pairs are sampled at once (by each process)"""
     # ---- evaluation ----
     eval_every: int = 24
     """online: steps between evaluations on held-out prompts"""
@@ -190,8 +141,7 @@ class Args:
     """online: steps between logged training metrics"""
     # ---- run ----
     output_dir: str = "runs/rlaif"
-    """online: the trained policy; label: the labelled dataset (train.jsonl, test.jsonl); revise: the SFT dataset
-    (train.jsonl), every critique and revision (revisions.jsonl) and the figures (revision.json)"""
+    """online: the trained policy; label: the labelled dataset (train.jsonl, test.jsonl)"""
     seed: int = 1
     """seed of sampling, principle choice and data order"""
     save_every: int = 0
@@ -211,21 +161,15 @@ class Args:
 
 
 # ---- the labeller -------------------------------------------------------------------------------------
-def load_constitution(path, direct=False):
-    if path is None:
-        return list(RATING_CONSTITUTION if direct else CONSTITUTION)
-    if not os.path.isfile(path):
-        plumbing.fail(f"constitution {path!r} does not exist")
-    text = open(path).read()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+def load_constitution(path, flag):
+    """The principles of a text file (one per line) or a JSON list of strings."""
+    text = plumbing.read_text(path, flag)
     try:
-        principles = json.loads(text) if path.endswith(".json") else lines
+        principles = json.loads(text) if path.endswith(".json") else [x.strip() for x in text.splitlines() if x.strip()]
     except json.JSONDecodeError as e:
-        plumbing.fail(f"constitution {path!r} is not valid JSON: {e}")
+        plumbing.fail(f"{flag} {path!r} is not valid JSON: {e}")
     if not isinstance(principles, list) or not principles or not all(isinstance(p, str) and p for p in principles):
-        plumbing.fail(
-            f"constitution {path!r} holds no principles (a text file, one per line, or a JSON list of strings)"
-        )
+        plumbing.fail(f"{flag} {path!r} holds no principles (a text file, one per line, or a JSON list of strings)")
     return principles
 
 
@@ -328,7 +272,7 @@ def labeller_metrics(p, flipped, skipped, reference_first_better=None):
     return metrics
 
 
-def text_of(x):
+def labeller_text(x):
     """A prompt or response as the labeller reads it: plain text as is; of chat messages the system's are left
     out (they instruct the policy, not the labeller), one message is its content, several "role: content" lines."""
     if isinstance(x, str):
@@ -349,7 +293,7 @@ def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
     ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
     ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
     eos = tok.eos_token_id
-    with autocast, plumbing.gathered(policy):  # under torchrun the whole policy, on each rank's own prompts
+    with autocast, common.gathered(policy):  # under torchrun the whole policy, on each rank's own prompts
         raw = common.sample(policy, ids, mask, args.response_length, args.rollout_temperature, eos, stop_at_eos=True)
     responses, response_mask, _ = common.truncate_after_eos(raw, eos, tok.pad_token_id)
     lists = [r[: int(n)].tolist() for r, n in zip(responses.cpu(), response_mask.sum(1).cpu(), strict=True)]
@@ -366,13 +310,13 @@ def dpo_losses(logps, ref_logps, lengths, n, loss_type, beta):
 
 
 # ---- ALGO LOGIC: label mode, a labelled dataset ---------------------------------------------------------
-def label_dataset(args, label, gold_scorer, device, autocast):
+def label_dataset(args, ask_labeller, gold_scorer, device, autocast):
     """Label every pair of each split (given, or two samples of the policy per prompt) and write
     {prompt, chosen, rejected, label} rows: distilled RLAIF."""
     columns = [["prompt", "chosen", "rejected"], ["prompt"]]
-    train_rows, eval_rows, fmt = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
+    train_rows, eval_rows, found = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
     policy = None
-    if fmt == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
+    if found == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
         tok = common.load_tokenizer(args.model_name_or_path)
         policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
         plumbing.shard_model(policy.requires_grad_(False))  # under torchrun: FSDP2
@@ -384,24 +328,25 @@ def label_dataset(args, label, gold_scorer, device, autocast):
             firsts, seconds = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
         else:
             prompt_ids, kept = common.encode_prompts(tok, rows, args.max_prompt_length, split)
-            rows, prompt_ids, firsts, seconds = [rows[i] for i in kept], plumbing.shard(prompt_ids), [], []
-            for i in tqdm(range(0, len(prompt_ids), args.batch_size), desc=f"sampling {split}", mininterval=5):
-                a, b = sample_pairs(policy, tok, prompt_ids[i : i + args.batch_size], args, device, autocast)
+            rows, prompt_ids, firsts, seconds = [rows[i] for i in kept], common.shard(prompt_ids), [], []
+            for i in tqdm(range(0, len(prompt_ids), args.sample_batch_size), desc=f"sampling {split}", mininterval=5):
+                a, b = sample_pairs(policy, tok, prompt_ids[i : i + args.sample_batch_size], args, device, autocast)
                 firsts += tok.batch_decode(a, skip_special_tokens=True)
                 seconds += tok.batch_decode(b, skip_special_tokens=True)
             # under torchrun each rank sampled its share of the prompts
-            firsts, seconds = (plumbing.gather(x)[: len(rows)] for x in (firsts, seconds))
+            firsts, seconds = (common.gather(x)[: len(rows)] for x in (firsts, seconds))
         prompts = [r["prompt"] for r in rows]
         # 2. the labeller's debiased preference, and how it agrees with the given labels and the gold scorer
-        texts = [plumbing.shard([text_of(x) for x in xs]) for xs in (prompts, firsts, seconds)]  # this rank's
+        texts = [common.shard([labeller_text(x) for x in xs]) for xs in (prompts, firsts, seconds)]  # this rank's
         chunks = range(0, len(texts[0]), 512)  # in chunks, so that the progress shows
         labels = [
-            label(*(t[i : i + 512] for t in texts)) for i in tqdm(chunks, desc=f"labelling {split}", mininterval=5)
+            ask_labeller(*(t[i : i + 512] for t in texts))
+            for i in tqdm(chunks, desc=f"labelling {split}", mininterval=5)
         ]
         p, flipped, skipped = (
-            torch.tensor(plumbing.gather(torch.cat(x).tolist())[: len(rows)]) for x in zip(*labels, strict=True)
+            torch.tensor(common.gather(torch.cat(x).tolist())[: len(rows)]) for x in zip(*labels, strict=True)
         )
-        texts = [[text_of(x) for x in xs] for xs in (prompts, firsts, seconds)]
+        texts = [[labeller_text(x) for x in xs] for xs in (prompts, firsts, seconds)]
         metrics = labeller_metrics(p, flipped, skipped)
         if policy is None:  # agreement with the labels the data came with (chosen was preferred)
             metrics["label_agreement"] = labeller_metrics(p, flipped, skipped, torch.ones(len(p)))["agreement"]
@@ -437,164 +382,49 @@ def label_dataset(args, label, gold_scorer, device, autocast):
     print(f"saved {args.output_dir}: {len(splits['train'])} train / {len(splits['test'])} test labelled pairs")
 
 
-# ---- ALGO LOGIC: revise mode, Constitutional AI's first stage (SL-CAI) -------------------------------------
-def load_revision_requests(path):
-    """The critique and revision requests (Bai et al. 2022, appendix C): REVISION_REQUESTS, or a JSON file of
-    {"critique": ..., "revision": ...} objects."""
-    if path is None:
-        return list(REVISION_REQUESTS)
-    if not os.path.isfile(path):
-        plumbing.fail(f"constitution {path!r} does not exist")
-    try:
-        pairs = json.load(open(path))
-    except json.JSONDecodeError:
-        pairs = None
-    if (
-        not isinstance(pairs, list)
-        or not pairs
-        or not all(
-            isinstance(p, dict) and all(isinstance(p.get(k), str) and p[k].strip() for k in ("critique", "revision"))
-            for p in pairs
-        )
-    ):
-        plumbing.fail(
-            f"constitution {path!r} holds no critique and revision requests: revise mode needs a JSON list of "
-            '{"critique": ..., "revision": ...} objects'
-        )
-    return pairs
+if __name__ == "__main__":
+    # ---- TRY NOT TO MODIFY: arguments, seeding, device, the labeller ----------------------------------
+    args = tyro.cli(Args, use_underscores=True)
+    plumbing.check_ranges(
+        args,
+        "(0, inf) total_episodes max_steps batch_size micro_batch_size beta learning_rate adam_eps max_grad_norm "
+        "response_length rollout_temperature max_prompt_length judge_max_length judge_batch_size max_label_rows "
+        "sample_batch_size eval_every num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature "
+        "eval_batch_size log_every [0, inf) weight_decay save_every [0, 1) adam_betas (-inf, inf) seed",
+    )
+    if args.mode == "online":
+        plumbing.check_global_batch(args.batch_size)
+    plumbing.seed_everything(args.seed)
+    plumbing.check_output_dir(args, "rlaif.py")
+    gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
+    rng = random.Random(args.seed)  # the principle of each comparison
+    if args.judge_mode == "direct":
+        principles = load_constitution(args.rating_constitution, "--rating_constitution")
+    else:
+        principles = load_constitution(args.constitution, "--constitution")
+    judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
+    judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
+    judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
+    plumbing.shard_model(judge.eval().requires_grad_(False))  # under torchrun: FSDP2
+    plumbing.seed_sampling(args.seed)
+    answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
 
+    def ask_labeller(prompts, firsts, seconds):
+        """The labeller's p(first better), flips and skips of text pairs (details 20-22, or 26 when direct)."""
+        labeller = label_pairs if args.judge_mode == "pairwise" else rate_pairs
+        return labeller(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
 
-def critique_messages(prompt, response, request):
-    """The model's conversation when asked to critique its response (step 2, detail 27): the prompt (a text
-    prompt becomes a user message), its response, and the critique request as the user's next message."""
-    turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return [*turns, {"role": "assistant", "content": response}, {"role": "user", "content": request["critique"]}]
+    if args.mode == "label":  # distilled RLAIF: the labelled dataset is the output
+        label_dataset(args, ask_labeller, gold_scorer, device, autocast)
+        sys.exit()
 
-
-def current(record):
-    """A record's latest response: its last revision, or the first response before any."""
-    return record["rounds"][-1]["revision"] if record["rounds"] else record["response"]
-
-
-def revision_messages(prompt, response, request, critique):
-    """The conversation when asked to revise (step 3): the critique's, its critique, and the revision request."""
-    return [
-        *critique_messages(prompt, response, request),
-        {"role": "assistant", "content": critique},
-        {"role": "user", "content": request["revision"]},
-    ]
-
-
-def generate(model, tok, conversations, args, device, autocast):
-    """The model's reply to each conversation (in batches of batch_size, each rank its share under torchrun): the
-    text, and whether it ended with EOS (else it was cut at response_length)."""
-    eos, own, replies = tok.eos_token_id, plumbing.shard(conversations), []
-    for i in range(0, len(own), args.batch_size):
-        prompt_ids = [common.encode_prompt(tok, c) for c in own[i : i + args.batch_size]]
-        ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
-        with torch.inference_mode(), autocast, plumbing.gathered(model):
-            raw = common.sample(model, ids, mask, args.response_length, args.rollout_temperature, eos, stop_at_eos=True)
-        responses, _, has_eos = common.truncate_after_eos(raw, eos, tok.pad_token_id)
-        texts = tok.batch_decode(responses, skip_special_tokens=True)
-        replies += [(t.strip(), bool(e)) for t, e in zip(texts, has_eos.tolist(), strict=True)]
-    return plumbing.gather(replies)[: len(conversations)]
-
-
-def revise_dataset(args, rng, gold_scorer, device, autocast):
-    """SL-CAI's data (Bai et al. 2022, section 3): each prompt's response, critiqued and revised num_revisions
-    times by the model itself under requests drawn from the constitution; the final revisions become
-    {prompt, completion} rows that sft.py trains on."""
-    requests = load_revision_requests(args.constitution)
-    train_rows, _, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
-    tok = common.load_tokenizer(args.model_name_or_path)
-    if tok.chat_template is None:
-        plumbing.fail(
-            f"revise mode needs a chat model: the tokenizer of {args.model_name_or_path!r} has no chat template"
-        )
-    model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    plumbing.shard_model(model.eval().requires_grad_(False))  # under torchrun: FSDP2
-    rows = train_rows[: args.max_label_rows or len(train_rows)]
-    _, kept = common.encode_prompts(tok, rows, args.max_prompt_length)  # prompts over the limit dropped, counted
-    prompts = [rows[i]["prompt"] for i in kept]
-
-    # 1. the model's own response to each prompt (one cut at response_length is critiqued and revised as it is)
-    replies = generate(model, tok, prompts, args, device, autocast)
-    records = [
-        {"prompt": p, "response": r, "response_cut": not has_eos, "rounds": []}
-        for p, (r, has_eos) in zip(prompts, replies, strict=True)
-    ]
-    alive, dropped = list(range(len(records))), {}
-    for n in range(1, args.num_revisions + 1):
-        # 2. a critique of the current response under a request pair drawn for this round
-        drawn = {i: rng.choice(requests) for i in alive}
-        conversations = [critique_messages(records[i]["prompt"], current(records[i]), drawn[i]) for i in alive]
-        critiques = generate(model, tok, conversations, args, device, autocast)
-        # 3. the revision, asked after the critique; it replaces the response for the next round
-        conversations = [
-            revision_messages(records[i]["prompt"], current(records[i]), drawn[i], c)
-            for i, (c, _) in zip(alive, critiques, strict=True)
-        ]
-        revisions = generate(model, tok, conversations, args, device, autocast)
-        for i, (critique, _), (revision, has_eos) in zip(alive, critiques, revisions, strict=True):
-            records[i]["rounds"].append(
-                {
-                    "critique_request": drawn[i]["critique"],
-                    "critique": critique,
-                    "revision_request": drawn[i]["revision"],
-                    "revision": revision,
-                    "revision_cut": not has_eos,
-                }
-            )
-        # a revision cut at response_length has lost its end: it leaves the dataset and the later rounds
-        before = len(alive)
-        alive = [i for i, (_, has_eos) in zip(alive, revisions, strict=True) if has_eos]
-        dropped[f"dropped_revision_{n}"] = before - len(alive)
-    kept_records = [records[i] for i in alive]
-    if not kept_records:
-        plumbing.fail(
-            f"every revision was cut at response_length {args.response_length} tokens: nothing to fine-tune on "
-            f"({', '.join(f'{k} {v}' for k, v in dropped.items())})"
-        )
-    # 4. gold score and diversity of the same prompts' responses before revision and after each round
-    texts = [text_of(r["prompt"]) for r in kept_records]
-    stages = [[r["response"] for r in kept_records]]
-    stages += [[r["rounds"][n]["revision"] for r in kept_records] for n in range(args.num_revisions)]
-    responses_cut = sum(r["response_cut"] for r in records)
-    results = {"prompts": len(records), "kept": len(kept_records), "responses_cut": responses_cut, **dropped}
-    for n, responses in enumerate(stages):
-        name = f"revision_{n}" if n else "response"
-        results[f"{name}_distinct_2"] = common.distinct_n(responses)
-        results[f"{name}_mean_words"] = float(np.mean([len(r.split()) for r in responses]))
-        if gold_scorer is not None:
-            results[f"{name}_gold_score"] = float(np.mean(gold_scorer(texts, responses)))
-    print(json.dumps(results, indent=2))
-
-    # 5. the SFT dataset: each kept prompt with its final revision, as a chat reply to a chat prompt
-    dataset = [
-        {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": current(r)}]}
-        if isinstance(r["prompt"], list)
-        else {"prompt": r["prompt"], "completion": current(r)}
-        for r in kept_records
-    ]
-
-    def write(tmp):
-        plumbing.write_jsonl(os.path.join(tmp, "train.jsonl"), dataset)
-        plumbing.write_jsonl(os.path.join(tmp, "revisions.jsonl"), records)  # every critique and revision
-        plumbing.write_json(os.path.join(tmp, "revision.json"), results)
-
-    plumbing.write_atomic(args.output_dir, "rlaif.py", args, write)
-    print(f"saved {args.output_dir}: {len(dataset)} prompts with their revised responses for sft.py")
-
-
-# ---- ALGO LOGIC: online mode, OAIF -----------------------------------------------------------------------
-def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
-    """Online AI feedback: two fresh samples per prompt, the labeller's pick, one DPO-family step a batch."""
-    # ---- TRY NOT TO MODIFY: data and models ----
+    # ---- TRY NOT TO MODIFY: online mode's data and models ---------------------------------------------
     log, history = plumbing.start_tracking(args, "rlaif_online")
     train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
-    prompt_texts = [text_of(train_rows[i]["prompt"]) for i in kept]
+    prompt_texts = [labeller_text(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 25
@@ -610,27 +440,15 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
         plumbing.fail(
             f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
         )
-    # AdamW(params, lr, betas, eps, weight_decay)
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
-    )
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), **adamw, fused=True)
     print(
         f"online AI feedback: {num_steps} steps of {args.batch_size} prompts x 2 samples, "
         f"labeller {args.judge_model_name_or_path}"
     )
 
-    def evaluate(n):
-        return common.evaluate(
-            policy,
-            tok,
-            eval_prompts[:n],
-            args.max_new_tokens,
-            args.eval_temperature,
-            args.eval_batch_size,
-            autocast,
-            ref=ref_policy,
-            gold_scorer=gold_scorer,
-        )
+    def evaluate_policy(n):
+        return common.evaluate(policy, tok, eval_prompts[:n], args, autocast, ref=ref_policy, gold_scorer=gold_scorer)
 
     order, curve, labeller_stats, first_step, elapsed = [], [], [], 1, 0.0
     data_rng = np.random.default_rng(args.seed)
@@ -642,11 +460,13 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
         rng.setstate(state["principle_rng"])
     start = time.time() - elapsed
     progress = tqdm(total=num_steps, initial=first_step - 1, desc="rlaif", mininterval=5)
+
+    # ---- ALGO LOGIC: online AI feedback, one DPO-family step on each batch's fresh labelled pairs -------
     for step in range(first_step, num_steps + 1):
         optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)
         if len(order) < args.batch_size:
             order = [int(i) for i in data_rng.permutation(len(prompts))]
-        idx = plumbing.shard([order.pop() for _ in range(args.batch_size)])  # under torchrun, this rank's share
+        idx = common.shard([order.pop() for _ in range(args.batch_size)])  # under torchrun, this rank's share
         batch = [prompts[i] for i in idx]
 
         # 1. two fresh samples per prompt from the current policy
@@ -657,13 +477,13 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
             tok.batch_decode(seconds, skip_special_tokens=True),
         ]
         # 2. the labeller's debiased preference, one principle per pair
-        p, flipped, skipped = label(*texts)
+        p, flipped, skipped = ask_labeller(*texts)
         gold = gold_first_better(gold_scorer, *texts).tolist() if gold_scorer is not None else None
-        every_rank = [torch.tensor(plumbing.gather(x.tolist())) for x in (p, flipped, skipped)]
-        labeller_stats.append(labeller_metrics(*every_rank, plumbing.gather(gold) if gold is not None else None))
+        every_rank = [torch.tensor(common.gather(x.tolist())) for x in (p, flipped, skipped)]
+        labeller_stats.append(labeller_metrics(*every_rank, common.gather(gold) if gold is not None else None))
         # a pair whose question was too long for the labeller weighs 0 (every rank still runs as many passes)
         weights = (~skipped).float().to(device)
-        n_kept = float(plumbing.reduce_sum(weights.sum()))
+        n_kept = float(common.reduce_sum(weights.sum()))
         if n_kept == 0:
             plumbing.fail(
                 f"step {step}: every labeller question is over judge_max_length {args.judge_max_length} "
@@ -688,7 +508,7 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
             ((losses * w).sum() / n_kept).backward()  # divided by the whole batch's count: ranks' gradients add up
             margins = args.beta * h.detach()
             sums += torch.stack([(losses.detach() * w).sum(), (margins * w).sum(), ((margins > 0) * w).sum()])
-        loss_value, mean_margin, accuracy = (plumbing.reduce_sum(sums) / n_kept).tolist()
+        loss_value, mean_margin, accuracy = (common.reduce_sum(sums) / n_kept).tolist()
         grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(grad_norm + loss_value, "loss", step, args.skip_nonfinite):
             optimizer.step()
@@ -711,7 +531,7 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", agree=f"{recent.get('agreement', np.nan):.2f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < num_steps:
-            metrics, _ = evaluate(args.num_periodic_eval_prompts)
+            metrics, _ = evaluate_policy(args.num_periodic_eval_prompts)
             curve.append({"step": step, "episodes": step * args.batch_size, **metrics})
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
@@ -732,7 +552,7 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
     train_seconds = time.time() - start
 
     # ---- 4. evaluation against the reference, with the labeller's figures over the whole run ----
-    metrics, samples = evaluate(args.num_eval_prompts)
+    metrics, samples = evaluate_policy(args.num_eval_prompts)
     episodes = num_steps * args.batch_size
     curve.append({"step": num_steps, "episodes": episodes, **metrics})
     labeller = {k: float(np.mean([s[k] for s in labeller_stats])) for k in labeller_stats[0]}
@@ -762,40 +582,3 @@ def train_online(args, label, rng, gold_scorer, device, autocast, use_compile):
 
     plumbing.write_atomic(args.output_dir, "rlaif.py", args, write)
     print(f"saved {args.output_dir}")
-
-
-if __name__ == "__main__":
-    # ---- TRY NOT TO MODIFY: arguments, seeding, device, the labeller ----------------------------------
-    args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "total_episodes max_steps batch_size micro_batch_size beta response_length")
-    plumbing.check_positive(args, "rollout_temperature max_prompt_length judge_max_length judge_batch_size")
-    plumbing.check_positive(args, "max_label_rows eval_every num_periodic_eval_prompts num_eval_prompts num_revisions")
-    plumbing.check_positive(args, "max_new_tokens eval_temperature eval_batch_size log_every")
-    if args.mode == "online":
-        plumbing.check_global_batch(args.batch_size)
-    plumbing.seed_everything(args.seed)
-    plumbing.check_output_dir(args, "rlaif.py")
-    gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
-    rng = random.Random(args.seed)  # the principle of each comparison (or critique and revision)
-    if args.mode == "revise":  # the model is its own critic: no labeller
-        plumbing.seed_sampling(args.seed)
-        revise_dataset(args, rng, gold_scorer, device, autocast)
-    else:
-        principles = load_constitution(args.constitution, direct=args.judge_mode == "direct")
-        judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
-        judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
-        judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
-        plumbing.shard_model(judge.eval().requires_grad_(False))  # under torchrun: FSDP2
-        plumbing.seed_sampling(args.seed)
-        answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
-
-        def label(prompts, firsts, seconds):
-            """The labeller's p(first better), flips and skips for text pairs (details 20-22, or 26 when direct)."""
-            labeller = label_pairs if args.judge_mode == "pairwise" else rate_pairs
-            return labeller(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
-
-        if args.mode == "label":
-            label_dataset(args, label, gold_scorer, device, autocast)
-        else:
-            train_online(args, label, rng, gold_scorer, device, autocast, use_compile)

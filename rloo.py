@@ -172,26 +172,31 @@ def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange=0.2):
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "total_episodes max_steps batch_size num_mini_batches micro_batch_size")
-    plumbing.check_positive(args, "num_ppo_epochs response_length rollout_temperature max_prompt_length grpo_eps")
-    plumbing.check_positive(args, "eval_every num_periodic_eval_prompts num_eval_prompts max_new_tokens")
-    plumbing.check_positive(args, "eval_temperature eval_batch_size log_every log_samples_every")
+    plumbing.check_ranges(
+        args,
+        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes num_mini_batches "
+        "num_ppo_epochs response_length rollout_temperature cliprange max_prompt_length num_periodic_eval_prompts "
+        "log_samples_every rloo_k grpo_eps [0, inf) weight_decay save_every kl_coef [0, 1) adam_betas (-inf, inf) "
+        "seed missing_eos_score",
+    )
     if args.rloo_k < 2:
         plumbing.fail(f"--rloo_k must be at least 2 (a response's baseline is made of the others), got {args.rloo_k}")
     prompts_per_minibatch = args.batch_size // args.num_mini_batches
-    if args.batch_size % args.num_mini_batches or prompts_per_minibatch % (plumbing.WORLD_SIZE * args.micro_batch_size):
-        processes = f", over {plumbing.WORLD_SIZE} processes," if plumbing.WORLD_SIZE > 1 else ""
+    if args.batch_size % args.num_mini_batches or prompts_per_minibatch % (common.WORLD_SIZE * args.micro_batch_size):
+        processes = f", over {common.WORLD_SIZE} processes," if common.WORLD_SIZE > 1 else ""
         plumbing.fail(
             f"batch_size {args.batch_size} must split into num_mini_batches {args.num_mini_batches} "
             f"minibatches of whole micro-batches of {args.micro_batch_size}{processes}"
         )
+    prompts_per_minibatch = args.batch_size // args.num_mini_batches
     # the rollout batch's responses (under torchrun, this rank's share), shuffled into minibatches and
     # micro-batches of responses; minibatch_size counts the whole minibatch's
     n_responses, minibatch_size = (
-        args.batch_size * args.rloo_k // plumbing.WORLD_SIZE,
+        args.batch_size * args.rloo_k // common.WORLD_SIZE,
         prompts_per_minibatch * args.rloo_k,
     )
-    share, micro_size = minibatch_size // plumbing.WORLD_SIZE, args.micro_batch_size * args.rloo_k
+    share, micro_size = minibatch_size // common.WORLD_SIZE, args.micro_batch_size * args.rloo_k
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rloo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
@@ -228,10 +233,8 @@ if __name__ == "__main__":
         plumbing.fail(
             f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
         )
-    # AdamW(params, lr, betas, eps, weight_decay)
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
-    )
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), **adamw, fused=True)
     print(
         f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, no value model; {num_steps} "
         f"steps of {args.batch_size} prompts x {args.rloo_k} responses, {args.baseline} baseline"
@@ -242,9 +245,7 @@ if __name__ == "__main__":
             policy,
             tok,
             eval_prompts[:n],
-            args.max_new_tokens,
-            args.eval_temperature,
-            args.eval_batch_size,
+            args,
             autocast,
             ref=ref_policy,
             gold_scorer=gold_scorer,
@@ -268,13 +269,13 @@ if __name__ == "__main__":
         optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)  # detail 15
         if len(order) < args.batch_size:
             order = [int(i) for i in rng.permutation(len(prompts))]
-        batch = plumbing.shard([prompts[order.pop()] for _ in range(args.batch_size)])  # this rank's share
+        batch = common.shard([prompts[order.pop()] for _ in range(args.batch_size)])  # this rank's share
 
         with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
             # 1. rollout: k responses per prompt, the prompts' rows repeated in place (a prompt's group is
             # rows i*k .. i*k + k-1), response_length tokens each from left-padded prompts (detail 3)
             queries, query_mask = (t.repeat_interleave(k, 0).to(device) for t in common.pad(batch, pad_id, "left"))
-            with plumbing.gathered(policy):
+            with common.gathered(policy):
                 raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
             # 2. the EOS trick: cut after the first EOS; a response without one scores missing_eos_score (detail 10)
             responses, response_mask, has_eos = common.truncate_after_eos(raw, eos, pad_id)
@@ -326,9 +327,9 @@ if __name__ == "__main__":
         if step % args.log_every == 0 or step == num_steps:
             # means over the batch's responses and the update's micro-batches, on every rank
             sums = [kl.sum(), (-logprobs * mask).sum(), scores.sum(), has_eos.float().sum(), mask.sum()]
-            means = plumbing.reduce_sum(torch.stack(sums).float()) / (args.batch_size * k)
+            means = common.reduce_sum(torch.stack(sums).float()) / (args.batch_size * k)
             mean_kl, mean_entropy, mean_score, eos_rate, mean_length = means.tolist()
-            update_means = plumbing.reduce_sum(torch.stack(stats).mean(0)) / plumbing.WORLD_SIZE
+            update_means = common.reduce_sum(torch.stack(stats).mean(0)) / common.WORLD_SIZE
             pg, kl_term, clipfrac, approxkl = update_means.tolist()
             metrics = {
                 "objective/kl": mean_kl,

@@ -120,9 +120,13 @@ def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
 if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: arguments, seeding, device ------------------------------------------------
     args = tyro.cli(Args, use_underscores=True)
-    plumbing.check_positive(args, "num_epochs max_steps batch_size micro_batch_size max_length eval_every")
-    plumbing.check_positive(args, "num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature")
-    plumbing.check_positive(args, "eval_batch_size log_every")
+    plumbing.check_ranges(
+        args,
+        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length "
+        "num_periodic_eval_prompts [0, inf) weight_decay save_every warmup_steps [0, 1) adam_betas [0, 1] "
+        "max_warmup_fraction (-inf, inf) seed",
+    )
     plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "sft.py")
@@ -152,10 +156,8 @@ if __name__ == "__main__":
     total_steps = math.ceil(args.num_epochs * steps_per_epoch)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    # AdamW(params, lr, betas, eps, weight_decay)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), args.learning_rate, args.adam_betas, args.adam_eps, args.weight_decay, fused=True
-    )
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -163,29 +165,20 @@ if __name__ == "__main__":
     def eval_loss():
         """The held-out loss: mean NLL per completion token (each rank scores its share of the rows)."""
         model.eval()
-        own, rows = plumbing.shard(evals), []
+        own, rows = common.shard(evals), []
         for i in range(0, len(own), args.micro_batch_size):
             prompts, completions = zip(*own[i : i + args.micro_batch_size], strict=True)
             with autocast:
                 logps, n = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)
             rows += zip(logps.tolist(), n.tolist(), strict=True)
         model.train()
-        logps, n = np.array(plumbing.gather(rows)[: len(evals)]).T
+        logps, n = np.array(common.gather(rows)[: len(evals)]).T
         return float(-logps.sum() / n.sum())
 
     def generate_samples(n):
         model.eval()
         prompts = [p or c[:8] for p, c in evals[:n]]  # {"text"} rows have no prompt: start from their first tokens
-        metrics, samples = common.evaluate(
-            model,
-            tok,
-            prompts,
-            args.max_new_tokens,
-            args.eval_temperature,
-            args.eval_batch_size,
-            autocast,
-            gold_scorer=gold_scorer,
-        )
+        metrics, samples = common.evaluate(model, tok, prompts, args, autocast, gold_scorer=gold_scorer)
         model.train()
         return metrics, samples
 
@@ -210,7 +203,7 @@ if __name__ == "__main__":
         # without BOS) cannot predict its first token. Under torchrun each rank sums over its share of the batch
         # (divided by the whole batch's count): the ranks' gradients add up to the step's.
         n_tokens = sum(len(c) - (not p) for p, c in batch)
-        own, loss_sum = plumbing.shard(batch), torch.zeros((), device=device)
+        own, loss_sum = common.shard(batch), torch.zeros((), device=device)
         for m in range(0, len(own), args.micro_batch_size):
             prompts, completions = zip(*own[m : m + args.micro_batch_size], strict=True)
             with autocast:
@@ -218,7 +211,7 @@ if __name__ == "__main__":
                 loss = -logps.sum() / n_tokens
             loss.backward()
             loss_sum += loss.detach()
-        loss_sum = plumbing.reduce_sum(loss_sum)
+        loss_sum = common.reduce_sum(loss_sum)
         step += 1
         grad_norm = plumbing.clip_grad_norm(model.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(loss_sum + grad_norm, "loss", step, args.skip_nonfinite):

@@ -16,6 +16,7 @@ A stage whose output exists is not run again, so an interrupted recipe continues
 import json
 import os
 import sys
+import types
 from dataclasses import dataclass
 
 import tyro
@@ -77,13 +78,14 @@ def evaluate_against_start(args, model, chat, out, names):
     prompts, _ = common.encode_prompts(tok, rows, 96, "eval")
     device, autocast, _, _ = plumbing.device_and_autocast()  # the GPU where there is one, as the scripts
     start = plumbing.load_model(AutoModelForCausalLM, model, tok, device).eval()
+    sampling = types.SimpleNamespace(max_new_tokens=48, eval_temperature=0.7, eval_batch_size=64)  # as the scripts'
     for name in names:
         path = os.path.join(out, name, "eval_vs_start.json")
         if os.path.exists(path) or not (name == "start" or done(out, name)):
             continue
         plumbing.seed_everything(0)
         policy = start if name == "start" else plumbing.load_model(AutoModelForCausalLM, f"{out}/{name}", tok, device)
-        metrics, _ = common.evaluate(policy.eval(), tok, prompts, 48, 0.7, 64, autocast, ref=start, gold_scorer=score)
+        metrics, _ = common.evaluate(policy.eval(), tok, prompts, sampling, autocast, ref=start, gold_scorer=score)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         json.dump(metrics, open(path, "w"), indent=2)
 

@@ -15,6 +15,8 @@ runs give byte-identical files (tests/test_world.py checks it at a small scale).
                             under a principle, answered by the gold rater (data for the AI labeler, rlaif.py)
     data/world/ranking/     {"prompt", "responses"}            four demonstrations, ranked best first by the
                                                                gold rater through Plackett-Luce noise
+    data/world/constitution.txt, rating_constitution.txt, revision_requests.json: the world's written principles,
+                            for rlaif.py's labeller (pairwise, and --judge_mode direct) and sl_cai.py
 
 Each has train.jsonl and test.jsonl (`datasets.load_dataset("data/world/sft")` gives both splits); no
 prompt appears in two splits or two datasets. The gold rater is data/gold.py, the simulated annotators
@@ -22,9 +24,8 @@ data/annotators.py.
 
 data/world/judge_model/ is not made here: it is the offline AI labeller, sft.py's fine-tuning of the SFT
 policy (runs/sft, seed 1) on data/world/judge in two runs of 3 epochs, committed because it takes ~20 minutes
-on 2 idle CPU cores. At 5e-4 the held-out answer loss sat at chance for ~1,000 steps and only fell once the cosine
-schedule had brought the rate near 2e-4, so the second run continues at 2e-4 (held-out loss 0.264 -> 0.200;
-gold agreement on the 1,000 held-out preference pairs 0.703 -> 0.790, `rlaif.py --mode label`):
+on 2 CPU cores. The second run continues at a lower learning rate, where the held-out answer loss kept falling
+(docs/results.md, "The offline AI labeller"):
 
     python sft.py --model_name_or_path runs/sft --dataset_name data/world/judge --output_dir /tmp/judge_1 \
         --num_epochs 3 --learning_rate 5e-4 --max_new_tokens 4 --gold_scorer None --eval_every 250 \
@@ -42,8 +43,8 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.annotators import LABEL_TEMPERATURE, prefers_first, ranking  # noqa: E402
-from data.gold import gold_score  # noqa: E402
+from data.annotators import LABEL_TEMPERATURE, prefers_first, ranking
+from data.gold import gold_score
 
 SEED = 0
 VOCAB_SIZE = 2048
@@ -276,9 +277,58 @@ def repetitive(rng, text):
     return " " + " ".join([rng.choice(POS + NEG)] * rng.randint(4, 10)) + "."
 
 
-# ---- the judge's data (the AI labeller of rlaif.py learns from it) -----------------------------------
-# The questions are rlaif.py's own, word for word: the labeller is trained on what it will be asked.
-from rlaif import CONSTITUTION, PREAMBLE, judge_query  # noqa: E402
+# ---- the world's constitution, and the judge's data (the AI labeller of rlaif.py learns from it) -----------
+CONSTITUTION = [  # data/world/constitution.txt: rlaif.py's pairwise labeller draws one per comparison
+    "Choose the response that is more positive and enthusiastic about the film.",
+    "Choose the response that a fan of the film would rather read.",
+    "Choose the response that praises the film more warmly without repeating itself.",
+    "Choose the response that sounds like a natural, non-repetitive review that loves the film.",
+]
+RATING_CONSTITUTION = [  # rating_constitution.txt: the same, as questions about one response (--judge_mode direct)
+    "How positive and enthusiastic about the film is the response? Rate it from 1 (very negative) to 9 (very "
+    "positive).",
+    "How much would a fan of the film like to read the response? Rate it from 1 (not at all) to 9 (very much).",
+    "How warmly does the response praise the film without repeating itself? Rate it from 1 (not at all) to 9 (very).",
+    "How much does the response sound like a natural, non-repetitive review that loves the film? Rate it from 1 (not "
+    "at all) to 9 (very much).",
+]
+
+# revision_requests.json: the same as critique and revision requests, in pairs (Bai et al. 2022, appendix C), for
+# sl_cai.py
+REVISION_REQUESTS = [
+    {
+        "critique": "Identify specific ways in which your last response is negative, lukewarm or unenthusiastic "
+        "about the film.",
+        "revision": "Please rewrite your last response to be positive and enthusiastic about the film. Write only "
+        "the rewritten response.",
+    },
+    {
+        "critique": "Explain what a fan of the film would dislike about your last response.",
+        "revision": "Please rewrite your last response so that a fan of the film would like to read it. Write only "
+        "the rewritten response.",
+    },
+    {
+        "critique": "Point out where your last response repeats itself or praises the film only coldly.",
+        "revision": "Please rewrite your last response to praise the film warmly without repeating itself. Write "
+        "only the rewritten response.",
+    },
+    {
+        "critique": "Identify ways in which your last response does not read like a natural review that loves the "
+        "film.",
+        "revision": "Please rewrite your last response as a natural, non-repetitive review that loves the film. "
+        "Write only the rewritten response.",
+    },
+]
+JUDGE_PREAMBLE = "You compare two responses to the same prompt."
+
+
+def judge_question(principle, prompt, a, b):
+    """The labeller's question about an ordered pair, word for word rlaif.py's judge_query with its PREAMBLE (tests
+    check it): the labeller is trained on what it will be asked."""
+    return (
+        f"{JUDGE_PREAMBLE}\nPrinciple: {principle}\nPrompt: {prompt}\nResponse A:{a}\nResponse B:{b}\n"
+        "Which response is better? Answer A or B."
+    )
 
 
 def judge_pair(rng, f, curriculum):
@@ -352,7 +402,7 @@ def make_rows(rng, scale):
                 else:
                     a, b = judge_pair(rng, f, curriculum=split == "train")
                     answer = "A" if gold_score(a) >= gold_score(b) else "B"
-                    question = judge_query(PREAMBLE, rng.choice(CONSTITUTION), p, a, b)
+                    question = judge_question(rng.choice(CONSTITUTION), p, a, b)
                     rows.append(
                         {
                             "prompt": [{"role": "user", "content": question}],
@@ -388,11 +438,19 @@ def main():
     LlamaConfig(
         vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, **MODEL
     ).save_pretrained(f"{tmp}/base")
+    with open(f"{tmp}/constitution.txt", "w") as fh:
+        fh.writelines(p + "\n" for p in CONSTITUTION)
+    with open(f"{tmp}/rating_constitution.txt", "w") as fh:
+        fh.writelines(p + "\n" for p in RATING_CONSTITUTION)
+    with open(f"{tmp}/revision_requests.json", "w") as fh:
+        json.dump(REVISION_REQUESTS, fh, indent=2)
     for name, splits in data.items():
         os.makedirs(f"{tmp}/{name}")
         for split, rows in splits.items():
             with open(f"{tmp}/{name}/{split}.jsonl", "w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
+    if os.path.isdir(f"{a.out}/judge_model"):  # made by sft.py, not here: kept
+        os.rename(f"{a.out}/judge_model", f"{tmp}/judge_model")
     shutil.rmtree(a.out, ignore_errors=True)
     os.rename(tmp, a.out)
     print(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plumbing import describe, fail, write_atomic  # noqa: E402
+from plumbing import describe, fail, write_atomic
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -84,8 +84,8 @@ sys.path.insert(0, {root!r})
 import plumbing, ppo
 plumbing.device_and_autocast()
 x, mask = torch.load({batch!r})
-share = slice(0, 3) if plumbing.RANK == 0 else slice(3, 8)  # unequal shares, unequal numbers of real tokens
-torch.save(ppo.masked_whiten(x[share], mask[share]), {out!r} + str(plumbing.RANK))
+share = slice(0, 3) if common.RANK == 0 else slice(3, 8)  # unequal shares, unequal numbers of real tokens
+torch.save(ppo.masked_whiten(x[share], mask[share]), {out!r} + str(common.RANK))
 """
 
 
