@@ -22,7 +22,9 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     if plumbing.is_local(name) and not os.path.isdir(name):
-        plumbing.fail(f"model {name!r} " + ("is not a directory" if os.path.exists(name) else "does not exist"))
+        plumbing.fail(
+            f"model {name!r} is not a directory" if os.path.exists(name) else f"model {plumbing.does_not_exist(name)}"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
@@ -33,6 +35,41 @@ def load_tokenizer(name: str):
         tok.add_special_tokens({"pad_token": "<|pad|>"})
         print(f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added {tok.pad_token}")
     return tok
+
+
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "text")  # a string, or a list of chat messages
+ROLES = ("system", "user", "assistant")  # the roles of a chat message in a dataset
+
+
+def text_problem(text) -> str | None:
+    """What makes a dataset's text field neither a string nor a list of {"role", "content"} chat messages, or None."""
+    if isinstance(text, str):
+        return None
+    if not isinstance(text, list) or not text:
+        return f"not a string or a list of chat messages, but {text!r:.60}"
+    for m in text:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return f"a chat message without a string 'content': {m!r:.60}"
+        if m.get("role") not in ROLES:
+            return f"a chat message of role {m.get('role')!r}, not one of {', '.join(ROLES)}"
+    return None
+
+
+def check_rows(name: str, split: str, rows: list[dict], columns: list[str]):
+    """Every row has each column; a text column holds text, "messages" chat messages, "responses" a list of texts."""
+    for i, row in enumerate(rows):
+        for c in columns:
+            if row.get(c) is None:
+                plumbing.fail(f"dataset {name!r}: row {i} of {split} has no {c!r}")
+            listed = isinstance(row[c], list)
+            if c == "responses":
+                problem = next(filter(None, map(text_problem, row[c])), None) if listed else "not a list of responses"
+            elif c in (*TEXT_COLUMNS, "messages"):
+                problem = text_problem(row[c]) if listed or c != "messages" else "not a list of chat messages"
+            else:
+                problem = None  # a numeric column is checked where it is read
+            if problem:
+                plumbing.fail(f"dataset {name!r}: row {i} of {split}, column {c!r}: {problem}")
 
 
 def encode_prompt(tok, prompt) -> list[int]:
@@ -74,12 +111,12 @@ def encode_completion(tok, prompt, completion) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
 
 
-def encode_demonstration(tok, row, fmt: list[str]) -> tuple[list[int], list[int]]:
+def encode_demonstration(tok, row, columns: list[str]) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of a demonstration in the column set plumbing.load_splits found:
     {prompt, completion}, {messages} (the last message is the completion) or {text} (no prompt: [] or [BOS])."""
-    if fmt == ["messages"]:
+    if columns == ["messages"]:
         prompt, completion = row["messages"][:-1], row["messages"][-1:]
-    elif fmt == ["text"]:
+    elif columns == ["text"]:
         prompt, completion = "", row["text"]
     else:
         prompt, completion = row["prompt"], row["completion"]
@@ -315,7 +352,37 @@ def gathered(*models):
             unit.set_reshard_after_forward(True, recurse=False)
 
 
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm (over all ranks' shards); the norm before clipping, a plain tensor."""
+    return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's whole value on every rank (every rank must call it); x itself in one process."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def assign(param: torch.Tensor, value: torch.Tensor):
+    """Set a parameter, sharded or not, to `value`, the whole tensor (the same on every rank)."""
+    with torch.no_grad():
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        param.copy_(value)
+
+
 # ---- evaluation --------------------------------------------------------------------------------------------
+def plain_text(x) -> str:
+    """A prompt or response as a reader outside the chat template reads it (the gold scorer, an AI labeller): plain
+    text as is; of chat messages the non-system turns (a system message instructs the policy, not the reader), one
+    message as its content, several as "role: content" lines."""
+    if isinstance(x, str):
+        return x
+    turns = [m for m in x if m["role"] != "system"]
+    return turns[0]["content"] if len(turns) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+
+
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct word n-grams over all n-grams of a set of samples: low means the samples repeat."""
     grams = [tuple(w[i : i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]

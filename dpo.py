@@ -174,15 +174,15 @@ def pair_logps(model, pairs: list[common.Pair], pad_id, device):
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 
 
-def pair_metrics(losses, chosen_rewards, rejected_rewards):
-    """(B, 5) per-pair loss and implicit-reward statistics; their means are the logged metrics (PAIR_METRICS)."""
+def pair_stats(losses, chosen_rewards, rejected_rewards):
+    """(B, 5) per-pair loss and implicit-reward statistics; their means are the logged metrics (PAIR_STATS)."""
     accuracies = (chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)
     return torch.stack(
         [losses.detach(), chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies], 1
     )
 
 
-PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+PAIR_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 if __name__ == "__main__":
@@ -236,11 +236,11 @@ if __name__ == "__main__":
     @torch.inference_mode()
     def ref_logps_of(pairs, model):
         """(chosen, rejected) reference log-probs of every pair: (N, 2); each rank computes its share."""
-        own, out = common.shard(pairs), []
-        for i in tqdm(range(0, len(own), micro), "reference log-probs", mininterval=5, leave=False):
+        local_pairs, out = common.shard(pairs), []
+        for i in tqdm(range(0, len(local_pairs), micro), "reference log-probs", mininterval=5, leave=False):
             # training's micro-batch shape: no larger peak memory than training's
             with autocast:
-                chosen, rejected, _, _ = pair_logps(model, own[i : i + micro], tok.pad_token_id, device)
+                chosen, rejected, _, _ = pair_logps(model, local_pairs[i : i + micro], tok.pad_token_id, device)
             out += torch.stack([chosen, rejected], 1).tolist()
         return torch.tensor(common.gather(out)[: len(pairs)], device=device)
 
@@ -287,14 +287,14 @@ if __name__ == "__main__":
     @torch.inference_mode()
     def evaluate_pairs():
         """4. Held-out preference metrics: does the implicit reward order the pairs as the labels do?"""
-        own, stats = common.shard(range(len(evals))), []  # each rank its share of the pairs
-        for i in range(0, len(own), micro):
+        local_indices, stats = common.shard(range(len(evals))), []  # each rank its share of the pairs
+        for i in range(0, len(local_indices), micro):
             with autocast:
-                indices = own[i : i + micro]
+                indices = local_indices[i : i + micro]
                 losses = loss_on([evals[j] for j in indices], torch.tensor(indices), eval_ref_logps)
-            stats += pair_metrics(*losses).tolist()
+            stats += pair_stats(*losses).tolist()
         stats = torch.tensor(common.gather(stats)[: len(evals)])
-        return dict(zip(PAIR_METRICS, stats.mean(0).tolist(), strict=True))
+        return dict(zip(PAIR_STATS, stats.mean(0).tolist(), strict=True))
 
     rng = np.random.default_rng(args.seed)
     lengths = [len(x.prompt) + max(len(x.chosen), len(x.rejected)) for x in train]
@@ -311,18 +311,18 @@ if __name__ == "__main__":
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         indices = batches.pop()
-        own, stats = common.shard(indices), []  # under torchrun each rank takes its share of the batch
-        for m in range(0, len(own), micro):
-            part = own[m : m + micro]
+        local_indices, stats = common.shard(indices), []  # under torchrun each rank takes its share of the batch
+        for m in range(0, len(local_indices), micro):
+            part = local_indices[m : m + micro]
             with autocast:
                 losses, chosen_rewards, rejected_rewards = loss_on(
                     [train[i] for i in part], torch.tensor(part), train_ref_logps
                 )
             (losses.sum() / len(indices)).backward()  # divided by the whole batch's size: ranks' gradients add up
-            stats.append(pair_metrics(losses, chosen_rewards, rejected_rewards))
+            stats.append(pair_stats(losses, chosen_rewards, rejected_rewards))
         stats = common.reduce_sum(torch.cat(stats).sum(0)) / len(indices)  # the batch's mean statistics
         step += 1
-        grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(policy.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -331,7 +331,7 @@ if __name__ == "__main__":
 
         # ---- TRY NOT TO MODIFY: logging, periodic evaluation, checkpoints ---------------------------------
         if step % args.log_every == 0 or step == total_steps:
-            metrics = dict(zip(PAIR_METRICS, stats.tolist(), strict=True))
+            metrics = dict(zip(PAIR_STATS, stats.tolist(), strict=True))
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             metrics["train/loss"] = metrics.pop("loss")
             log({**metrics, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}, step)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -21,8 +22,6 @@ import torch
 import common
 
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
-TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "text")  # a string, or a list of chat messages
-ROLES = ("system", "user", "assistant")  # the roles of a chat message in a dataset
 MADE_BY = {"runs/sft": "sft.py", "runs/reward": "reward.py"}  # the scripts' default inputs, and what writes them
 CHECKPOINT = "checkpoint"  # the directory of checkpoints inside --output_dir
 # the arguments a resumed run may set differently; any other change would make it another run
@@ -47,18 +46,19 @@ def describe(e: Exception) -> str:
 
 
 def check_ranges(args, ranges: str):
-    """One line naming the first argument outside its interval, before anything loads. `ranges` lists intervals,
-    each followed by the fields in it: "(0, inf) batch_size beta [0, 1) adam_betas"; None passes (it means off).
-    It must name every numeric field of the Args dataclass once: a misspelt or forgotten field raises at every run."""
+    """One line naming the first argument outside its interval, before anything loads. `ranges` lists intervals, each
+    followed by its fields: "(0, inf) batch_size beta [0, 1) adam_betas"; None passes (it means off). Every numeric
+    field of the Args dataclass must be named once: a misspelt or forgotten field raises at every run."""
+    named, interval = [], None  # (field, interval)
+    for token in re.findall(r"[(\[].*?[)\]]|\w+", ranges):
+        if token[0] in "([":
+            interval = token
+        else:
+            named.append((token, interval))
     hints = typing.get_type_hints(type(args))
     numeric = {n for n, t in hints.items() if {int, float} & {*typing.get_args(t), t} or typing.get_origin(t) is tuple}
-    tokens, named, interval = ranges.split(), [], None
-    while tokens:
-        interval = f"{tokens.pop(0)} {tokens.pop(0)}" if tokens[0][0] in "([" else interval
-        named += [(tokens.pop(0), interval)] if tokens and tokens[0][0] not in "([" else []
     if sorted(name for name, _ in named) != sorted(numeric):
-        unknown, unchecked = {n for n, _ in named} - numeric, numeric - {n for n, _ in named}
-        raise TypeError(f"check_ranges: not numeric fields {unknown}, unchecked {unchecked}, or named twice")
+        raise TypeError(f"check_ranges names {[n for n, _ in named]}, not once each of the numeric fields {numeric}")
     for name, interval in named:
         lo, hi = (float(x) for x in interval[1:-1].split(","))
         value = getattr(args, name)
@@ -144,37 +144,6 @@ def json_splits(name: str):
     return {split: read_json_rows(os.path.join(name, f)) for split, f in splits.items()}
 
 
-def text_problem(text) -> str | None:
-    """What makes a dataset's text field neither a string nor a list of {"role", "content"} chat messages, or None."""
-    if isinstance(text, str):
-        return None
-    if not isinstance(text, list) or not text:
-        return f"not a string or a list of chat messages, but {text!r:.60}"
-    for m in text:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return f"a chat message without a string 'content': {m!r:.60}"
-        if m.get("role") not in ROLES:
-            return f"a chat message of role {m.get('role')!r}, not one of {', '.join(ROLES)}"
-    return None
-
-
-def check_rows(name: str, split: str, rows: list[dict], columns: list[str]):
-    """Every row has each column; a text column holds text, "messages" chat messages, "responses" a list of texts."""
-    for i, row in enumerate(rows):
-        for c in columns:
-            if row.get(c) is None:
-                fail(f"dataset {name!r}: row {i} of {split} has no {c!r}")
-            listed = isinstance(row[c], list)
-            if c == "responses":
-                problem = next(filter(None, map(text_problem, row[c])), None) if listed else "not a list of responses"
-            elif c in (*TEXT_COLUMNS, "messages"):
-                problem = text_problem(row[c]) if listed or c != "messages" else "not a list of chat messages"
-            else:
-                problem = None  # a numeric column is checked where it is read
-            if problem:
-                fail(f"dataset {name!r}: row {i} of {split}, column {c!r}: {problem}")
-
-
 def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
     """(train rows, eval rows, column set) of a hub dataset, a local directory or a .json/.jsonl file: the first of
     the accepted `columns` sets it has. The eval rows are its "test" or "validation" split, else a seeded
@@ -207,7 +176,7 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
         fail(f"dataset {name!r} has columns {names}; expected one of {expected}")
     eval_name = next((s for s in ("test", "validation") if splits.get(s)), None)
     for split in filter(None, ("train", eval_name)):
-        check_rows(name, split, splits[split], found)
+        common.check_rows(name, split, splits[split], found)
     if eval_name:
         return train, splits[eval_name], found
     if len(train) < 2:
@@ -272,8 +241,8 @@ def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, k
         device = start_processes(device)
     onednn = " (fp32 matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
     where = f", {common.WORLD_SIZE} processes (FSDP2)" if common.DISTRIBUTED else ""
-    mode = f"{'bf16 autocast' if bf16 else 'fp32'}{onednn}, {'compiled' if compile else 'eager'}{where}"
-    print(f"note: {device.type}, {mode}")
+    precision = f"{'bf16 autocast' if bf16 else 'fp32'}{onednn}"
+    print(f"note: {device.type}, {precision}, {'compiled' if compile else 'eager'}{where}")
     return device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), compile, bf16
 
 
@@ -330,26 +299,6 @@ def shard_model(model):
             unit.unshard()
             unit.reshard()
     return model
-
-
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Clip the gradients' global norm (over all ranks' shards); the norm before clipping, a plain tensor."""
-    return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
-def full_tensor(x: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor's whole value on every rank (every rank must call it); x itself in one process."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
-def assign(param: torch.Tensor, value: torch.Tensor):
-    """Set a parameter, sharded or not, to `value`, the whole tensor (the same on every rank)."""
-    with torch.no_grad():
-        if hasattr(param, "device_mesh"):
-            from torch.distributed.tensor import distribute_tensor
-
-            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-        param.copy_(value)
 
 
 def full_state_dict(model):
@@ -457,10 +406,7 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
         fail(f"--resume: {path} was written by an older version of this script (no sharded checkpoint)")
     rngs = state.pop("rngs")
     if len(rngs) != common.WORLD_SIZE:  # each rank continues its own random streams
-        launch = f"torchrun --nproc_per_node {len(rngs)}" if len(rngs) > 1 else "python"
-        fail(
-            f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {common.WORLD_SIZE}: {launch}"
-        )
+        fail(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {common.WORLD_SIZE}")
     modules = torch.nn.ModuleDict(models)
     weights, optim = get_state_dict(modules, optimizer)
     saved = {"models": weights, "optimizer": optim}

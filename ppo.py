@@ -315,7 +315,7 @@ if __name__ == "__main__":
         f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} minibatches"
     )
 
-    def evaluate(n):
+    def evaluate_policy(n):
         return common.evaluate(
             policy,
             tok,
@@ -339,7 +339,7 @@ if __name__ == "__main__":
     start = time.time() - elapsed
     eos, pad_id = tok.eos_token_id, tok.pad_token_id
     if args.eval_every and not curve:  # where the curve starts: the SFT policy itself
-        curve.append({"step": 0, "episodes": 0, **evaluate(args.num_periodic_eval_prompts)[0]})
+        curve.append({"step": 0, "episodes": 0, **evaluate_policy(args.num_periodic_eval_prompts)[0]})
     progress = tqdm(total=num_steps, initial=first_step - 1, desc="ppo", mininterval=5)
     for step in range(first_step, num_steps + 1):
         # detail 15: the learning rate anneals linearly to 0 over the steps
@@ -407,7 +407,7 @@ if __name__ == "__main__":
                     vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], m, args.cliprange_value)
                     (args.vf_coef * vf_loss * scale).backward()
                     stats.append(torch.stack([pg_loss, vf_loss, entropy, *pg_stats.values(), vf_clipfrac]).detach())
-                grad_norm = plumbing.clip_grad_norm(params, args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(params, args.max_grad_norm)
                 if plumbing.finite_or_stop(grad_norm, "loss", step, args.skip_nonfinite):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -463,7 +463,7 @@ if __name__ == "__main__":
 
                 log({"samples": wandb.Table(columns=["query", "response", "score"], data=table)}, step)
         if step % args.eval_every == 0 and step < num_steps:
-            metrics, _ = evaluate(args.num_periodic_eval_prompts)
+            metrics, _ = evaluate_policy(args.num_periodic_eval_prompts)
             curve.append({"step": step, "episodes": step * args.batch_size, **metrics})
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
@@ -484,7 +484,7 @@ if __name__ == "__main__":
     train_seconds = time.time() - start
 
     # ---- evaluation -----------------------------------------------------------------------------------------
-    metrics, samples = evaluate(args.num_eval_prompts)
+    metrics, samples = evaluate_policy(args.num_eval_prompts)
     episodes = num_steps * args.batch_size
     curve.append({"step": num_steps, "episodes": episodes, **metrics})
     results = {

@@ -129,10 +129,10 @@ class Ranking(NamedTuple):
     row: int  # the row of the dataset it came from
 
 
-def tokenize_rankings(tok, rows, fmt, max_length: int, extra_columns=()) -> list[Ranking]:
+def tokenize_rankings(tok, rows, columns, max_length: int, extra_columns=()) -> list[Ranking]:
     """Rankings of {prompt, responses} rows, or of {prompt, chosen, rejected} pairs; those with a prompt + response
     over max_length tokens are dropped (counted). Every row must rank the same number of responses."""
-    if "responses" not in fmt:
+    if "responses" not in columns:
         pairs = common.tokenize_pairs(tok, rows, max_length, extra_columns)
         return [Ranking(x.prompt, [x.chosen, x.rejected], x.extras, x.row) for x in pairs]
     if extra_columns:
@@ -153,7 +153,7 @@ def tokenize_rankings(tok, rows, fmt, max_length: int, extra_columns=()) -> list
     return out
 
 
-def rewards(model, seqs, pad_id, device):
+def sequence_rewards(model, seqs, pad_id, device):
     """Score at the last real token of each right-padded sequence (the head is read there: detail 6)."""
     return common.sequence_scores(model, *(t.to(device) for t in common.pad(seqs, pad_id)))
 
@@ -161,7 +161,7 @@ def rewards(model, seqs, pad_id, device):
 def ranking_rewards(model, rankings: list[Ranking], pad_id, device):
     """(B, K) rewards of the rankings' responses, all in one forward of B x K sequences (step 2)."""
     K = len(rankings[0].responses)
-    r = rewards(model, [x.prompt + x.responses[k] for k in range(K) for x in rankings], pad_id, device)
+    r = sequence_rewards(model, [x.prompt + x.responses[k] for k in range(K) for x in rankings], pad_id, device)
     return r.view(K, len(rankings)).T
 
 
@@ -190,11 +190,6 @@ def pair_metrics(chosen_rewards, rejected_rewards):
     }
 
 
-def text_of(x) -> str:
-    """A prompt or response as text for the gold scorer: a list of chat messages gives its last one."""
-    return x if isinstance(x, str) else x[-1]["content"]
-
-
 @torch.no_grad()
 def last_hidden_states(model, seqs, pad_id, device):
     """The final (normalised) hidden state at each sequence's last real token: what the score head reads."""
@@ -210,14 +205,14 @@ def fold_shift_into_head(head: torch.nn.Linear, hidden: torch.Tensor) -> dict:
     with v.h close to 1 for every demonstration (least squares; hidden states share a common direction),
     scaled so its mean over them is exactly 1, and set w <- w - mean_reward * v: rewards move by
     -mean_reward * (v.h), a constant shift up to the fit's residual, which is reported."""
-    w = plumbing.full_tensor(head.weight.detach())[0].float()
+    w = common.full_tensor(head.weight.detach())[0].float()
     scores = hidden @ w
     ones = torch.ones(len(hidden), 1, device=hidden.device)
     v = torch.linalg.lstsq(hidden, ones, driver="gelsd" if hidden.device.type == "cpu" else None).solution[:, 0]
     v = v / (hidden @ v).mean()
     shift = scores.mean()
     new_w = (w - shift * v).to(head.weight.dtype)
-    plumbing.assign(head.weight, new_w[None])
+    common.assign(head.weight, new_w[None])
     return {
         "reward_mean_before_normalisation": float(shift),
         "reward_mean_after_normalisation": float((hidden @ new_w.float()).mean()),
@@ -245,12 +240,12 @@ if __name__ == "__main__":
     tok = common.load_tokenizer(args.model_name_or_path)
     extra = [c for c in (args.margin_column, args.label_column) if c]
     columns = [["prompt", "chosen", "rejected", *extra], ["prompt", "responses"]]
-    train_rows, eval_rows, fmt = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
-    train = tokenize_rankings(tok, train_rows, fmt, args.max_length, extra)
+    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
+    train = tokenize_rankings(tok, train_rows, columns, args.max_length, extra)
     if args.eval_dataset_name:  # another dataset's held-out split, pairs or rankings
         eval_columns = [["prompt", "chosen", "rejected"], ["prompt", "responses"]]
-        _, eval_rows, fmt = plumbing.load_splits(args.eval_dataset_name, eval_columns, seed=args.seed)
-    evals = tokenize_rankings(tok, eval_rows, fmt, args.max_length)
+        _, eval_rows, columns = plumbing.load_splits(args.eval_dataset_name, eval_columns, seed=args.seed)
+    evals = tokenize_rankings(tok, eval_rows, columns, args.max_length)
     # the demonstrations of the normalisation (step 4), read now: a mistake in them fails before training
     demo_columns = [["prompt", "completion"], ["messages"]]
     demos, _, demo_fmt = plumbing.load_splits(args.sft_dataset_name, demo_columns, seed=args.seed)
@@ -286,14 +281,15 @@ if __name__ == "__main__":
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
-    def evaluate():
+    def evaluate_pairs():
         """Held-out loss and pairwise metrics over every pair of the held-out pairs or rankings and, given a gold
         scorer, agreement with it (step 5)."""
         model.eval()
-        own, rewards_ = common.shard(evals), []  # under torchrun each rank scores its share
-        for i in range(0, len(own), micro):  # training's batch shape: no larger peak memory than training's
+        local_evals, rewards_ = common.shard(evals), []  # under torchrun each rank scores its share
+        for i in range(0, len(local_evals), micro):  # training's batch shape: no larger peak memory than training's
             with autocast:
-                rewards_ += ranking_rewards(forward_model, own[i : i + micro], tok.pad_token_id, device).tolist()
+                batch_rewards = ranking_rewards(forward_model, local_evals[i : i + micro], tok.pad_token_id, device)
+                rewards_ += batch_rewards.tolist()
         model.train()
         held_out = torch.tensor(common.gather(rewards_)[: len(evals)], dtype=torch.double)
         better, worse = ranked_pairs(held_out)
@@ -303,8 +299,9 @@ if __name__ == "__main__":
             rows = [eval_rows[x.row] for x in evals]
             responses = [row.get("responses") or [row["chosen"], row["rejected"]] for row in rows]
             K = len(responses[0])
-            prompts = [text_of(row["prompt"]) for row in rows for _ in range(K)]
-            gold = torch.tensor(gold_scorer(prompts, [text_of(r) for rs in responses for r in rs])).view(-1, K)
+            prompts = [common.plain_text(row["prompt"]) for row in rows for _ in range(K)]
+            texts = [common.plain_text(r) for rs in responses for r in rs]
+            gold = torch.tensor(gold_scorer(prompts, texts)).view(-1, K)
             gold_better, gold_worse = ranked_pairs(gold.double())
             metrics["gold_agreement"] = float(
                 ((better - worse).sign() == (gold_better - gold_worse).sign()).double().mean()
@@ -329,9 +326,9 @@ if __name__ == "__main__":
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
-        own, stats = common.shard(batch), []  # under torchrun each rank takes its share of the batch
-        for m in range(0, len(own), micro):
-            part = own[m : m + micro]
+        local_batch, stats = common.shard(batch), []  # under torchrun each rank takes its share of the batch
+        for m in range(0, len(local_batch), micro):
+            part = local_batch[m : m + micro]
             extras = torch.tensor([x.extras for x in part], device=device).reshape(len(part), len(extra))
             margins = extras[:, extra.index(args.margin_column)] if args.margin_column else None
             labels = extras[:, extra.index(args.label_column)] if args.label_column else None
@@ -351,7 +348,7 @@ if __name__ == "__main__":
             stats.append(share * torch.stack([loss.detach(), *pair_stats.values()]))
         stats = common.reduce_sum(torch.stack(stats).sum(0))  # the batch's means
         step += 1
-        grad_norm = plumbing.clip_grad_norm(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(model.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -370,7 +367,7 @@ if __name__ == "__main__":
             progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
-            metrics = evaluate()
+            metrics = evaluate_pairs()
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
@@ -387,14 +384,14 @@ if __name__ == "__main__":
 
     # ---- 4. normalisation: the SFT demonstrations' mean reward becomes 0 (detail 7) ------------------------
     model.eval()
-    own, hidden = common.shard(seqs), []  # under torchrun each rank its share of the demonstrations
+    local_seqs, hidden = common.shard(seqs), []  # under torchrun each rank its share of the demonstrations
     with torch.inference_mode(), autocast:
-        for i in range(0, len(own), 2 * micro):
-            hidden += last_hidden_states(model, own[i : i + 2 * micro], tok.pad_token_id, device).tolist()
+        for i in range(0, len(local_seqs), 2 * micro):
+            hidden += last_hidden_states(model, local_seqs[i : i + 2 * micro], tok.pad_token_id, device).tolist()
     normalisation = fold_shift_into_head(model.score, torch.tensor(common.gather(hidden)[: len(seqs)], device=device))
 
     # ---- 5. evaluation ----------------------------------------------------------------------------------
-    results = {**evaluate(), **normalisation, "steps": step, "train_seconds": round(train_seconds, 1)}
+    results = {**evaluate_pairs(), **normalisation, "steps": step, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))
     log({f"eval/{k}": v for k, v in results.items()}, step)
 

@@ -272,15 +272,6 @@ def labeller_metrics(p, flipped, skipped, reference_first_better=None):
     return metrics
 
 
-def labeller_text(x):
-    """A prompt or response as the labeller reads it: plain text as is; of chat messages the system's are left
-    out (they instruct the policy, not the labeller), one message is its content, several "role: content" lines."""
-    if isinstance(x, str):
-        return x
-    turns = [m for m in x if m["role"] != "system"]
-    return turns[0]["content"] if len(turns) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in turns)
-
-
 def gold_first_better(gold_scorer, prompts, firsts, seconds):
     """1 where the gold scorer prefers the first response, 0 where the second, 0.5 for a tie."""
     g1, g2 = np.array(gold_scorer(prompts, firsts)), np.array(gold_scorer(prompts, seconds))
@@ -337,35 +328,26 @@ def label_dataset(args, ask_labeller, gold_scorer, device, autocast):
             firsts, seconds = (common.gather(x)[: len(rows)] for x in (firsts, seconds))
         prompts = [r["prompt"] for r in rows]
         # 2. the labeller's debiased preference, and how it agrees with the given labels and the gold scorer
-        texts = [common.shard([labeller_text(x) for x in xs]) for xs in (prompts, firsts, seconds)]  # this rank's
+        texts = [common.shard([common.plain_text(x) for x in xs]) for xs in (prompts, firsts, seconds)]  # this rank's
         chunks = range(0, len(texts[0]), 512)  # in chunks, so that the progress shows
         labels = [
-            ask_labeller(*(t[i : i + 512] for t in texts))
-            for i in tqdm(chunks, desc=f"labelling {split}", mininterval=5)
+            ask_labeller(*(t[i : i + 512] for t in texts)) for i in tqdm(chunks, f"labelling {split}", mininterval=5)
         ]
         p, flipped, skipped = (
             torch.tensor(common.gather(torch.cat(x).tolist())[: len(rows)]) for x in zip(*labels, strict=True)
         )
-        texts = [[labeller_text(x) for x in xs] for xs in (prompts, firsts, seconds)]
+        texts = [[common.plain_text(x) for x in xs] for xs in (prompts, firsts, seconds)]
         metrics = labeller_metrics(p, flipped, skipped)
         if policy is None:  # agreement with the labels the data came with (chosen was preferred)
             metrics["label_agreement"] = labeller_metrics(p, flipped, skipped, torch.ones(len(p)))["agreement"]
         if gold_scorer is not None:
-            metrics["gold_agreement"] = labeller_metrics(p, flipped, skipped, gold_first_better(gold_scorer, *texts))[
-                "agreement"
-            ]
+            gold = gold_first_better(gold_scorer, *texts)
+            metrics["gold_agreement"] = labeller_metrics(p, flipped, skipped, gold)["agreement"]
         results.update({f"{split}_{k}": v for k, v in metrics.items()})
         # 3. chosen = the labeller's pick; label = its probability that chosen is better (>= 0.5)
-        splits[split] = [
-            {
-                "prompt": q,
-                "chosen": a if pa >= 0.5 else b,
-                "rejected": b if pa >= 0.5 else a,
-                "label": round(max(pa, 1 - pa), 4),
-            }
-            for q, a, b, pa, s in zip(prompts, firsts, seconds, p.tolist(), skipped.tolist(), strict=True)
-            if not s
-        ]
+        labelled = zip(prompts, firsts, seconds, p.tolist(), skipped.tolist(), strict=True)
+        picked = [(q, a, b, pa) if pa >= 0.5 else (q, b, a, 1 - pa) for q, a, b, pa, s in labelled if not s]
+        splits[split] = [{"prompt": q, "chosen": c, "rejected": r, "label": round(pc, 4)} for q, c, r, pc in picked]
         if not splits[split]:
             plumbing.fail(
                 f"{split}: every labeller question is over judge_max_length {args.judge_max_length} "
@@ -424,7 +406,7 @@ if __name__ == "__main__":
     train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
-    prompt_texts = [labeller_text(train_rows[i]["prompt"]) for i in kept]
+    prompt_texts = [common.plain_text(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 25
@@ -509,7 +491,7 @@ if __name__ == "__main__":
             margins = args.beta * h.detach()
             sums += torch.stack([(losses.detach() * w).sum(), (margins * w).sum(), ((margins > 0) * w).sum()])
         loss_value, mean_margin, accuracy = (common.reduce_sum(sums) / n_kept).tolist()
-        grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(policy.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(grad_norm + loss_value, "loss", step, args.skip_nonfinite):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -520,14 +502,9 @@ if __name__ == "__main__":
                 k.removeprefix("labeller_"): float(np.mean([s[k] for s in labeller_stats[-args.log_every :]]))
                 for k in labeller_stats[-1]
             }
-            metrics = {
-                "train/loss": loss_value,
-                "rewards/margins": mean_margin,
-                "rewards/accuracies": accuracy,
-                "train/grad_norm": float(grad_norm),
-                "train/lr": optimizer.param_groups[0]["lr"],
-                **{f"labeller/{k}": v for k, v in recent.items()},
-            }
+            metrics = {"train/loss": loss_value, "rewards/margins": mean_margin, "rewards/accuracies": accuracy}
+            metrics.update({"train/grad_norm": float(grad_norm), "train/lr": optimizer.param_groups[0]["lr"]})
+            metrics.update({f"labeller/{k}": v for k, v in recent.items()})
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", agree=f"{recent.get('agreement', np.nan):.2f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < num_steps:
@@ -536,16 +513,10 @@ if __name__ == "__main__":
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < num_steps:
-            state = {
-                "step": step,
-                "order": order,
-                "curve": curve,
-                "labeller_stats": labeller_stats,
-                "numpy_rng": data_rng.bit_generator.state,
-                "principle_rng": rng.getstate(),
-                "history": history,
-                "elapsed": time.time() - start,
-            }
+            state = dict(step=step, order=order, curve=curve, labeller_stats=labeller_stats, history=history)
+            state.update(
+                numpy_rng=data_rng.bit_generator.state, principle_rng=rng.getstate(), elapsed=time.time() - start
+            )
             plumbing.save_checkpoint(args.output_dir, "rlaif.py", args, {"policy": policy}, optimizer, None, state)
         progress.update()
     progress.close()

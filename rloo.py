@@ -240,7 +240,7 @@ if __name__ == "__main__":
         f"steps of {args.batch_size} prompts x {args.rloo_k} responses, {args.baseline} baseline"
     )
 
-    def evaluate(n):
+    def evaluate_policy(n):
         return common.evaluate(
             policy,
             tok,
@@ -263,7 +263,7 @@ if __name__ == "__main__":
     start = time.time() - elapsed
     eos, pad_id, k = tok.eos_token_id, tok.pad_token_id, args.rloo_k  # k: a prompt's group of responses
     if args.eval_every and not curve:  # where the curve starts: the SFT policy itself
-        curve.append({"step": 0, "episodes": 0, **evaluate(args.num_periodic_eval_prompts)[0]})
+        curve.append({"step": 0, "episodes": 0, **evaluate_policy(args.num_periodic_eval_prompts)[0]})
     progress = tqdm(total=num_steps, initial=first_step - 1, desc=args.baseline, mininterval=5)
     for step in range(first_step, num_steps + 1):
         optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / num_steps)  # detail 15
@@ -318,7 +318,7 @@ if __name__ == "__main__":
                     # the micro-batch's share of the (whole) minibatch: the ranks' gradients add up
                     (loss * len(idx) / minibatch_size).backward()
                     stats.append(torch.stack([pg_loss, kl_loss, clipfrac, approxkl]).detach())
-                grad_norm = plumbing.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(policy.parameters(), args.max_grad_norm)
                 if plumbing.finite_or_stop(grad_norm, "loss", step, args.skip_nonfinite):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -354,26 +354,20 @@ if __name__ == "__main__":
             table = "".join(f"\n  {t}   [score {s:.2f}]" for t, s in zip(texts, scores[:k].tolist(), strict=True))
             tqdm.write(f"step {step}, {k} samples of: {query}{table}")
         if step % args.eval_every == 0 and step < num_steps:
-            metrics, _ = evaluate(args.num_periodic_eval_prompts)
+            metrics, _ = evaluate_policy(args.num_periodic_eval_prompts)
             curve.append({"step": step, "episodes": step * args.batch_size, **metrics})
             tqdm.write(f"step {step}: " + " ".join(f"{name} {value:.3f}" for name, value in metrics.items()))
             log({f"eval/{name}": value for name, value in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < num_steps:
-            state = {
-                "step": step,
-                "order": order,
-                "curve": curve,
-                "numpy_rng": rng.bit_generator.state,
-                "history": history,
-                "elapsed": time.time() - start,
-            }
+            state = dict(step=step, order=order, curve=curve, numpy_rng=rng.bit_generator.state, history=history)
+            state["elapsed"] = time.time() - start
             plumbing.save_checkpoint(args.output_dir, "rloo.py", args, {"policy": policy}, optimizer, None, state)
         progress.update()
     progress.close()
     train_seconds = time.time() - start
 
     # ---- evaluation -----------------------------------------------------------------------------------------
-    metrics, samples = evaluate(args.num_eval_prompts)
+    metrics, samples = evaluate_policy(args.num_eval_prompts)
     episodes = num_steps * args.batch_size
     curve.append({"step": num_steps, "episodes": episodes, **metrics})
     results = {

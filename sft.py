@@ -98,12 +98,12 @@ class Args:
     """wandb project name"""
 
 
-def tokenize(tok, rows, fmt: list[str], max_length: int, split: str = "train"):
+def tokenize(tok, rows, columns: list[str], max_length: int, split: str = "train"):
     """(prompt_ids, completion_ids) per row (step 1). Rows whose prompt leaves no room for a completion are
     dropped, over-long completions are cut (losing their EOS); both are counted."""
     out, dropped, cut = [], 0, 0
     for row in rows:
-        p, c = common.encode_demonstration(tok, row, fmt)
+        p, c = common.encode_demonstration(tok, row, columns)
         if len(p) >= max_length:
             dropped += 1
             continue
@@ -137,16 +137,16 @@ if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: data and model ------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
     columns = [["prompt", "completion"], ["messages"], ["text"]]
-    train_rows, eval_rows, fmt = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
-    train = tokenize(tok, train_rows, fmt, args.max_length)
-    evals = tokenize(tok, eval_rows, fmt, args.max_length, "eval")
+    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
+    train = tokenize(tok, train_rows, columns, args.max_length)
+    evals = tokenize(tok, eval_rows, columns, args.max_length, "eval")
     # a directory with a config and no weights (the world's base model) is initialised at random (seed above)
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
     plumbing.shard_model(model)  # under torchrun: FSDP2 (then every rank samples from its own seed)
     plumbing.seed_sampling(args.seed)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"data: {len(train)} train / {len(evals)} eval rows ({fmt})"
+        f"data: {len(train)} train / {len(evals)} eval rows ({columns})"
     )
     forward_model = torch.compile(model) if use_compile else model  # sampling uses the eager model
 
@@ -165,9 +165,9 @@ if __name__ == "__main__":
     def eval_loss():
         """The held-out loss: mean NLL per completion token (each rank scores its share of the rows)."""
         model.eval()
-        own, rows = common.shard(evals), []
-        for i in range(0, len(own), args.micro_batch_size):
-            prompts, completions = zip(*own[i : i + args.micro_batch_size], strict=True)
+        local_evals, rows = common.shard(evals), []
+        for i in range(0, len(local_evals), args.micro_batch_size):
+            prompts, completions = zip(*local_evals[i : i + args.micro_batch_size], strict=True)
             with autocast:
                 logps, n = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)
             rows += zip(logps.tolist(), n.tolist(), strict=True)
@@ -203,9 +203,9 @@ if __name__ == "__main__":
         # without BOS) cannot predict its first token. Under torchrun each rank sums over its share of the batch
         # (divided by the whole batch's count): the ranks' gradients add up to the step's.
         n_tokens = sum(len(c) - (not p) for p, c in batch)
-        own, loss_sum = common.shard(batch), torch.zeros((), device=device)
-        for m in range(0, len(own), args.micro_batch_size):
-            prompts, completions = zip(*own[m : m + args.micro_batch_size], strict=True)
+        local_batch, loss_sum = common.shard(batch), torch.zeros((), device=device)
+        for m in range(0, len(local_batch), args.micro_batch_size):
+            prompts, completions = zip(*local_batch[m : m + args.micro_batch_size], strict=True)
             with autocast:
                 logps = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)[0]
                 loss = -logps.sum() / n_tokens
@@ -213,7 +213,7 @@ if __name__ == "__main__":
             loss_sum += loss.detach()
         loss_sum = common.reduce_sum(loss_sum)
         step += 1
-        grad_norm = plumbing.clip_grad_norm(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(model.parameters(), args.max_grad_norm)
         if plumbing.finite_or_stop(loss_sum + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()

@@ -98,14 +98,6 @@ def latest_response(record):
     return record["rounds"][-1]["revision"] if record["rounds"] else record["response"]
 
 
-def prompt_text(prompt):
-    """A prompt as the gold scorer reads it: plain text as is, of chat messages the non-system turns."""
-    if isinstance(prompt, str):
-        return prompt
-    turns = [m for m in prompt if m["role"] != "system"]
-    return turns[0]["content"] if len(turns) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in turns)
-
-
 def generate(model, tok, conversations, args, device, autocast):
     """The model's reply to each conversation (in batches of batch_size, each rank its share under torchrun): the
     text, and whether it ended with EOS (else it was cut at response_length)."""
@@ -189,7 +181,7 @@ if __name__ == "__main__":
         )
 
     # ---- 4. gold score and diversity of the same prompts' responses before revision and after each round -------
-    texts = [prompt_text(r["prompt"]) for r in kept_records]
+    texts = [common.plain_text(r["prompt"]) for r in kept_records]
     stages = [[r["response"] for r in kept_records]]
     stages += [[r["rounds"][n]["revision"] for r in kept_records] for n in range(args.num_revisions)]
     responses_cut = sum(r["response_cut"] for r in records)
