@@ -93,7 +93,7 @@ def encode_prompts(tok, rows, max_length: int, split: str = "train"):
 
 
 def encode_completion(tok, prompt, completion) -> list[int]:
-    """Token ids of a completion, ending with exactly one EOS (detail 2), tokenised apart from the prompt as the
+    """Token ids of a completion, ending with exactly one EOS (detail 5), tokenised apart from the prompt as the
     policy will generate it. A conversational completion is what follows the rendered prompt."""
     if isinstance(completion, list):
         if not isinstance(prompt, list) or not prompt:
@@ -124,7 +124,7 @@ def encode_demonstration(tok, row, columns: list[str]) -> tuple[list[int], list[
 
 
 class Pair(NamedTuple):
-    """A tokenised preference pair. Ids are array("i"): 4 bytes a token where a list of ints takes ~40."""
+    """A tokenised preference pair. Ids are array("i"): one machine int a token, not a Python object each."""
 
     prompt: array
     chosen: array  # each response ends with EOS
@@ -153,7 +153,7 @@ def tokenize_pairs(tok, rows, max_length: int, extra_columns=()) -> list[Pair]:
 
 # ---- padding and batching ------------------------------------------------------------------------------
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
-    """(ids, mask) as tensors: left padding for generation, right padding for training (detail 3). Widths are
+    """(ids, mask) as tensors: left padding for generation, right padding for training (detail 2). Widths are
     multiples of 8, so few distinct shapes recur (kernels are cached per shape)."""
     width = -(-max(len(s) for s in seqs) // 8) * 8
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -182,7 +182,7 @@ def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator, g
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that ignore left padding: 0 at the first real token (detail 3)."""
+    """Positions that ignore left padding: 0 at the first real token (detail 2)."""
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
@@ -197,7 +197,7 @@ LOGITS_PER_BLOCK = 2**20
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token], as the gathered logit minus logsumexp: no log_softmax copy (detail 5)."""
+    """log softmax(logits)[token], as the gathered logit minus logsumexp: no log_softmax copy (detail 4)."""
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
@@ -225,7 +225,7 @@ def in_row_blocks(fn, logits: torch.Tensor, *tensors: torch.Tensor, temperature:
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs of (B, T, V) logits at a temperature (details 4 and 5), in blocks of rows."""
+    """Per-token log-probs of (B, T, V) logits at a temperature (details 3 and 4), in blocks of rows."""
     return in_row_blocks(token_logprobs, logits, tokens, temperature=temperature)
 
 
@@ -302,7 +302,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
 
 # ---- several processes: the collectives ---------------------------------------------------------------
 # torchrun sets RANK and WORLD_SIZE for each process it starts, and every rank runs the whole script on its share of
-# every batch (detail 16). `python script.py` is one process, rank 0 of 1: then each helper below is the identity.
+# every batch (details 28 and 29). `python script.py` is one process, rank 0 of 1: then each helper below is the identity.
 DISTRIBUTED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 

@@ -217,7 +217,7 @@ if __name__ == "__main__":
     needs_ref = args.loss_type != "simpo"
 
     def load_ref():
-        """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 25)."""
+        """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 26)."""
         ref = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
         return plumbing.shard_model(ref.eval().requires_grad_(False))  # eval(): no dropout, as the policy's (below)
 

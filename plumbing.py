@@ -270,7 +270,7 @@ def check_global_batch(batch_size: int):
 
 
 def seed_sampling(seed: int):
-    """Each rank samples from seed + rank * 100003 (detail 16), set once the models are made alike on every rank."""
+    """Each rank samples from seed + rank * 100003 (detail 27), set once the models are made alike on every rank."""
     if common.DISTRIBUTED:
         torch.manual_seed(seed + common.RANK * 100003)
 

@@ -9,8 +9,8 @@ collected (the "N" and "N+" details), numbered as in docs/implementation_details
 comments number the step's parts as that file's "ppo.py" list does:
 
   1-2  sample `response_length` tokens per left-padded prompt; cut after the first EOS, and score responses
-       without one `missing_eos_score` (details 3, 10)
-  3    log-probs of the policy and the reference at the rollout temperature, values, scores (details 4, 12)
+       without one `missing_eos_score` (details 2, 10)
+  3    log-probs of the policy and the reference at the rollout temperature, values, scores (details 3, 12)
   4    r_t = -kl_coef * KL_t (the non-score reward) + the score at the last token (detail 11)
   5    GAE over the response tokens, advantages whitened (detail 13)
   6    `num_ppo_epochs` passes of shuffled minibatches of micro-batches (gradient accumulation), minimising
@@ -68,7 +68,7 @@ class Args:
     response_length: int = 48
     """tokens sampled per rollout response (the EOS trick cuts after the first EOS)"""
     rollout_temperature: float = 0.7
-    """sampling temperature of rollouts; their log-probs are computed at the same temperature (detail 4)"""
+    """sampling temperature of rollouts; their log-probs are computed at the same temperature (detail 3)"""
     missing_eos_score: float = -1.0
     """the score given to a response with no EOS in response_length tokens, instead of the reward model's"""
     kl_coef: float = 0.05
@@ -277,7 +277,7 @@ if __name__ == "__main__":
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    # detail 25: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
+    # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
     # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
     ref_policy = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
@@ -349,7 +349,7 @@ if __name__ == "__main__":
         batch = common.shard([prompts[order.pop()] for _ in range(args.batch_size)])  # this rank's share
 
         with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
-            # 1. rollout: response_length tokens sampled from left-padded prompts (detail 3)
+            # 1. rollout: response_length tokens sampled from left-padded prompts (detail 2)
             queries, query_mask = (t.to(device) for t in common.pad(batch, pad_id, "left"))
             with common.gathered(policy):
                 raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
@@ -359,7 +359,7 @@ if __name__ == "__main__":
             responses, response_mask = responses[:, :R], response_mask[:, :R]
             seq, seq_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
             Q = queries.shape[1]
-            # 3. log-probs of the sampled tokens at the temperature that sampled them (detail 4), values, scores
+            # 3. log-probs of the sampled tokens at the temperature that sampled them (detail 3), values, scores
             logprobs = common.forward_logprobs(policy, seq, seq_mask, args.rollout_temperature, keep=R).float()
             ref_logprobs = common.forward_logprobs(ref_policy, seq, seq_mask, args.rollout_temperature, keep=R).float()
             values = token_values(value_model.base_model, value_model.score, seq, seq_mask, Q)
@@ -428,7 +428,7 @@ if __name__ == "__main__":
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.target_kl, args.batch_size, args.kl_horizon)
 
-        # ---- TRY NOT TO MODIFY: logging (the reference implementations' names, detail 17), evaluation ------
+        # ---- TRY NOT TO MODIFY: logging (the reference implementations' names, detail 16), evaluation ------
         if step % args.log_every == 0 or step == num_steps:
             update_means = common.reduce_sum(torch.stack(stats).mean(0)) / common.WORLD_SIZE
             pg, vf, entropy, approxkl, clipfrac, ratio, vf_clipfrac = update_means.tolist()

@@ -10,7 +10,7 @@ asked "Which response is better? Answer A or B." Its preference is the softmax o
 answer tokens; position bias is removed by asking again with the responses swapped and averaging:
 p(y1 better) = (p("A" | A = y1, B = y2) + p("B" | A = y2, B = y1)) / 2 (details 20-23 of
 docs/implementation_details.md; the steps below are numbered as its "rlaif.py" lists them). With --judge_mode
-direct (d-RLAIF, Lee et al. 2023; detail 26) it rates each response alone from 1 to 9 under a question of
+direct (d-RLAIF, Lee et al. 2023; detail 24) it rates each response alone from 1 to 9 under a question of
 --rating_constitution: a rating is the expected digit under its softmax over the nine digits, and
 p(y1 better) = sigmoid(rating(y1) - rating(y2)), for labellers whose pairwise answer only follows the position.
 
@@ -235,7 +235,7 @@ def label_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng
 
 
 def rate_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng, args, device, autocast):
-    """d-RLAIF (Lee et al. 2023, detail 26): the labeller rates each response alone under the pair's principle;
+    """d-RLAIF (Lee et al. 2023, detail 24): the labeller rates each response alone under the pair's principle;
     a rating is the expected digit, sum_k k p(k), under the softmax of its logits over the digits 1-9, and
     p(first better) = sigmoid(rating(first) - rating(second)). No order to be biased by: nothing flips."""
     chosen_principles = [rng.choice(principles) for _ in prompt_texts]  # one principle per comparison
@@ -393,7 +393,7 @@ if __name__ == "__main__":
     answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
 
     def ask_labeller(prompts, firsts, seconds):
-        """The labeller's p(first better), flips and skips of text pairs (details 20-22, or 26 when direct)."""
+        """The labeller's p(first better), flips and skips of text pairs (details 20-22, or 24 when direct)."""
         labeller = label_pairs if args.judge_mode == "pairwise" else rate_pairs
         return labeller(judge, judge_tok, prompts, firsts, seconds, principles, rng, args, device, autocast)
 
@@ -409,7 +409,7 @@ if __name__ == "__main__":
     prompt_texts = [common.plain_text(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 25
+    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 26
     ref_policy.requires_grad_(False)
     for model in (policy, ref_policy):
         # dropout off: the log-probs of the update are those of the policy that sampled; under torchrun: FSDP2

@@ -4,7 +4,7 @@
     python rloo.py --baseline grpo --output_dir runs/grpo
 
 PPO learns a value model to tell a good response from a lucky one. These estimators instead sample k
-responses per prompt and let the others be the baseline (detail 24 of docs/implementation_details.md): no
+responses per prompt and let the others be the baseline (detail 17 of docs/implementation_details.md): no
 value model, one model fewer to train and keep in memory. Each response y_i of a prompt gets one scalar
 score s_i from the reward model (responses without EOS score `missing_eos_score`: the EOS trick, detail 10):
 
@@ -76,7 +76,7 @@ class Args:
     response_length: int = 48
     """tokens sampled per rollout response (the EOS trick cuts after the first EOS)"""
     rollout_temperature: float = 0.7
-    """sampling temperature of rollouts; their log-probs are computed at the same temperature (detail 4)"""
+    """sampling temperature of rollouts; their log-probs are computed at the same temperature (detail 3)"""
     missing_eos_score: float = -1.0
     """the score given to a response with no EOS in response_length tokens, instead of the reward model's"""
     kl_coef: float = 0.05
@@ -209,7 +209,7 @@ if __name__ == "__main__":
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    # detail 25: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
+    # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
     # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     scorer_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -273,7 +273,7 @@ if __name__ == "__main__":
 
         with torch.inference_mode(), autocast:  # no autograd at all for the rollout and the frozen models
             # 1. rollout: k responses per prompt, the prompts' rows repeated in place (a prompt's group is
-            # rows i*k .. i*k + k-1), response_length tokens each from left-padded prompts (detail 3)
+            # rows i*k .. i*k + k-1), response_length tokens each from left-padded prompts (detail 2)
             queries, query_mask = (t.repeat_interleave(k, 0).to(device) for t in common.pad(batch, pad_id, "left"))
             with common.gathered(policy):
                 raw = common.sample(policy, queries, query_mask, args.response_length, args.rollout_temperature, eos)
@@ -282,7 +282,7 @@ if __name__ == "__main__":
             R = int(response_mask.sum(1).max())  # columns that are padding in every row are dropped: exact, cheaper
             responses, response_mask = responses[:, :R], response_mask[:, :R]
             seq, seq_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-            # 3. log-probs of the sampled tokens at the temperature that sampled them (detail 4), and scores
+            # 3. log-probs of the sampled tokens at the temperature that sampled them (detail 3), and scores
             logprobs = common.forward_logprobs(policy, seq, seq_mask, args.rollout_temperature, keep=R).float()
             ref_logprobs = common.forward_logprobs(ref_policy, seq, seq_mask, args.rollout_temperature, keep=R).float()
             scores = common.sequence_scores(reward_model, seq, seq_mask)

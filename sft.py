@@ -6,7 +6,7 @@
 
 Data: {"prompt", "completion"} (text or chat messages), {"messages"} (the last message is the completion) or
 {"text"} (loss on every token). The loss is the mean negative log-likelihood of the completion tokens only,
-with EOS appended so the model learns to stop (docs/implementation_details.md, details 1-3; the steps below
+with EOS appended so the model learns to stop (docs/implementation_details.md, details 1, 2 and 5; the steps below
 are numbered as its "sft.py" list). Writes a `save_pretrained` model + tokenizer to --output_dir, with
 eval.json (held-out loss, EOS rate and, given a gold scorer, gold_score).
 """

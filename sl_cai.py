@@ -6,9 +6,10 @@ responses under written requests, and the final revisions become a dataset for s
 
 The model answers each prompt, then num_revisions times critiques its latest answer under a critique request
 drawn from --revision_requests and revises it under the paired revision request, each in its own conversation
-(the steps below are numbered as docs/implementation_details.md lists them for sl_cai.py). The second stage, RL
-from AI feedback (rlaif.py), then starts from the fine-tuned model. Reported: the gold score, diversity and length
-of the responses before revision and after each round, and how many revisions were cut and dropped.
+(detail 25 of docs/implementation_details.md; the steps below are numbered as it lists them for sl_cai.py).
+The second stage, RL from AI feedback (rlaif.py), then starts from the fine-tuned model. Reported: the gold
+score, diversity and length of the responses before revision and after each round, and how many revisions
+were cut and dropped.
 """
 
 import json
