@@ -301,8 +301,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
 
 
 # ---- several processes: the collectives ---------------------------------------------------------------
-# torchrun sets RANK and WORLD_SIZE for each process it starts, and every rank runs the whole script on its share of
-# every batch (details 28 and 29). `python script.py` is one process, rank 0 of 1: then each helper below is the identity.
+# torchrun sets RANK and WORLD_SIZE for each process it starts, and every rank runs the whole script on its share
+# of every batch (details 28 and 29). `python script.py` is one process, rank 0 of 1: each helper is the identity.
 DISTRIBUTED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
