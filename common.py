@@ -1,4 +1,5 @@
-"""What every script shares about language models: tokenisation, padding, log-probs, sampling, evaluation.
+"""What the algorithms visibly use: what a dataset's text may be and how it becomes tokens, padding, log-probs,
+sampling, the collectives of several processes, and evaluation.
 
 The algorithms themselves live in their scripts; run plumbing (loading, checkpoints, logs) in plumbing.py.
 "Detail N" refers to docs/implementation_details.md.
@@ -37,6 +38,7 @@ def load_tokenizer(name: str):
     return tok
 
 
+# a dataset's text: plumbing.load_splits checks every row with check_rows before anything is tokenised
 TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "text")  # a string, or a list of chat messages
 ROLES = ("system", "user", "assistant")  # the roles of a chat message in a dataset
 

@@ -91,8 +91,7 @@ def read_text(path: str, what: str) -> str:
     if not os.path.isfile(path):
         fail(f"{what} {does_not_exist(path)}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return open(path, encoding="utf-8").read()
     except UnicodeDecodeError as e:
         fail(f"{what} {path!r} is not UTF-8 text (byte {e.start})")
 
@@ -402,8 +401,6 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
 
     path = os.path.join(output_dir, CHECKPOINT)
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    if "rngs" not in state:
-        fail(f"--resume: {path} was written by an older version of this script (no sharded checkpoint)")
     rngs = state.pop("rngs")
     if len(rngs) != common.WORLD_SIZE:  # each rank continues its own random streams
         fail(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {common.WORLD_SIZE}")
