@@ -239,17 +239,18 @@ if __name__ == "__main__":
     # ---- 1. data and model -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
     extra = [c for c in (args.margin_column, args.label_column) if c]
-    columns = [["prompt", "chosen", "rejected", *extra], ["prompt", "responses"]]
-    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
+    accepted = [["prompt", "chosen", "rejected", *extra], ["prompt", "responses"]]  # pairs or rankings
+    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, accepted, seed=args.seed)
     train = tokenize_rankings(tok, train_rows, columns, args.max_length, extra)
     if args.eval_dataset_name:  # another dataset's held-out split, pairs or rankings
-        eval_columns = [["prompt", "chosen", "rejected"], ["prompt", "responses"]]
-        _, eval_rows, columns = plumbing.load_splits(args.eval_dataset_name, eval_columns, seed=args.seed)
+        accepted = [["prompt", "chosen", "rejected"], ["prompt", "responses"]]
+        _, eval_rows, columns = plumbing.load_splits(args.eval_dataset_name, accepted, seed=args.seed)
     evals = tokenize_rankings(tok, eval_rows, columns, args.max_length)
     # the demonstrations of the normalisation (step 4), read now: a mistake in them fails before training
-    demo_columns = [["prompt", "completion"], ["messages"]]
-    demos, _, demo_fmt = plumbing.load_splits(args.sft_dataset_name, demo_columns, seed=args.seed)
-    seqs = [sum(common.encode_demonstration(tok, row, demo_fmt), []) for row in demos[: args.num_normalisation_rows]]
+    accepted = [["prompt", "completion"], ["messages"]]
+    demos, _, demo_columns = plumbing.load_splits(args.sft_dataset_name, accepted, seed=args.seed)
+    demos = demos[: args.num_normalisation_rows]
+    seqs = [sum(common.encode_demonstration(tok, row, demo_columns), []) for row in demos]
     seqs = [s for s in seqs if len(s) <= args.max_length]
     if not seqs:
         plumbing.fail(f"no demonstration of {args.sft_dataset_name!r} fits in max_length {args.max_length}")

@@ -304,10 +304,10 @@ def dpo_losses(logps, ref_logps, lengths, n, loss_type, beta):
 def label_dataset(args, ask_labeller, gold_scorer, device, autocast):
     """Label every pair of each split (given, or two samples of the policy per prompt) and write
     {prompt, chosen, rejected, label} rows: distilled RLAIF."""
-    columns = [["prompt", "chosen", "rejected"], ["prompt"]]
-    train_rows, eval_rows, found = plumbing.load_splits(args.dataset_name, columns, seed=args.seed)
+    accepted = [["prompt", "chosen", "rejected"], ["prompt"]]  # pairs, or prompts to sample pairs for
+    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, accepted, seed=args.seed)
     policy = None
-    if found == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
+    if columns == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
         tok = common.load_tokenizer(args.model_name_or_path)
         policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
         plumbing.shard_model(policy.requires_grad_(False))  # under torchrun: FSDP2
