@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -31,7 +30,7 @@ RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "skip_nonfinite", "tr
 # ---- one-line errors and argument checks -------------------------------------------------------------
 def fail(message: str):
     """A user's mistake ends the run with one line naming it. Under torchrun rank 0 says it (torchrun then stops the
-    others); a mistake that only one other rank meets is said by that rank after a wait."""
+    others); a mistake that only another rank meets is said by that rank after a wait."""
     if common.RANK > 0:
         time.sleep(10)
         print(f"error (rank {common.RANK}): {message}", file=sys.__stderr__, flush=True)
@@ -45,16 +44,11 @@ def describe(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
-def check_ranges(args, ranges: str):
-    """One line naming the first argument outside its interval, before anything loads. `ranges` lists intervals, each
-    followed by its fields: "(0, inf) batch_size beta [0, 1) adam_betas"; None passes (it means off). Every numeric
-    field of the Args dataclass must be named once: a misspelt or forgotten field raises at every run."""
-    named, interval = [], None  # (field, interval)
-    for token in re.findall(r"[(\[].*?[)\]]|\w+", ranges):
-        if token[0] in "([":
-            interval = token
-        else:
-            named.append((token, interval))
+def check_ranges(args, ranges: dict[str, str]):
+    """One line naming the first argument outside its interval, before anything loads. `ranges` maps an interval to
+    the fields it bounds: {"(0, inf)": "batch_size beta", "[0, 1)": "adam_betas"}; None passes (it means off). Every
+    numeric field of the Args dataclass must be named once: a misspelt or forgotten field raises at every run."""
+    named = [(name, interval) for interval, names in ranges.items() for name in names.split()]
     hints = typing.get_type_hints(type(args))
     numeric = {n for n, t in hints.items() if {int, float} & {*typing.get_args(t), t} or typing.get_origin(t) is tuple}
     if sorted(name for name, _ in named) != sorted(numeric):
@@ -111,12 +105,12 @@ def does_not_exist(name: str) -> str:
 
 
 def read_json_rows(path: str) -> list[dict]:
-    """The rows of a .jsonl file (one object per line) or a .json file (a list of objects, or lines)."""
+    """The rows of a .jsonl file, or of a .json file holding a list of objects (or lines, as `datasets` reads it)."""
     text = read_text(path, "dataset")
     try:
         rows = json.loads(text) if path.endswith(".json") else None
     except json.JSONDecodeError:
-        rows = None  # JSON Lines under a .json name, as `datasets` also reads them
+        rows = None
     if rows is None:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -129,45 +123,38 @@ def read_json_rows(path: str) -> list[dict]:
     return rows
 
 
-def json_splits(name: str):
-    """{split: rows} of a .json/.jsonl file (all "train") or a directory of train/test/validation .json(l) files,
-    read with the json module (importing `datasets` pulls in pyarrow and pandas); else None."""
-    if os.path.isfile(name):
-        return {"train": read_json_rows(name)} if name.endswith((".json", ".jsonl")) else None
-    if not os.path.isdir(name):
-        return None
-    files = [f for f in os.listdir(name) if not f.startswith(".") and f != "README.md"]
-    splits = {os.path.splitext(f)[0]: f for f in files if f.endswith((".json", ".jsonl"))}
-    if not files or len(splits) < len(files) or not set(splits) <= {"train", "test", "validation"}:
-        return None
-    return {split: read_json_rows(os.path.join(name, f)) for split, f in splits.items()}
+def read_splits(name: str) -> dict:
+    """{split: rows} of a .json(l) file (all "train"), of a directory of train/test/validation .json(l) files (read
+    with the json module: importing `datasets` pulls in pyarrow and pandas), or else through `datasets`."""
+    files = [f for f in os.listdir(name) if not f.startswith(".") and f != "README.md"] if os.path.isdir(name) else []
+    splits = {os.path.splitext(f)[0]: os.path.join(name, f) for f in files}
+    if os.path.isfile(name) and name.endswith((".json", ".jsonl")):
+        return {"train": read_json_rows(name)}
+    if files and all(f.endswith((".json", ".jsonl")) for f in files) and set(splits) <= {"train", "test", "validation"}:
+        return {split: read_json_rows(path) for split, path in splits.items()}
+    from datasets import load_dataset
+
+    ext = os.path.splitext(name)[1].lstrip(".")  # a local csv, parquet or txt file: its builder and the file
+    builder, data_files = ({"txt": "text"}.get(ext, ext), name) if os.path.isfile(name) else (name, None)
+    try:
+        return {split: rows.to_list() for split, rows in load_dataset(builder, data_files=data_files).items()}
+    except Exception as e:  # the datasets library raises many types; the first line says what went wrong
+        where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
+        fail(f"could not load dataset {name!r}{where}: {describe(e)}")
 
 
 def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
     """(train rows, eval rows, column set) of a hub dataset, a local directory or a .json/.jsonl file: the first of
-    the accepted `columns` sets it has. The eval rows are its "test" or "validation" split, else a seeded
-    `eval_fraction` of train."""
+    the accepted `columns` sets it has, every row checked. The eval rows are its "test" or "validation" split, else
+    a seeded `eval_fraction` of train."""
     if is_local(name) and not os.path.exists(name):
         fail(f"dataset {does_not_exist(name)}")
     if os.path.isfile(name) and os.path.getsize(name) == 0:
         fail(f"dataset {name!r} is empty")
-    splits = json_splits(name)
-    if splits is None:
-        from datasets import load_dataset
-
-        ext = os.path.splitext(name)[1].lstrip(".")  # a local csv, parquet or txt file: its builder and the file
-        builder, files = ({"txt": "text"}.get(ext, ext), name) if os.path.isfile(name) else (name, None)
-        try:
-            ds = load_dataset(builder, data_files=files)
-        except Exception as e:  # the datasets library raises many types; the first line says what went wrong
-            where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
-            fail(f"could not load dataset {name!r}{where}: {describe(e)}")
-        splits = {split: ds[split].to_list() for split in ds}
-    if "train" not in splits:
-        fail(f"dataset {name!r} has no 'train' split (it has {list(splits)})")
-    train = splits["train"]
+    splits = read_splits(name)
+    train = splits.get("train")
     if not train:
-        fail(f"dataset {name!r} is empty")
+        fail(f"dataset {name!r} is empty" if train == [] else f"dataset {name!r} has no 'train' split ({list(splits)})")
     names = list(dict.fromkeys(k for row in train for k in row))
     found = next((c for c in columns if set(c) <= set(names)), None)
     if found is None:
@@ -187,9 +174,9 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
 
 # ---- models, device, precision -----------------------------------------------------------------------
 def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False, init_without_weights=False, **kwargs):
-    """A transformers model (safetensors only, no code from the hub) whose embeddings fit the tokenizer, with the
-    head `cls` (an Auto class) builds for its config, unless `new_head` allows a fresh one. A local directory with
-    a config but no weights gives a randomly initialised model where `init_without_weights` allows it."""
+    """A transformers model (safetensors only, no code from the hub) with embeddings that fit the tokenizer and the
+    head `cls` (an Auto class) builds, unless `new_head` allows a fresh one; random weights for a config alone where
+    `init_without_weights` allows it."""
     from safetensors import SafetensorError
     from transformers import AutoConfig
 
@@ -197,11 +184,9 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
         fail(f"{does_not_exist(name)}" if not os.path.exists(name) else f"{name!r} holds no config.json")
     try:
         config = AutoConfig.from_pretrained(name)
-        if type(config) not in cls._model_mapping:
-            fail(f"{name!r} is a {config.model_type} model, for which transformers has no {cls.__name__}")
-        expected, architectures = cls._model_mapping[type(config)].__name__, config.architectures or []
-        if architectures and not new_head and expected not in architectures:
-            fail(f"{name!r} holds a {architectures[0]}, not a {expected}")
+        expected = cls._model_mapping[type(config)].__name__ if type(config) in cls._model_mapping else cls.__name__
+        if not new_head and expected not in (config.architectures or [expected]):
+            fail(f"{name!r} holds a {(config.architectures or [config.model_type])[0]}, not a {expected}")
         if device.type == "cpu" and torch.backends.mkldnn.matmul.fp32_precision == "bf16":
             kwargs.setdefault("attn_implementation", "eager")  # with oneDNN's matmuls, faster than SDPA's CPU kernel
         no_weights = os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name))
@@ -221,9 +206,9 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
 
 
 def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, kernel_cache: int = 16):
-    """(device, autocast context, compile?, bf16?). bf16 autocast and torch.compile
-    default (None) to on with CUDA, off on the CPU. On the CPU fp32 matmuls go to oneDNN where it keeps them fp32,
-    with `kernel_cache` compiled kernels; RLHF_CPU_MATMUL=mkl keeps torch's default, MKL (benchmarks/README.md)."""
+    """(device, autocast context, compile?, bf16?): bf16 autocast and torch.compile default (None) to on with CUDA,
+    off on the CPU. On the CPU fp32 matmuls go to oneDNN (with `kernel_cache` compiled kernels) where it keeps them
+    fp32; the setting RLHF_CPU_MATMUL=mkl keeps torch's default, MKL (benchmarks/README.md compares them)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16, compile = (device.type == "cuda" if x is None else x for x in (bf16, compile))
     if device.type == "cuda":
@@ -234,14 +219,15 @@ def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, k
         onednn = os.environ.get("RLHF_CPU_MATMUL", "onednn") != "mkl"
         torch.backends.mkldnn.matmul.fp32_precision = "bf16" if onednn else "none"  # "bf16": oneDNN may take them
         x = torch.full((64, 64), 1 + 2**-10)
-        if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # rounded to bf16 (64.0, not 64.125)
+        if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # it rounds to bf16 here: back to MKL
             torch.backends.mkldnn.matmul.fp32_precision = "none"
     if common.DISTRIBUTED:
         device = start_processes(device)
     onednn = " (fp32 matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
     where = f", {common.WORLD_SIZE} processes (FSDP2)" if common.DISTRIBUTED else ""
-    precision = f"{'bf16 autocast' if bf16 else 'fp32'}{onednn}"
-    print(f"note: {device.type}, {precision}, {'compiled' if compile else 'eager'}{where}")
+    print(
+        f"note: {device.type}, {'bf16 autocast' if bf16 else 'fp32'}{onednn}, {'compiled' * compile or 'eager'}{where}"
+    )
     return device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), compile, bf16
 
 
@@ -263,7 +249,6 @@ def start_processes(device):
 
 
 def check_global_batch(batch_size: int):
-    """A global batch size must split evenly over the ranks."""
     if batch_size % common.WORLD_SIZE:
         fail(f"--batch_size {batch_size} (the global batch) does not split evenly over {common.WORLD_SIZE} processes")
 
@@ -276,9 +261,8 @@ def seed_sampling(seed: int):
 
 def shard_model(model):
     """FSDP2 under torchrun: each decoder layer (transformers' _no_split_modules) is a unit gathered just before its
-    forward and freed after, the rest one more (a classifier's backbone and score head two). Frozen models are
-    sharded too. Gradients are summed over ranks, not averaged: each rank's loss is already its share of the
-    step's (sums divided by the global batch's counts), so N ranks take the step one process takes."""
+    forward and freed after, the rest one more (a classifier's backbone and score head two); frozen models too.
+    Gradients are summed over ranks, not averaged: each rank's loss is already its share of the step's."""
     if not common.DISTRIBUTED:
         return model
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -290,18 +274,19 @@ def shard_model(model):
     for unit in [model.base_model, model.score] if hasattr(model, "score") else [model]:
         fully_shard(unit, reshard_after_forward=True)
     for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
-        if any(p.requires_grad for p in unit.parameters()):
+        if any(p.requires_grad for p in unit.parameters()):  # a plain sum (gloo has no pre-multiplied one)
             unit.set_gradient_divide_factor(1.0)
-            unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
-        # the buffer of a unit's gathered weights is made at its first gather: not under inference_mode (a rollout)
-        with torch.inference_mode(False):
+            unit.set_force_sum_reduction_for_comms(True)
+        with torch.inference_mode(
+            False
+        ):  # the buffer of gathered weights is made at the first gather: not in a rollout
             unit.unshard()
             unit.reshard()
     return model
 
 
 def full_state_dict(model):
-    """For save_pretrained(state_dict=...): under torchrun the whole model's weights, gathered onto rank 0's CPU
+    """For save_pretrained(state_dict=...): under torchrun the whole model's weights gathered onto rank 0's CPU
     (every rank must call it; the others get None), tied names sharing one tensor again; in one process None."""
     if not common.DISTRIBUTED:
         return None
@@ -330,18 +315,18 @@ def read_run_info(path: str) -> dict:
 
 def check_output_dir(args, script: str):
     """Refuse to overwrite what is not a run of this script; with --resume, require its checkpoint and arguments."""
-    output_dir = args.output_dir
+    output_dir, checkpoint = args.output_dir, os.path.join(args.output_dir, CHECKPOINT)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         fail(f"--output_dir {output_dir!r} is a file")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
-        infos = [os.path.join(output_dir, "run.json"), os.path.join(output_dir, CHECKPOINT, "run.json")]
+        infos = [os.path.join(d, "run.json") for d in (output_dir, checkpoint)]
         previous = next((read_run_info(i).get("script") for i in infos if os.path.isfile(i)), None)
         if previous != script:
             what = f"the output of {previous}" if previous else "files that no run of this project wrote"
             fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
     if getattr(args, "resume", False):  # a script without checkpoints has no --resume
-        saved = read_run_info(os.path.join(output_dir, CHECKPOINT, "run.json")).get("args")
-        if not os.path.isfile(os.path.join(output_dir, CHECKPOINT, "state.pt")) or not isinstance(saved, dict):
+        saved = read_run_info(os.path.join(checkpoint, "run.json")).get("args")
+        if not os.path.isfile(os.path.join(checkpoint, "state.pt")) or not isinstance(saved, dict):
             fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
         now = json.loads(json.dumps(vars(args), default=str))  # as run.json holds them
         changed = {k: v for k, v in now.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
@@ -359,8 +344,7 @@ def write_atomic(target: str, script: str, args, write, write_shards=None):
     if common.RANK == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if common.DISTRIBUTED:
-        torch.distributed.barrier()
+    barrier()
     if write_shards is not None:
         write_shards(tmp)
     if common.RANK == 0:
@@ -370,6 +354,10 @@ def write_atomic(target: str, script: str, args, write, write_shards=None):
             os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def barrier():
     if common.DISTRIBUTED:
         torch.distributed.barrier()
 
@@ -380,18 +368,17 @@ def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    weights, optim = get_state_dict(torch.nn.ModuleDict(models), optimizer)  # names prefixed by the models' keys
+    shards = dict(zip(("models", "optimizer"), get_state_dict(torch.nn.ModuleDict(models), optimizer), strict=True))
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # sampling on the GPU draws here
     rngs = common.gather([{"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng}])
-
-    def write_shards(tmp):
-        dcp.save({"models": weights, "optimizer": optim}, checkpoint_id=os.path.join(tmp, "shards"))
-
-    def write(tmp):
-        scheduler_state = scheduler.state_dict() if scheduler else None
-        torch.save({"scheduler": scheduler_state, "rngs": rngs, **state}, os.path.join(tmp, "state.pt"))
-
-    write_atomic(os.path.join(output_dir, CHECKPOINT), script, args, write, write_shards)
+    state = {"scheduler": scheduler.state_dict() if scheduler else None, "rngs": rngs, **state}
+    write_atomic(
+        os.path.join(output_dir, CHECKPOINT),
+        script,
+        args,
+        write=lambda tmp: torch.save(state, os.path.join(tmp, "state.pt")),
+        write_shards=lambda tmp: dcp.save(shards, checkpoint_id=os.path.join(tmp, "shards")),
+    )
 
 
 def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict:
@@ -399,16 +386,14 @@ def load_checkpoint(output_dir: str, models: dict, optimizer, scheduler) -> dict
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    path = os.path.join(output_dir, CHECKPOINT)
+    path, modules = os.path.join(output_dir, CHECKPOINT), torch.nn.ModuleDict(models)
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     rngs = state.pop("rngs")
     if len(rngs) != common.WORLD_SIZE:  # each rank continues its own random streams
         fail(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {common.WORLD_SIZE}")
-    modules = torch.nn.ModuleDict(models)
-    weights, optim = get_state_dict(modules, optimizer)
-    saved = {"models": weights, "optimizer": optim}
-    dcp.load(saved, checkpoint_id=os.path.join(path, "shards"))
-    set_state_dict(modules, optimizer, model_state_dict=saved["models"], optim_state_dict=saved["optimizer"])
+    shards = dict(zip(("models", "optimizer"), get_state_dict(modules, optimizer), strict=True))
+    dcp.load(shards, checkpoint_id=os.path.join(path, "shards"))
+    set_state_dict(modules, optimizer, model_state_dict=shards["models"], optim_state_dict=shards["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rngs[common.RANK]["torch_rng"])
@@ -424,12 +409,12 @@ def finite_or_stop(value: torch.Tensor, what: str, step: int, skip: bool) -> boo
     with skip, False: every rank skips alike)."""
     if bool(torch.isfinite(common.reduce_sum(value.detach().float().sum()))):  # inf or nan on any rank makes it so
         return True
-    if skip:
-        print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
-        return False
-    print(file=sys.stderr)  # end the progress bar's line, so the error is a line of its own
-    intact = "the last checkpoint and output are intact; --skip_nonfinite skips such batches"
-    fail(f"non-finite {what} at step {step}; stopped before saving anything more ({intact})")
+    if not skip:
+        print(file=sys.stderr)  # end the progress bar's line, so the error is a line of its own
+        intact = "the last checkpoint and output are intact; --skip_nonfinite skips such batches"
+        fail(f"non-finite {what} at step {step}; stopped before saving anything more ({intact})")
+    print(f"note: non-finite {what} at step {step}: batch skipped (--skip_nonfinite)")
+    return False
 
 
 def start_tracking(args, script: str):

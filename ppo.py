@@ -252,11 +252,17 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
-        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes num_mini_batches "
-        "num_ppo_epochs response_length rollout_temperature cliprange max_prompt_length num_periodic_eval_prompts "
-        "log_samples_every target_kl kl_horizon cliprange_value [0, inf) weight_decay save_every kl_coef vf_coef "
-        "entropy_coef [0, 1) adam_betas [0, 1] gamma lam (-inf, inf) seed missing_eos_score",
+        {
+            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes "
+            "num_mini_batches num_ppo_epochs response_length rollout_temperature cliprange "
+            "max_prompt_length num_periodic_eval_prompts log_samples_every target_kl kl_horizon "
+            "cliprange_value",
+            "[0, inf)": "learning_rate weight_decay save_every kl_coef vf_coef entropy_coef",
+            "[0, 1)": "adam_betas",
+            "[0, 1]": "gamma lam",
+            "(-inf, inf)": "seed missing_eos_score",
+        },
     )
     minibatch_size = args.batch_size // args.num_mini_batches
     if args.batch_size % args.num_mini_batches or minibatch_size % (common.WORLD_SIZE * args.micro_batch_size):
@@ -413,14 +419,7 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)
 
         # the batch's means over every rank's share: for the KL controller and the logs
-        sums = [
-            kl.sum(),
-            (-logprobs * mask).sum(),
-            non_score_reward.sum(),
-            scores.sum(),
-            has_eos.float().sum(),
-            mask.sum(),
-        ]
+        sums = [kl.sum(), (-logprobs * mask).sum(), non_score_reward.sum(), scores.sum(), has_eos.sum(), mask.sum()]
         means = common.reduce_sum(torch.stack(sums).float()) / args.batch_size
         mean_kl, mean_entropy, mean_non_score_reward, mean_score, eos_rate, mean_length = means.tolist()
 

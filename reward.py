@@ -225,9 +225,14 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
-        "max_length eval_every num_normalisation_rows [0, inf) weight_decay save_every warmup_steps "
-        "center_rewards_coef [0, 1) adam_betas [0, 1] max_warmup_fraction (-inf, inf) seed",
+        {
+            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
+            "max_length eval_every num_normalisation_rows",
+            "[0, inf)": "learning_rate weight_decay save_every warmup_steps center_rewards_coef",
+            "[0, 1)": "adam_betas",
+            "[0, 1]": "max_warmup_fraction",
+            "(-inf, inf)": "seed",
+        },
     )
     plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)
@@ -345,8 +350,8 @@ if __name__ == "__main__":
                 loss = loss + args.center_rewards_coef * ((better + worse) ** 2).mean()
             share = len(part) / len(batch)  # the micro-batch's share of the (whole) batch's means
             (loss * share).backward()
-            pair_stats = pair_metrics(better.detach(), worse.detach())
-            stats.append(share * torch.stack([loss.detach(), *pair_stats.values()]))
+            train_metrics = pair_metrics(better.detach(), worse.detach())
+            stats.append(share * torch.stack([loss.detach(), *train_metrics.values()]))
         stats = common.reduce_sum(torch.stack(stats).sum(0))  # the batch's means
         step += 1
         grad_norm = common.clip_grad_norm(model.parameters(), args.max_grad_norm)
@@ -361,7 +366,7 @@ if __name__ == "__main__":
             loss_value, *means = stats.tolist()
             metrics = {
                 "train/loss": loss_value,
-                **dict(zip(pair_stats, means, strict=True)),
+                **dict(zip(train_metrics, means, strict=True)),
                 "train/grad_norm": float(grad_norm),
                 "train/lr": scheduler.get_last_lr()[0],
             }
@@ -372,13 +377,8 @@ if __name__ == "__main__":
             tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            state = {
-                "step": step,
-                "batches": batches,
-                "numpy_rng": rng.bit_generator.state,
-                "elapsed": time.time() - start,
-                "history": history,
-            }
+            state = {"step": step, "batches": batches, "numpy_rng": rng.bit_generator.state, "history": history}
+            state["elapsed"] = time.time() - start
             plumbing.save_checkpoint(args.output_dir, "reward.py", args, {"model": model}, optimizer, scheduler, state)
     progress.close()
     train_seconds = time.time() - start

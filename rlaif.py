@@ -349,10 +349,7 @@ def label_dataset(args, ask_labeller, gold_scorer, device, autocast):
         picked = [(q, a, b, pa) if pa >= 0.5 else (q, b, a, 1 - pa) for q, a, b, pa, s in labelled if not s]
         splits[split] = [{"prompt": q, "chosen": c, "rejected": r, "label": round(pc, 4)} for q, c, r, pc in picked]
         if not splits[split]:
-            plumbing.fail(
-                f"{split}: every labeller question is over judge_max_length {args.judge_max_length} "
-                "tokens: nothing labelled"
-            )
+            plumbing.fail(f"{split}: every labeller question is over --judge_max_length {args.judge_max_length}")
     print(json.dumps(results, indent=2))
 
     def write(tmp):
@@ -369,10 +366,15 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) total_episodes max_steps batch_size micro_batch_size beta learning_rate adam_eps max_grad_norm "
-        "response_length rollout_temperature max_prompt_length judge_max_length judge_batch_size max_label_rows "
-        "sample_batch_size eval_every num_periodic_eval_prompts num_eval_prompts max_new_tokens eval_temperature "
-        "eval_batch_size log_every [0, inf) weight_decay save_every [0, 1) adam_betas (-inf, inf) seed",
+        {
+            "(0, inf)": "total_episodes max_steps batch_size micro_batch_size beta adam_eps max_grad_norm "
+            "response_length rollout_temperature max_prompt_length judge_max_length judge_batch_size "
+            "max_label_rows sample_batch_size eval_every num_periodic_eval_prompts num_eval_prompts "
+            "max_new_tokens eval_temperature eval_batch_size log_every",
+            "[0, inf)": "learning_rate weight_decay save_every",
+            "[0, 1)": "adam_betas",
+            "(-inf, inf)": "seed",
+        },
     )
     if args.mode == "online":
         plumbing.check_global_batch(args.batch_size)
@@ -381,10 +383,8 @@ if __name__ == "__main__":
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     rng = random.Random(args.seed)  # the principle of each comparison
-    if args.judge_mode == "direct":
-        principles = load_constitution(args.rating_constitution, "--rating_constitution")
-    else:
-        principles = load_constitution(args.constitution, "--constitution")
+    flag = "rating_constitution" if args.judge_mode == "direct" else "constitution"  # questions, or principles
+    principles = load_constitution(getattr(args, flag), f"--{flag}")
     judge_dtype = torch.bfloat16 if bf16 else torch.float32  # the labeller only scores
     judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
     judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)

@@ -174,11 +174,15 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
-        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes num_mini_batches "
-        "num_ppo_epochs response_length rollout_temperature cliprange max_prompt_length num_periodic_eval_prompts "
-        "log_samples_every rloo_k grpo_eps [0, inf) weight_decay save_every kl_coef [0, 1) adam_betas (-inf, inf) "
-        "seed missing_eos_score",
+        {
+            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes "
+            "num_mini_batches num_ppo_epochs response_length rollout_temperature cliprange "
+            "max_prompt_length num_periodic_eval_prompts log_samples_every rloo_k grpo_eps",
+            "[0, inf)": "learning_rate weight_decay save_every kl_coef",
+            "[0, 1)": "adam_betas",
+            "(-inf, inf)": "seed missing_eos_score",
+        },
     )
     if args.rloo_k < 2:
         plumbing.fail(f"--rloo_k must be at least 2 (a response's baseline is made of the others), got {args.rloo_k}")

@@ -122,10 +122,15 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
-        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length "
-        "num_periodic_eval_prompts [0, inf) weight_decay save_every warmup_steps [0, 1) adam_betas [0, 1] "
-        "max_warmup_fraction (-inf, inf) seed",
+        {
+            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length "
+            "num_periodic_eval_prompts",
+            "[0, inf)": "learning_rate weight_decay save_every warmup_steps",
+            "[0, 1)": "adam_betas",
+            "[0, 1]": "max_warmup_fraction",
+            "(-inf, inf)": "seed",
+        },
     )
     plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)

@@ -119,8 +119,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) num_revisions response_length rollout_temperature max_prompts max_prompt_length batch_size "
-        "(-inf, inf) seed",
+        {
+            "(0, inf)": "num_revisions response_length rollout_temperature max_prompts max_prompt_length batch_size",
+            "(-inf, inf)": "seed",
+        },
     )
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "sl_cai.py")

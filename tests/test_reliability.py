@@ -144,11 +144,11 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_output(small_s
     out = tmp_path / "sft"
     run("sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, "--max_steps", 2)
     before = weights(out)
-    proc = run(
-        "sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, "--learning_rate", "inf", ok=False
-    )
+    # an update that overflows: AdamW's decay factor 1 - lr * weight_decay is -inf in fp32, so are the weights
+    overflow = ["--learning_rate", "1e30", "--weight_decay", "1e30"]
+    proc = run("sft.py", "--output_dir", out, *SFT_SMALL, "--dataset_name", small_sft, *overflow, ok=False)
     error = one_line(proc)
-    assert "non-finite loss at step 2" in error  # step 1's loss is finite; its update (lr = inf) is not
+    assert "non-finite loss at step 2" in error  # step 1's loss is finite; its update is not
     for k, v in weights(out).items():
         assert torch.equal(v, before[k])
     # --skip_nonfinite skips the batches whose loss is not finite; here the weights themselves went bad (step 1's
@@ -162,8 +162,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_output(small_s
         small_sft,
         "--max_steps",
         3,
-        "--learning_rate",
-        "inf",
+        *overflow,
         "--skip_nonfinite",
         ok=False,
     )
@@ -233,9 +232,24 @@ def bad(tmp_path_factory, sft_model, reward_model):
     tok.save_pretrained(no_template)
     if os.path.exists(no_template / "chat_template.jinja"):
         os.remove(no_template / "chat_template.jinja")
+
+    def rows_with(prompt):  # the first 40 pairs, each with this prompt
+        return [
+            {"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"], "completion": r["chosen"]}
+            for r in pref
+        ]
+
+    write_jsonl(d / "number.jsonl", rows_with(5))
+    write_jsonl(d / "no_content.jsonl", rows_with([{"role": "user", "text": "I saw it."}]))
+    write_jsonl(d / "narrator.jsonl", rows_with([{"role": "narrator", "content": "I saw it."}]))
+    (d / "latin1.jsonl").write_bytes((d / "chat.jsonl").read_bytes().replace(b"So I", "Caf\xe9 I".encode("latin-1")))
+    corrupt = d / "corrupt"  # the SFT model with its weights file cut in half
+    shutil.copytree(sft_model, corrupt)
+    weights_file = corrupt / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
     (d / "other").mkdir()
     (d / "other" / "notes.txt").write_text("someone else's work")
-    return {"dir": d, "sft": sft_model, "rm": reward_model, "no_template": str(no_template)}
+    return {"dir": d, "sft": sft_model, "rm": reward_model, "no_template": str(no_template), "corrupt": str(corrupt)}
 
 
 SCRIPTS = {  # each script's arguments pointing at good inputs, and the argument naming its dataset
@@ -245,6 +259,7 @@ SCRIPTS = {  # each script's arguments pointing at good inputs, and the argument
     "ppo.py": lambda b: ["--model_name_or_path", b["sft"], "--reward_model_name_or_path", b["rm"]],
     "rlaif.py": lambda b: ["--model_name_or_path", b["sft"], "--judge_model_name_or_path", b["sft"]],
     "rloo.py": lambda b: ["--model_name_or_path", b["sft"], "--reward_model_name_or_path", b["rm"]],
+    "sl_cai.py": lambda b: ["--model_name_or_path", b["sft"]],
 }
 CASES = {  # case -> (extra arguments, words the error must contain)
     "missing path": (lambda b: ["--dataset_name", b["dir"] / "nope.jsonl"], ["nope.jsonl", "does not exist"]),
@@ -257,13 +272,22 @@ CASES = {  # case -> (extra arguments, words the error must contain)
         lambda b: ["--dataset_name", b["dir"] / "chat.jsonl", "--model_name_or_path", b["no_template"]],
         ["chat template"],
     ),
+    "a prompt that is a number": (lambda b: ["--dataset_name", b["dir"] / "number.jsonl"], ["row 0", "'prompt'"]),
+    "chat message without content": (
+        lambda b: ["--dataset_name", b["dir"] / "no_content.jsonl"],
+        ["row 0", "without a string 'content'"],
+    ),
+    "chat message of an unknown role": (lambda b: ["--dataset_name", b["dir"] / "narrator.jsonl"], ["'narrator'"]),
+    "not UTF-8": (lambda b: ["--dataset_name", b["dir"] / "latin1.jsonl"], ["latin1.jsonl", "not UTF-8"]),
+    "corrupt weights": (lambda b: ["--model_name_or_path", b["corrupt"]], ["corrupt", "could not load"]),
     "output_dir of another run": (lambda b: ["--output_dir", b["dir"] / "other"], ["already holds"]),
     "resume without checkpoint": (lambda b: ["--resume"], ["no checkpoint"]),
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(  # sl_cai.py writes no checkpoints: it has no --resume
+    "script,case", [(s, c) for s in SCRIPTS for c in CASES if (s, c) != ("sl_cai.py", "resume without checkpoint")]
+)
 def test_bad_input_matrix(bad, script, case, tmp_path):
     extra, words = CASES[case]
     args = [*SCRIPTS[script](bad), "--output_dir", tmp_path / "out", *extra(bad)]
@@ -279,18 +303,22 @@ def test_bad_input_matrix(bad, script, case, tmp_path):
 @pytest.mark.parametrize(
     "script,args,words",
     [
-        ("sft.py", ["--micro_batch_size", 0], "--micro_batch_size must be greater than 0, got 0"),
-        (
-            "dpo.py",
-            ["--eval_temperature", 0],
-            "--eval_temperature must be greater than 0",
-        ),  # not greedy: softmax(logits / 0)
-        ("dpo.py", ["--beta", 0], "--beta must be greater than 0"),
-        ("dpo.py", ["--label_smoothing", 0.6], "--label_smoothing is the probability that a label is flipped"),
-        ("ppo.py", ["--batch_size", 0], "--batch_size must be greater than 0"),
-        ("reward.py", ["--num_normalisation_rows", 0], "--num_normalisation_rows must be greater than 0"),
-        ("rlaif.py", ["--rollout_temperature", 0], "--rollout_temperature must be greater than 0"),
-        ("rloo.py", ["--grpo_eps", 0], "--grpo_eps must be greater than 0"),
+        ("sft.py", ["--micro_batch_size", 0], "--micro_batch_size must be in (0, inf), got 0"),
+        ("sft.py", ["--learning_rate", -1e-5], "--learning_rate must be in [0, inf), got -1e-05"),
+        ("sft.py", ["--adam_betas", 0.9, 1.0], "--adam_betas must be in [0, 1), got (0.9, 1.0)"),
+        ("dpo.py", ["--eval_temperature", 0], "--eval_temperature must be in (0, inf)"),  # not greedy: logits / 0
+        ("dpo.py", ["--beta", 0], "--beta must be in (0, inf)"),
+        ("dpo.py", ["--beta", "nan"], "--beta must be in (0, inf), got nan"),
+        ("dpo.py", ["--label_smoothing", 0.6], "--label_smoothing must be in [0, 0.5)"),
+        ("ppo.py", ["--batch_size", 0], "--batch_size must be in (0, inf)"),
+        ("ppo.py", ["--kl_coef", -0.05], "--kl_coef must be in [0, inf)"),
+        ("ppo.py", ["--lam", 1.5], "--lam must be in [0, 1]"),
+        ("ppo.py", ["--max_grad_norm", "inf"], "--max_grad_norm must be in (0, inf), got inf"),
+        ("reward.py", ["--num_normalisation_rows", 0], "--num_normalisation_rows must be in (0, inf)"),
+        ("reward.py", ["--max_warmup_fraction", 2], "--max_warmup_fraction must be in [0, 1]"),
+        ("rlaif.py", ["--rollout_temperature", 0], "--rollout_temperature must be in (0, inf)"),
+        ("rloo.py", ["--grpo_eps", 0], "--grpo_eps must be in (0, inf)"),
+        ("sl_cai.py", ["--num_revisions", 0], "--num_revisions must be in (0, inf)"),
         ("ppo.py", ["--gold_scorer", "data.gold:nothing"], "--gold_scorer 'data.gold:nothing' names no function"),
         ("reward.py", ["--gold_scorer", "no_such_module:score"], "names no function (module:function)"),
     ],
@@ -304,7 +332,7 @@ def test_arguments_out_of_range(script, args, words, tmp_path):
 def test_every_labeller_question_too_long(bad, tmp_path):
     """Label mode writes no empty dataset, and online mode stops at the first update with nothing to learn from."""
     args = [*SCRIPTS["rlaif.py"](bad), "--judge_max_length", 10, "--output_dir", tmp_path / "o"]
-    assert "nothing labelled" in run_inprocess(
+    assert "train: every labeller question is over --judge_max_length 10" in run_inprocess(
         "rlaif.py", *args, "--mode", "label", "--dataset_name", f"{WORLD}/preference", "--max_label_rows", 4
     )
     assert "step 1: every labeller question" in run_inprocess(

@@ -92,7 +92,7 @@ def tiny_rm():
 def test_left_and_right_padding_give_the_same_reward(tiny_rm):
     seqs = [[5, 6, 7, 8, 9, 1], [10, 11, 1], [12, 13, 14, 15, 1]]
     with torch.no_grad():
-        right = reward.rewards(tiny_rm, seqs, 0, "cpu")
+        right = reward.sequence_rewards(tiny_rm, seqs, 0, "cpu")
         ids, mask = common.pad(seqs, 0, "left")
         left = tiny_rm(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask)).logits[:, 0]
         alone = torch.stack([tiny_rm(torch.tensor([s])).logits[0, 0] for s in seqs])
@@ -108,10 +108,10 @@ def test_normalisation_folds_into_the_head_and_survives_save_and_load(tiny_rm, t
     ]
     hidden = reward.last_hidden_states(tiny_rm, seqs, 0, "cpu")
     with torch.no_grad():
-        before = reward.rewards(tiny_rm, seqs, 0, "cpu")
+        before = reward.sequence_rewards(tiny_rm, seqs, 0, "cpu")
     info = reward.fold_shift_into_head(tiny_rm.score, hidden)
     with torch.no_grad():
-        after = reward.rewards(tiny_rm, seqs, 0, "cpu")
+        after = reward.sequence_rewards(tiny_rm, seqs, 0, "cpu")
     assert info["reward_mean_before_normalisation"] == pytest.approx(before.mean().item(), abs=1e-5)
     assert after.mean().item() == pytest.approx(0.0, abs=1e-5)
     # a shift: every reward moved by about the same amount
@@ -119,7 +119,7 @@ def test_normalisation_folds_into_the_head_and_survives_save_and_load(tiny_rm, t
     tiny_rm.save_pretrained(tmp_path)
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reward.rewards(loaded, seqs, 0, "cpu"), after)
+        torch.testing.assert_close(reward.sequence_rewards(loaded, seqs, 0, "cpu"), after)
 
 
 def test_reward_model_learns_and_is_normalised(reward_model):
@@ -135,7 +135,7 @@ def test_reward_model_learns_and_is_normalised(reward_model):
     seqs = [tok(d["prompt"])["input_ids"] + tok(d["completion"])["input_ids"] + [tok.eos_token_id] for d in demos]
     with torch.no_grad():
         scores = torch.cat(
-            [reward.rewards(model, seqs[i : i + 100], tok.pad_token_id, "cpu") for i in range(0, 2000, 100)]
+            [reward.sequence_rewards(model, seqs[i : i + 100], tok.pad_token_id, "cpu") for i in range(0, 2000, 100)]
         )
     assert abs(scores.mean().item()) < 1e-3 and scores.std().item() > 0.3
 

@@ -168,42 +168,44 @@ def test_online_losses_match_dpo_py_sigmoid_and_length_normalised_ipo():
 def test_constitution_from_text_or_json(tmp_path):
     (tmp_path / "c.txt").write_text("Be helpful.\n\nBe honest.\n")
     (tmp_path / "c.json").write_text(json.dumps(["Be harmless."]))
-    assert rlaif.load_constitution(str(tmp_path / "c.txt")) == ["Be helpful.", "Be honest."]
-    assert rlaif.load_constitution(str(tmp_path / "c.json")) == ["Be harmless."]
-    assert rlaif.load_constitution(None) == rlaif.CONSTITUTION
-    assert rlaif.load_constitution(None, direct=True) == rlaif.RATING_CONSTITUTION  # questions with their scale
-    assert all("from 1" in p and "to 9" in p for p in rlaif.RATING_CONSTITUTION)
-    assert rlaif.load_constitution(str(tmp_path / "c.txt"), direct=True) == ["Be helpful.", "Be honest."]
+    assert rlaif.load_constitution(str(tmp_path / "c.txt"), "--constitution") == ["Be helpful.", "Be honest."]
+    assert rlaif.load_constitution(str(tmp_path / "c.json"), "--constitution") == ["Be harmless."]
+    rating = rlaif.load_constitution(rlaif.Args.rating_constitution, "--rating_constitution")
+    assert len(rating) == 4 and all("from 1" in p and "to 9" in p for p in rating)  # questions with their scale
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(SystemExit, match="no principles"):
-        rlaif.load_constitution(str(tmp_path / "empty.txt"))
+        rlaif.load_constitution(str(tmp_path / "empty.txt"), "--constitution")
     for name, text in (("object.json", '{"a": "Be kind."}'), ("string.json", '"Be kind."')):
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit, match="no principles"):
-            rlaif.load_constitution(str(tmp_path / name))
+            rlaif.load_constitution(str(tmp_path / name), "--constitution")
     (tmp_path / "broken.json").write_text('["Be kind.",')
     with pytest.raises(SystemExit, match="not valid JSON"):
-        rlaif.load_constitution(str(tmp_path / "broken.json"))
+        rlaif.load_constitution(str(tmp_path / "broken.json"), "--constitution")
+    (tmp_path / "latin1.txt").write_bytes("Be caf\xe9.".encode("latin-1"))
+    with pytest.raises(SystemExit, match="not UTF-8"):
+        rlaif.load_constitution(str(tmp_path / "latin1.txt"), "--constitution")
 
 
 def test_the_labeller_reads_chat_messages_as_text():
     """Plain text as is; a chat prompt without its system message (the policy's instruction, not the
     labeller's), one turn as its content, several as "role: content" lines."""
-    assert rlaif.text_of(" Plain.") == " Plain."
+    assert common.plain_text(" Plain.") == " Plain."
     system = {"role": "system", "content": "Continue the review."}
-    assert rlaif.text_of([system, {"role": "user", "content": "I saw it."}]) == "I saw it."
-    assert rlaif.text_of([{"role": "assistant", "content": "Loved it."}]) == "Loved it."
+    assert common.plain_text([system, {"role": "user", "content": "I saw it."}]) == "I saw it."
+    assert common.plain_text([{"role": "assistant", "content": "Loved it."}]) == "Loved it."
     turns = [system, {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
-    assert rlaif.text_of(turns) == "user: Hi.\nassistant: Hello."
+    assert common.plain_text(turns) == "user: Hi.\nassistant: Hello."
 
 
 def test_world_judge_data_asks_rlaif_questions():
-    """The offline labeller is trained on exactly the questions rlaif.py asks."""
+    """The offline labeller is trained on exactly the questions rlaif.py asks, under the world's constitution."""
     row = read_jsonl(f"{WORLD}/judge/train.jsonl")[0]
     q = row["prompt"][0]["content"]
-    assert q.startswith(rlaif.PREAMBLE + "\nPrinciple: ")
-    assert any(p in q for p in rlaif.CONSTITUTION)
-    assert q.endswith("Which response is better? Answer A or B.")
+    principle = next(p for p in rlaif.load_constitution(rlaif.Args.constitution, "--constitution") if p in q)
+    prompt, rest = q.split("\nPrompt: ", 1)[1].split("\nResponse A:", 1)
+    a, b = rest.removesuffix("\nWhich response is better? Answer A or B.").split("\nResponse B:")
+    assert q == rlaif.judge_query(rlaif.PREAMBLE, principle, prompt, a, b)
     assert row["completion"][0]["content"] in ("A", "B")
 
 
@@ -373,76 +375,7 @@ def test_online_rlaif_raises_the_gold_score_over_the_sft_policy(online_runs):
 
 def test_direct_mode_needs_a_labeller_that_writes_digits_in_one_token(tmp_path):
     """The world's labeller writes " 2" as two tokens: --judge_mode direct cannot read its rating, and says so."""
-    from conftest import one_line_error
 
     proc = run("rlaif.py", "--judge_mode", "direct", "--output_dir", tmp_path / "o", ok=False)
     one_line_error(proc, "does not tell the answers", "first token")
     assert not os.path.exists(tmp_path / "o")
-
-
-# ---- revise mode: Constitutional AI's first stage ----------------------------------------------------------
-def test_critique_and_revision_requests_are_asked_as_documented(tok):
-    request = rlaif.REVISION_REQUESTS[0]
-    prompt = [{"role": "system", "content": "Continue the review."}, {"role": "user", "content": "I saw Heat."}]
-    critique = rlaif.critique_messages(prompt, "It was fine.", request)
-    assert critique == [
-        *prompt,
-        {"role": "assistant", "content": "It was fine."},
-        {"role": "user", "content": request["critique"]},
-    ]
-    revision = rlaif.revision_messages(prompt, "It was fine.", request, "Too lukewarm.")
-    assert revision == [
-        *critique,
-        {"role": "assistant", "content": "Too lukewarm."},
-        {"role": "user", "content": request["revision"]},
-    ]
-    # a text prompt is the user's message; the conversation reaches the model through its chat template
-    assert rlaif.critique_messages("I saw Heat.", "Fine.", request)[0] == {"role": "user", "content": "I saw Heat."}
-    text = tok.decode(common.encode_prompt(tok, rlaif.revision_messages("I saw Heat.", "Fine.", request, "Cold.")))
-    assert text.index("I saw Heat.") < text.index("Fine.") < text.index(request["critique"]) < text.index("Cold.")
-    assert text.index("Cold.") < text.index(request["revision"]) and text.endswith("Assistant:")
-    # every built-in critique request has its revision request
-    assert all(set(r) == {"critique", "revision"} for r in rlaif.REVISION_REQUESTS)
-
-
-def test_revise_mode_writes_revisions_that_sft_trains_on(sft_model, tmp_path):
-    out = tmp_path / "revised"
-    args = ["--mode", "revise", "--model_name_or_path", sft_model, "--max_label_rows", 16, "--batch_size", 8]
-    run("rlaif.py", *args, "--response_length", 64, "--output_dir", out)
-    figures = json.load(open(out / "revision.json"))
-    records, dataset = read_jsonl(out / "revisions.jsonl"), read_jsonl(out / "train.jsonl")
-    dropped = sum(v for k, v in figures.items() if k.startswith("dropped_revision_"))
-    assert figures["prompts"] == len(records) == 16 and figures["kept"] == len(dataset) == 16 - dropped
-    assert figures["responses_cut"] == sum(r["response_cut"] for r in records)
-    assert len(dataset) > 0 and all(set(row) == {"prompt", "completion"} for row in dataset)
-    pairs = [(r["critique"], r["revision"]) for r in rlaif.REVISION_REQUESTS]
-    kept = [r for r in records if len(r["rounds"]) == 2 and not r["rounds"][-1]["revision_cut"]]
-    assert [r["prompt"] for r in kept] == [row["prompt"] for row in dataset]
-    for record, row in zip(kept, dataset, strict=True):
-        assert row["completion"] == record["rounds"][-1]["revision"]  # the final revision is the demonstration
-        for r in record["rounds"]:  # the intermediate critiques and revisions are kept, each under its pair
-            assert (r["critique_request"], r["revision_request"]) in pairs and isinstance(r["critique"], str)
-    for stage in ("response", "revision_1", "revision_2"):
-        assert f"{stage}_gold_score" in figures and f"{stage}_distinct_2" in figures
-    run("sft.py", "--model_name_or_path", sft_model, "--dataset_name", out, "--output_dir", tmp_path / "sl_cai",
-        "--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 4, "--eval_every", 1000,
-        "--num_eval_prompts", 2, "--max_new_tokens", 4, "--learning_rate", 1e-5)  # fmt: skip
-
-
-def test_revise_mode_mistakes(sft_model, tmp_path):
-    plain = tmp_path / "no_template"  # the SFT model with its tokenizer's chat template removed
-    plain.mkdir()
-    for f in os.listdir(sft_model):
-        if f != "chat_template.jinja":
-            data = open(os.path.join(sft_model, f), "rb").read()
-            (plain / f).write_bytes(data)
-    config = json.load(open(plain / "tokenizer_config.json"))
-    config.pop("chat_template", None)
-    json.dump(config, open(plain / "tokenizer_config.json", "w"))
-    args = ["--mode", "revise", "--max_label_rows", 4, "--output_dir", tmp_path / "out"]
-    one_line_error(run("rlaif.py", *args, "--model_name_or_path", plain, ok=False), "no chat template")
-    principles = tmp_path / "principles.txt"
-    principles.write_text("Choose the kinder response.\n")
-    proc = run("rlaif.py", *args, "--model_name_or_path", sft_model, "--constitution", principles, ok=False)
-    one_line_error(proc, "critique and revision requests")
-    assert not os.path.exists(tmp_path / "out")
