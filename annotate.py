@@ -149,9 +149,9 @@ def read_items(path: str, form: str) -> list[dict]:
     if min(sizes) < 1 or not all(isinstance(x, str) for r in items for x in r["responses"]):
         plumbing.fail(f"{path}: every item needs a list of responses as text")
     if form == "pairwise" and sizes != {2}:
-        plumbing.fail(f"--form pairwise compares two responses; the items of {path} hold {sorted(sizes)}")
+        plumbing.fail(f"--form pairwise compares 2 responses; the items of {path} hold {max(sizes)} (--form ranking)")
     if form == "ranking" and min(sizes) < 2:
-        plumbing.fail(f"--form ranking orders at least two responses; the items of {path} hold {sorted(sizes)}")
+        plumbing.fail(f"--form ranking orders 2 responses or more; the items of {path} hold {min(sizes)}")
     return items
 
 
@@ -165,6 +165,8 @@ def label_problem(body, items: list[dict], form: str) -> str | None:
         return f"a label has the fields {sorted(FIELDS)}: {sorted(missing)} missing, {sorted(unknown)[:3]} unknown"
     if not isinstance(body["id"], str) or not ID.fullmatch(body["id"]):
         return "'id' must be 1-80 letters, digits, '-' or '_'"
+    if "client" in body and (not isinstance(body["client"], str) or not ID.fullmatch(body["client"])):
+        return "'client' must be 1-80 letters, digits, '-' or '_'"
     if not isinstance(body["annotator"], str) or not NAME.fullmatch(body["annotator"]):
         return "'annotator' must be a name of 1-40 letters, digits, spaces or . @ _ -"
     item, label = body["item"], body["label"]
@@ -195,6 +197,15 @@ def label_problem(body, items: list[dict], form: str) -> str | None:
             return f"'response' must be one of the item's responses, 0 to {k - 1}"
         if not isinstance(text, str) or not text.strip() or text == responses[r]:
             return "'text' must be the response rewritten: text that differs from it"
+    return None
+
+
+def undo_problem(body) -> str | None:
+    """What makes a posted undo invalid (one line), or None."""
+    if not isinstance(body, dict) or not {"id", "annotator"} <= set(body) <= {"id", "annotator", "client"}:
+        return "an undo is an object {id, annotator} (and the page's client)"
+    if not all(isinstance(v, str) and (NAME if k == "annotator" else ID).fullmatch(v) for k, v in body.items()):
+        return "an undo's 'id' and 'client' are 1-80 letters, digits, '-' or '_', its 'annotator' a name"
     return None
 
 
@@ -232,7 +243,7 @@ class LabelLog:
         self.ids = set()  # of every row written: a request retried is acknowledged, not written again
         self.live = {}  # label id -> row, every label not undone, in the order given
         self.judged = {}  # (annotator, item, form) -> the id of that annotator's judgement of the item
-        self.leases = {}  # page's client id -> (item, expiry): the item it shows, offered to no other page
+        self.leases = {}  # page's client id -> (item, expiry, annotator): the item it shows, offered to no other page
         for row in read_log(path, repair):
             self.apply(row)
 
@@ -280,7 +291,7 @@ class LabelLog:
                  "label": {"undoes": last["id"]}, "time": round(time.time(), 3)}
             )  # fmt: skip
             if client and last["form"] != "edit":
-                self.leases[client] = (last["item"], time.time() + LEASE_SECONDS)
+                self.leases[client] = (last["item"], time.time() + LEASE_SECONDS, annotator)
             return {"undone": last["id"]}
 
     def next_item(self, annotator: str, client: str) -> int | None:
@@ -291,7 +302,11 @@ class LabelLog:
         if held and held[1] > now and (annotator, held[0], form) not in self.judged:
             return held[0]
         counts = Counter(i for (_, i, f) in self.judged if f == form)
-        counts.update(i for c, (i, expiry) in self.leases.items() if c != client and expiry > now)
+        counts.update(
+            i
+            for c, (i, expiry, a) in self.leases.items()
+            if c != client and expiry > now and (a, i, form) not in self.judged
+        )  # the items other pages show, not yet labelled there
         free = [
             i for i in range(len(self.items)) if (annotator, i, form) not in self.judged and counts[i] < self.per_item
         ]
@@ -299,7 +314,7 @@ class LabelLog:
             self.leases.pop(client, None)
             return None
         i = max(free, key=lambda i: (counts[i], -i))
-        self.leases[client] = (i, now + LEASE_SECONDS)
+        self.leases[client] = (i, now + LEASE_SECONDS, annotator)
         return i
 
     def state(self, annotator: str, client: str, seed: int) -> dict:
@@ -506,17 +521,10 @@ def make_handler(log: LabelLog, args, token: str):
             except ValueError:  # UnicodeDecodeError and JSONDecodeError among them
                 return self.reply(400, {"error": "the body is not JSON"})
             if path == "/api/undo":
-                if (
-                    not isinstance(body, dict)
-                    or set(body) - {"id", "annotator", "client"}
-                    or not all(
-                        isinstance(body.get(k), str) and p.fullmatch(body[k])
-                        for k, p in (("id", ID), ("annotator", NAME))
-                    )
-                ):
-                    return self.reply(400, {"error": "an undo is {id, annotator} (and the page's client)"})
-                client = body.get("client") if isinstance(body.get("client"), str) else None
-                return self.reply(200, log.undo(body["annotator"], body["id"], client))
+                problem = undo_problem(body)
+                if problem:
+                    return self.reply(400, {"error": problem})
+                return self.reply(200, log.undo(body["annotator"], body["id"], body.get("client")))
             problem = label_problem(body, log.items, log.form)
             if problem:
                 return self.reply(400, {"error": problem})
@@ -569,10 +577,8 @@ if __name__ == "__main__":
     except OSError as e:
         plumbing.fail(f"cannot serve on {args.host}:{args.port}: {plumbing.describe(e)} (--port 0 picks a free one)")
     server.daemon_threads = True
-    given = sum(f == args.form for _, _, f in log.judged)
-    print(
-        f"{len(items)} items, {args.form}: {given} of {len(items) * args.annotators_per_item} labels given; {log_path}"
-    )
+    given, needed = sum(f == args.form for _, _, f in log.judged), len(items) * args.annotators_per_item
+    print(f"{len(items)} items, {args.form}: {given} of {needed} labels given ({log_path})")
     print(f"open http://{args.host}:{server.server_address[1]}/?token={token}", flush=True)
     try:
         server.serve_forever()
