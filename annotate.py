@@ -339,11 +339,11 @@ class LabelLog:
                 "mine": sum(a == annotator for a, _, _ in labels),
                 "labels": len(labels),
                 "needed": len(self.items) * self.per_item,
-                "agreement": agreement(self.form, self.scores(self.form)),
+                "agreement": agreement(self.form, self.item_scores(self.form)),
                 "can_undo": any(r["annotator"] == annotator for r in self.live.values()),
             }
 
-    def scores(self, form: str) -> dict[int, list[list]]:
+    def item_scores(self, form: str) -> dict[int, list[list]]:
         """Each item's labels of a form, each as a score for each of its responses (scores())."""
         out = {}
         for (_, i, f), label_id in self.judged.items():
@@ -437,7 +437,7 @@ def export(log: LabelLog, args) -> dict:
     }
     results = {name: {s: len(x) for s, x in split.items()} for name, split in splits.items()}
     results["pairwise_ties"] = ties
-    results["agreement"] = {f: a for f in FORMS if (a := agreement(f, log.scores(f)))}
+    results["agreement"] = {f: a for f in FORMS if (a := agreement(f, log.item_scores(f)))}
 
     def write(tmp):
         for name, split in splits.items():
