@@ -226,6 +226,25 @@ def test_agreement_counts_what_two_people_order_alike():
     assert annotate.agreement("binary", {0: [[True, False]]}) is None
 
 
+def test_the_simulated_annotator_answers_each_form_by_the_gold_rater():
+    """data/annotators.py's answers to what the page shows, positions as shown: the clearly better wins."""
+    from data.gold import gold_score
+
+    good, bad, rng = " I loved it. The acting is brilliant.", " I hated it. The plot is awful.", random.Random(0)
+    assert sum(answer(rng, "pairwise", [bad, good]) == 1 for _ in range(100)) > 90
+    assert answer(rng, "pairwise", [good, good]) is None  # the same text twice: a tie
+    assert sum(answer(rng, "ranking", [bad, good, bad + bad])[0] == 1 for _ in range(100)) > 90
+    ratings = [answer(rng, "rating", [good, bad]) for _ in range(100)]
+    assert all(1 <= x <= 7 for r in ratings for x in r) and sum(g > b for g, b in ratings) > 90
+    thumbs = [answer(rng, "binary", [good, bad]) for _ in range(100)]
+    assert sum(g for g, _ in thumbs) > 90 and sum(b for _, b in thumbs) < 10
+    text = " The acting was great. The plot was dull and boring. The acting was great. I loved the music."
+    assert correction(text) == " The acting was great. I loved the music." and gold_score(
+        correction(text)
+    ) > gold_score(text)
+    assert correction(good) is None and correction(bad) is None  # nothing to improve; nothing left
+
+
 # ---- sampling -------------------------------------------------------------------------------------------------
 def test_samples_are_saved_before_serving_and_reused(sft_model, tmp_path, servers):
     out = tmp_path / "labels"
