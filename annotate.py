@@ -537,8 +537,13 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) num_responses annotators_per_item num_prompts max_prompt_length response_length rollout_temperature "
-        "batch_size [0, 65535] port [0, 1) test_fraction (-inf, inf) seed",
+        {
+            "(0, inf)": "num_responses annotators_per_item num_prompts max_prompt_length response_length "
+            "rollout_temperature batch_size",
+            "[0, 65535]": "port",
+            "[0, 1)": "test_fraction",
+            "(-inf, inf)": "seed",
+        },
     )
     plumbing.check_output_dir(args, "annotate.py")
     items_path, log_path = (os.path.join(args.output_dir, f) for f in ("items.jsonl", "labels.jsonl"))
