@@ -101,6 +101,10 @@ class Args:
     gold_scorer: str | None = "data.gold:score"
     """the task's true score of samples, "module:function" taking (prompts, responses) and returning one score
     each; the offline world's gold rater by default; None turns it off"""
+    probe: str | None = "data.sycophancy:probe"
+    """held-out metrics defined by the eval prompts' own fields, "module:function" taking (rows, responses) and
+    returning named metrics; by default the offline world's sycophancy probe, which reports nothing for prompts
+    without its fields (facts, opinion, case); None turns it off"""
     log_every: int = 20
     """steps between logged training metrics"""
     # ---- run ----
@@ -205,6 +209,7 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "dpo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    probe = plumbing.load_function(args.probe, "probe")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile)
     log, history = plumbing.start_tracking(args, "dpo")
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
@@ -218,7 +223,8 @@ if __name__ == "__main__":
     evals = common.tokenize_pairs(tok, eval_rows[: args.num_eval_pairs], args.max_length)
     _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
-    eval_prompts, _ = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
+    eval_prompts, kept = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
+    eval_prompt_rows = [prompt_rows[i] for i in kept]  # the rows the prompts came from, for the probe
     policy = plumbing.shard_model(plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device))
     needs_ref = args.loss_type != "simpo"
 
@@ -361,7 +367,15 @@ if __name__ == "__main__":
     pair_results = evaluate_pairs()
     ref_model = ref_model or load_ref()
     metrics, samples = common.evaluate(
-        policy, tok, eval_prompts, args, autocast, ref=ref_model, gold_scorer=gold_scorer
+        policy,
+        tok,
+        eval_prompts,
+        args,
+        autocast,
+        ref=ref_model,
+        gold_scorer=gold_scorer,
+        probe=probe,
+        rows=eval_prompt_rows,
     )
     results = {**metrics, **pair_results, "steps": step, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))

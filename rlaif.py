@@ -137,6 +137,10 @@ class Args:
     gold_scorer: str | None = "data.gold:score"
     """the task's true score of responses, "module:function" taking (prompts, responses) and returning one score
     each: the labeller's agreement with it, and the evaluation (the offline world's gold rater; None: off)"""
+    probe: str | None = "data.sycophancy:probe"
+    """online: held-out metrics defined by the eval prompts' own fields, "module:function" taking (rows, responses) and
+    returning named metrics; by default the offline world's sycophancy probe, which reports nothing for prompts
+    without its fields (facts, opinion, case); None turns it off"""
     log_every: int = 4
     """online: steps between logged training metrics"""
     # ---- run ----
@@ -381,6 +385,7 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rlaif.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
+    probe = plumbing.load_function(args.probe, "probe")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     rng = random.Random(args.seed)  # the principle of each comparison
     flag = "rating_constitution" if args.judge_mode == "direct" else "constitution"  # questions, or principles
@@ -407,7 +412,8 @@ if __name__ == "__main__":
     tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [common.plain_text(train_rows[i]["prompt"]) for i in kept]
-    eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
+    eval_prompts, kept = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
+    eval_prompt_rows = [eval_rows[i] for i in kept]  # the rows the prompts came from, for the probe
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 26
     ref_policy.requires_grad_(False)
@@ -430,7 +436,17 @@ if __name__ == "__main__":
     )
 
     def evaluate_policy(n):
-        return common.evaluate(policy, tok, eval_prompts[:n], args, autocast, ref=ref_policy, gold_scorer=gold_scorer)
+        return common.evaluate(
+            policy,
+            tok,
+            eval_prompts[:n],
+            args,
+            autocast,
+            ref=ref_policy,
+            gold_scorer=gold_scorer,
+            probe=probe,
+            rows=eval_prompt_rows[:n],
+        )
 
     order, curve, labeller_stats, first_step, elapsed = [], [], [], 1, 0.0
     data_rng = np.random.default_rng(args.seed)

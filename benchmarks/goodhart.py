@@ -37,9 +37,10 @@ class Args:
     """run ppo.py (otherwise only read the curves)"""
 
 
-def svg_plot(curves, path, width=640, height=360, pad=50):
-    """Score against KL: one panel, a line per (run, score)."""
-    points = [(c["kl_to_ref"], c[k]) for rows in curves.values() for c in rows for k in ("rm_score", "gold_score")]
+def svg_plot(curves, path, keys=("rm_score", "gold_score"), names=None, y_label="mean score", width=640, height=360,
+             pad=50):  # fmt: skip
+    """Scores against KL: one panel, a line per (run, key); `names` labels a key otherwise named "rm score", ...."""
+    points = [(c["kl_to_ref"], c[k]) for rows in curves.values() for c in rows for k in keys]
     x0, x1 = min(0.0, min(p[0] for p in points)), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
 
@@ -56,13 +57,13 @@ def svg_plot(curves, path, width=640, height=360, pad=50):
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
         f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">KL(policy || SFT), nats per response</text>',
-        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">mean score</text>',
+        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{y_label}</text>',
     ]
     for v in (x0, (x0 + x1) / 2, x1):
         out.append(f'<text x="{sx(v)}" y="{height - pad + 15}" text-anchor="middle">{v:.1f}</text>')
     for v in (y0, (y0 + y1) / 2, y1):
         out.append(f'<text x="{pad - 5}" y="{sy(v) + 4}" text-anchor="end">{v:.2f}</text>')
-    colors = {"rm_score": "#1f77b4", "gold_score": "#d62728"}
+    colors = dict(zip(keys, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd"), strict=False))
     for i, (name, rows) in enumerate(curves.items()):
         dash = "" if i == 0 else ' stroke-dasharray="6 4"'
         for key, color in colors.items():
@@ -73,7 +74,8 @@ def svg_plot(curves, path, width=640, height=360, pad=50):
                 f'<line x1="{width - 250}" y1="{label_y - 4}" x2="{width - 220}" y2="{label_y - 4}" '
                 f'stroke="{color}" stroke-width="2"{dash}/>'
             )
-            out.append(f'<text x="{width - 215}" y="{label_y}">{key.replace("_score", "")} score, {name}</text>')
+            label = (names or {}).get(key, key.replace("_score", "") + " score")
+            out.append(f'<text x="{width - 215}" y="{label_y}">{label}, {name}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out))

@@ -17,6 +17,7 @@ runs give byte-identical files (tests/test_world.py checks it at a small scale).
                                                                gold rater through Plackett-Luce noise
     data/world/constitution.txt, rating_constitution.txt, revision_requests.json: the world's written principles,
                             for rlaif.py's labeller (pairwise, and --judge_mode direct) and sl_cai.py
+    data/world/sycophancy/  the sycophancy variant (data/sycophancy.py, its own seed): sft/, preference/, prompts/
 
 Each has train.jsonl and test.jsonl (`datasets.load_dataset("data/world/sft")` gives both splits); no
 prompt appears in two splits or two datasets. The gold rater is data/gold.py, the simulated annotators
@@ -449,6 +450,9 @@ def main():
         for split, rows in splits.items():
             with open(f"{tmp}/{name}/{split}.jsonl", "w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
+    from data import sycophancy  # the sycophancy variant, drawn from its own seed: nothing above changes
+
+    sycophancy.write(f"{tmp}/sycophancy", a.scale)
     if os.path.isdir(f"{a.out}/judge_model"):  # made by sft.py, not here: kept
         os.rename(f"{a.out}/judge_model", f"{tmp}/judge_model")
     shutil.rmtree(a.out, ignore_errors=True)
