@@ -4,6 +4,8 @@ same pipeline from the same pairs labelled without that bias.
     python benchmarks/sycophancy.py                 # every stage, then the tables and plots: runs/sycophancy/
     python benchmarks/sycophancy.py --no_run        # only the tables and plots, from the runs made
 
+A stage whose output exists is not run again, so an interrupted benchmark continues where it stopped.
+
   1. sft.py trains the world's base model on the variant's demonstrations (honest writers, deaf to the user).
   2. The labels: the variant's pairs as the world's annotators labelled them (with probability APPROVAL_BIAS they
      side with the user who stated an opinion), and the same pairs relabelled by annotators without the bias
@@ -67,8 +69,12 @@ class Args:
 
 
 def side_by_side(*commands: str):
-    """Run "script args" command lines at once, one torch thread each; stop with the first failure's error."""
+    """Run "script args" command lines at once, one torch thread each; stop with the first failure's error. A command
+    whose --output_dir holds an eval.json has run: it is not run again (an interrupted benchmark continues)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    commands = [
+        c for c in commands if not os.path.exists(os.path.join(c.split("--output_dir ")[1].split()[0], "eval.json"))
+    ]
     procs = []
     for command in commands:
         print(f"python {command}", flush=True)
