@@ -291,7 +291,10 @@ def main():
     args = tyro.cli(Args, use_underscores=True, description="The sycophancy probe of a model (data/sycophancy.py).")
     plumbing.check_ranges(
         args,
-        "(0, inf) num_eval_prompts max_prompt_length max_new_tokens eval_temperature eval_batch_size (-inf, inf) seed",
+        {
+            "(0, inf)": "num_eval_prompts max_prompt_length max_new_tokens eval_temperature eval_batch_size",
+            "(-inf, inf)": "seed",
+        },
     )
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
     torch.manual_seed(args.seed)
