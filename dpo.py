@@ -225,6 +225,8 @@ if __name__ == "__main__":
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, kept = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
     eval_prompt_rows = [prompt_rows[i] for i in kept]  # the rows the prompts came from, for the probe
+    if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
+        probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.shard_model(plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device))
     needs_ref = args.loss_type != "simpo"
 

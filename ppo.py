@@ -288,6 +288,8 @@ if __name__ == "__main__":
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     eval_prompts, kept = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     eval_prompt_rows = [eval_rows[i] for i in kept]  # the rows the prompts came from, for the probe
+    if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
+        probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
     # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is

@@ -414,6 +414,8 @@ if __name__ == "__main__":
     prompt_texts = [common.plain_text(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, kept = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     eval_prompt_rows = [eval_rows[i] for i in kept]  # the rows the prompts came from, for the probe
+    if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
+        probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 26
     ref_policy.requires_grad_(False)

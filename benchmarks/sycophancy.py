@@ -22,7 +22,7 @@ A stage whose output exists is not run again, so an interrupted benchmark contin
      the proxy (rm_score) and honesty (sycophancy_scores.svg); sides_with_user_rate and sides_against_facts_rate
      (sycophancy_rates.svg).
 
-Two runs at a time, one thread each (on 2 CPU cores that is quicker than one run with two threads).
+Two runs at a time (--jobs), one thread each (on 2 CPU cores that is quicker than one run with two threads).
 """
 
 import json
@@ -37,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 from goodhart import svg_plot  # noqa: E402
 from iterated import accuracy  # noqa: E402
+
+from data.sycophancy import contested  # noqa: E402
 
 VARIANT = "data/world/sycophancy"
 HONESTY = "--gold_scorer data.sycophancy:score"
@@ -64,27 +66,31 @@ class Args:
     """more arguments for dpo.py"""
     seed: int = 1
     """every script's seed, and the relabelling's"""
+    jobs: int = 2
+    """runs at a time, one torch thread each (on 2 free cores two runs side by side finish sooner than one after the
+    other)"""
     run: bool = True
     """run the stages (otherwise only read their results)"""
 
 
-def side_by_side(*commands: str):
-    """Run "script args" command lines at once, one torch thread each; stop with the first failure's error. A command
-    whose --output_dir holds an eval.json has run: it is not run again (an interrupted benchmark continues)."""
+def side_by_side(*commands: str, jobs: int = 2):
+    """Run "script args" command lines, `jobs` at once, one torch thread each; stop with the first failure's error. A
+    command whose --output_dir holds an eval.json has run: it is not run again (an interrupted benchmark continues)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     commands = [
         c for c in commands if not os.path.exists(os.path.join(c.split("--output_dir ")[1].split()[0], "eval.json"))
     ]
-    procs = []
-    for command in commands:
-        print(f"python {command}", flush=True)
-        script, *arguments = command.split()
-        procs.append(subprocess.Popen([sys.executable, script, *arguments], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
-    for command, proc in zip(commands, procs, strict=True):
-        stderr = proc.communicate()[1]
-        if proc.returncode:
-            sys.exit(f"{command} failed:\n{stderr[-3000:]}")
+    for start in range(0, len(commands), jobs):
+        procs = []
+        for command in commands[start : start + jobs]:
+            print(f"python {command}", flush=True)
+            script, *arguments = command.split()
+            procs.append(subprocess.Popen([sys.executable, script, *arguments], cwd=ROOT, env=env, text=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+        for command, proc in zip(commands[start : start + jobs], procs, strict=True):
+            stderr = proc.communicate()[1]
+            if proc.returncode:
+                sys.exit(f"{command} failed:\n{stderr[-3000:]}")
 
 
 def relabel(out: str, seed: int):
@@ -96,27 +102,6 @@ def relabel(out: str, seed: int):
     for split in ("train", "test"):
         rows = plumbing.read_json_rows(os.path.join(ROOT, VARIANT, "preference", f"{split}.jsonl"))
         plumbing.write_jsonl(os.path.join(out, f"{split}.jsonl"), label_pairs(rows, seed, approval_bias=0.0))
-
-
-def contested(rows: list[dict], opinion: str) -> list[dict]:
-    """Held-out pairs whose two responses take opposite sides, oriented so that "chosen" is the side that the error
-    takes: the user's where the user contradicts the facts (opinion "contradicting"), against the facts where no
-    opinion is stated ("none"). A reward model's accuracy on them is how often it makes the error; each row keeps
-    whether the annotators' label made it."""
-    from data.sycophancy import side_of, stance
-
-    out = []
-    for r in rows:
-        wrong = -r["facts"]  # the side against the facts
-        if r["opinion"] != (0 if opinion == "none" else wrong):
-            continue
-        sides = side_of(stance(r["chosen"])), side_of(stance(r["rejected"]))
-        if sorted(sides) != [-1, 1]:
-            continue
-        label_erred = sides[0] == wrong
-        a, b = (r["chosen"], r["rejected"]) if label_erred else (r["rejected"], r["chosen"])
-        out.append({"prompt": r["prompt"], "chosen": a, "rejected": b, "label_erred": label_erred})
-    return out
 
 
 def reward_row(name: str, reward_dir: str, test_rows: list[dict]) -> dict:
@@ -149,7 +134,7 @@ if __name__ == "__main__":
             f"reward.py --model_name_or_path {out}/sft --dataset_name {data} --sft_dataset_name {VARIANT}/sft "
             f"--output_dir {out}/reward_{name} {HONESTY} --seed {args.seed} {args.reward_args}"
             for name, data in labels.items()
-        ))  # fmt: skip
+        ), jobs=args.jobs)  # fmt: skip
         # 4. PPO against each reward model, DPO on each label set
         side_by_side(*(
             f"ppo.py --model_name_or_path {out}/sft --reward_model_name_or_path {out}/reward_{name} --dataset_name "
@@ -157,12 +142,12 @@ if __name__ == "__main__":
             f"--total_episodes {args.total_episodes} --eval_every {args.eval_every} --num_periodic_eval_prompts "
             f"{args.num_periodic_eval_prompts} --output_dir {out}/ppo_{name} {args.ppo_args}"
             for name in labels
-        ))  # fmt: skip
+        ), jobs=args.jobs)  # fmt: skip
         side_by_side(*(
             f"dpo.py --model_name_or_path {out}/sft --dataset_name {data} --eval_prompts_name {VARIANT}/prompts "
             f"{evaluation} --output_dir {out}/dpo_{name} {args.dpo_args}"
             for name, data in labels.items()
-        ))  # fmt: skip
+        ), jobs=args.jobs)  # fmt: skip
 
     # 5. the tables and plots
     print(
