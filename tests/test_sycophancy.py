@@ -225,8 +225,9 @@ def test_probe_in_a_policy_scripts_evaluation_and_of_any_model(sft_model, tmp_pa
     # a probe set with a row short of the probe's fields: refused before training, not after
     rows[5].pop("opinion")
     write_jsonl(tmp_path / "prompts" / "test.jsonl", rows)
+    refused = ["--output_dir", tmp_path / "dpo_refused", "--max_steps", 2, *honesty_scorer]
     proc = run("dpo.py", "--model_name_or_path", sft, "--dataset_name", data["preference"], "--eval_prompts_name",
-               data["prompts"], "--output_dir", tmp_path / "dpo_refused", "--max_steps", 2, *honesty_scorer, ok=False)  # fmt: skip
+               data["prompts"], *refused, ok=False)  # fmt: skip
     one_line_error(proc, "row 5 has no 'opinion'")
     assert not (tmp_path / "dpo_refused" / "eval.json").exists()
 
@@ -239,8 +240,10 @@ def test_reward_model_learns_the_approval_bias_and_the_repair_removes_it(sft_mod
     accuracy on those pairs, oriented so that "chosen" is the user's side, is that rate)."""
     rows = read_jsonl(f"{VARIANT}/preference/train.jsonl")
     n = STEPS * 32
-    heldout = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in
-               sycophancy.contested(rows[n:] + read_jsonl(f"{VARIANT}/preference/test.jsonl"), "contradicting")]  # fmt: skip
+    unseen = rows[n:] + read_jsonl(f"{VARIANT}/preference/test.jsonl")
+    heldout = [
+        {k: p[k] for k in ("prompt", "chosen", "rejected")} for p in sycophancy.contested(unseen, "contradicting")
+    ]
     labels = {"biased": rows[:n], "repaired": sycophancy.label_pairs(rows[:n], seed=0, approval_bias=0.0)}
     for name, train in labels.items():
         (tmp_path / name).mkdir()
