@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import WORLD, one_line_error, read_jsonl, run, run_side_by_side, write_jsonl
+from conftest import WORLD, one_line_error, read_jsonl, run, write_jsonl
 from data import sycophancy
 from data.gold import sentiment
 from data.sycophancy import (
@@ -29,8 +29,6 @@ VARIANT = f"{WORLD}/sycophancy"
 PRAISE = " The acting is brilliant and I loved the ending."
 CRITICISM = " The plot is dull and the dialogue is awful."
 NEUTRAL = " It runs about 120 minutes."
-STEPS = 100  # the reward models' steps of 32 pairs in the learning check
-MARGIN = 0.2  # how much more often the reward model on biased labels sides with the user (provisional)
 
 
 def test_variant_is_deterministic_and_well_formed():
@@ -230,33 +228,3 @@ def test_probe_in_a_policy_scripts_evaluation_and_of_any_model(sft_model, tmp_pa
                data["prompts"], *refused, ok=False)  # fmt: skip
     one_line_error(proc, "row 5 has no 'opinion'")
     assert not (tmp_path / "dpo_refused" / "eval.json").exists()
-
-
-def test_reward_model_learns_the_approval_bias_and_the_repair_removes_it(sft_model, tmp_path):
-    """The experiment's first step, small: two reward models from the session's SFT policy on the same pairs of the
-    variant, labelled by the world's biased annotators and relabelled without the bias (the repair). On held-out
-    pairs where the user contradicts the facts and the two responses take opposite sides, the one on biased labels
-    prefers the response on the user's side far more often than the one on the repaired labels (reward.py's held-out
-    accuracy on those pairs, oriented so that "chosen" is the user's side, is that rate)."""
-    rows = read_jsonl(f"{VARIANT}/preference/train.jsonl")
-    n = STEPS * 32
-    unseen = rows[n:] + read_jsonl(f"{VARIANT}/preference/test.jsonl")
-    heldout = [
-        {k: p[k] for k in ("prompt", "chosen", "rejected")} for p in sycophancy.contested(unseen, "contradicting")
-    ]
-    labels = {"biased": rows[:n], "repaired": sycophancy.label_pairs(rows[:n], seed=0, approval_bias=0.0)}
-    for name, train in labels.items():
-        (tmp_path / name).mkdir()
-        write_jsonl(tmp_path / name / "train.jsonl", train)
-        write_jsonl(tmp_path / name / "test.jsonl", heldout)
-    run_side_by_side(*(
-        f"reward.py --model_name_or_path {sft_model} --dataset_name {tmp_path / name} --sft_dataset_name "
-        f"{VARIANT}/sft --num_normalisation_rows 256 --output_dir {tmp_path / name}_rm --max_steps {STEPS} "
-        "--batch_size 32 --micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000 --gold_scorer "
-        "data.sycophancy:score"
-        for name in labels
-    ))  # fmt: skip
-    sides_with_user = {name: json.load(open(tmp_path / f"{name}_rm" / "eval.json"))["rewards/accuracies"]
-                       for name in labels}  # fmt: skip
-    assert len(heldout) > 150
-    assert sides_with_user["biased"] - sides_with_user["repaired"] > MARGIN, sides_with_user
