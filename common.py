@@ -153,6 +153,32 @@ def tokenize_pairs(tok, rows, max_length: int, extra_columns=()) -> list[Pair]:
     return out
 
 
+class Unpaired(NamedTuple):
+    """A tokenised response judged alone: its rating, or its thumbs (1.0 up, 0.0 down)."""
+
+    prompt: array
+    completion: array  # ends with EOS
+    value: float
+    row: int
+
+
+def tokenize_unpaired(tok, rows, column: str, max_length: int, is_valid, what: str) -> list[Unpaired]:
+    """The responses of {prompt, completion, column} rows, every value passing is_valid (else one line: it is not
+    `what`); those over max_length tokens are dropped, counted."""
+    out = []
+    for i, row in enumerate(rows):
+        if not is_valid(row[column]):
+            plumbing.fail(f"column {column!r} must hold {what}, not {row[column]!r:.40} (row {i})")
+        p, c = encode_prompt(tok, row["prompt"]), encode_completion(tok, row["prompt"], row["completion"])
+        if len(p) + len(c) <= max_length:
+            out.append(Unpaired(array("i", p), array("i", c), float(row[column]), i))
+    if len(out) < len(rows):
+        print(f"note: {len(rows) - len(out)} of {len(rows)} responses longer than max_length {max_length} dropped")
+    if not out:
+        plumbing.fail(f"no response fits in max_length {max_length}")
+    return out
+
+
 # ---- padding and batching ------------------------------------------------------------------------------
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
     """(ids, mask) as tensors: left padding for generation, right padding for training (detail 2). Widths are

@@ -78,6 +78,23 @@ def test_dpo_and_reward_on_two_ranks_take_the_steps_of_one_process(sft_model, tm
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm_two")
 
 
+def test_kto_on_two_ranks_takes_the_steps_of_one_process_with_its_z0(sft_model, tmp_path):
+    """z0 is the whole batch's, over both ranks: the same as one process's at every step, and so are the steps."""
+    thumbs = world_subset(tmp_path / "thumbs", "binary", 64, 10)
+    args = ["--model_name_or_path", sft_model, "--dataset_name", thumbs, "--max_steps", 3, "--batch_size", 8]
+    args += ["--learning_rate", 2e-3, "--eval_every", 2, "--log_every", 1, "--num_eval_prompts", 4]
+    args += ["--max_new_tokens", 4]
+    run("kto.py", "--output_dir", tmp_path / "one", *args, "--micro_batch_size", 4)
+    torchrun("kto.py", "--output_dir", tmp_path / "two", *args, "--micro_batch_size", 2)
+    assert max_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
+    one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    z0 = [[m["kl"] for m in metrics if "kl" in m] for metrics in (one, two)]  # each step's
+    assert len(z0[0]) == 3 and z0[1] == pytest.approx(z0[0], rel=1e-4, abs=1e-6)
+    assert max(z0[0]) > 0.01  # not only the clamp's 0
+    for key in ("eval/kl", "eval/loss"):  # the held-out rows' z0 and loss: each row once
+        assert one[-1][key] == pytest.approx(two[-1][key], rel=1e-4)
+
+
 WHITEN = """
 import sys, torch
 sys.path.insert(0, {root!r})
