@@ -168,7 +168,7 @@ def tokenize_unpaired(tok, rows, column: str, max_length: int, is_valid, what: s
     out = []
     for i, row in enumerate(rows):
         if not is_valid(row[column]):
-            plumbing.fail(f"column {column!r} must hold {what}, not {row[column]!r:.40} (row {i})")
+            plumbing.fail(f"column {column!r} must hold {what}, not {row[column]!r:.40}")
         p, c = encode_prompt(tok, row["prompt"]), encode_completion(tok, row["prompt"], row["completion"])
         if len(p) + len(c) <= max_length:
             out.append(Unpaired(array("i", p), array("i", c), float(row[column]), i))
