@@ -175,10 +175,15 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     plumbing.check_ranges(
         args,
-        "(0, inf) learning_rate max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
-        "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length beta num_eval_rows "
-        "desirable_weight undesirable_weight [0, inf) weight_decay save_every warmup_steps [0, 1) adam_betas [0, 1] "
-        "max_warmup_fraction (-inf, inf) seed",
+        {
+            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length beta num_eval_rows "
+            "desirable_weight undesirable_weight",
+            "[0, inf)": "learning_rate weight_decay save_every warmup_steps",
+            "[0, 1)": "adam_betas",
+            "[0, 1]": "max_warmup_fraction",
+            "(-inf, inf)": "seed",
+        },
     )
     if args.batch_size < 2:  # one row's "mismatched" pair would be itself: z0 would be the row's own log-ratio
         plumbing.fail("--batch_size must be at least 2: z0 pairs each prompt with another row's completion")
