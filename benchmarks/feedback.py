@@ -41,8 +41,9 @@ class Args:
     """the SFT model every run starts from"""
     responses: int = 8000
     """responses judged in the comparison at equal responses"""
-    prompts: int = 2000
-    """prompts annotated in the comparison at equal prompts"""
+    prompts: int = 4000
+    """prompts annotated in the comparison at equal prompts (at responses / 2 the pairs, ratings and thumbs of the
+    two comparisons are the same runs)"""
     steps: int = 120
     """steps of each reward model (128 sequences a step)"""
     policy_pairs: int = 4000
@@ -98,22 +99,33 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     out, data = args.output_dir, os.path.join(args.output_dir, "data")
     R, P = args.responses, args.prompts
-    pairs_eval = f"--eval_dataset_name {WORLD}/preference"
-    # (table, label, (dataset, its first rows), rows trained on, responses judged, prompts annotated, reward.py options)
-    reward_runs = [
-        ("responses", "pairs", ("preference", R // 2), R // 2, R, R // 2, "--batch_size 64"),
-        ("responses", "rankings of 4", ("ranking", R // 4), R // 4, R, R // 4, f"--batch_size 32 {pairs_eval}"),
-        ("responses", "ratings", ("ratings", R), R, R, R // 2, "--batch_size 128"),
-        ("responses", "thumbs", ("binary", R), R, R, R // 2, "--batch_size 128"),
-        ("prompts", "pairs", ("preference", P), P, 2 * P, P, "--batch_size 64"),
-        ("prompts", "rankings of 4", ("ranking", P), P, 4 * P, P, f"--batch_size 32 {pairs_eval}"),
-        ("prompts", "ratings", ("ratings", 2 * P), 2 * P, 2 * P, P, "--batch_size 128"),
-        ("prompts", "thumbs", ("binary", 2 * P), 2 * P, 2 * P, P, "--batch_size 128"),
-        ("ratings", "regression", ("ratings", R), R, R, R // 2, "--batch_size 128"),
-        ("ratings", "ordinal", ("ratings", R), R, R, R // 2, "--batch_size 128 --rating_loss ordinal"),
-        ("ratings", "Bradley-Terry, margin", ("rating_pairs", R), None, R, R // 2, "--batch_size 64 --margin_column m"),
-        ("ratings", "Bradley-Terry", ("rating_pairs", R), None, R, R // 2, "--batch_size 64"),
-    ]  # fmt: skip
+    # a reward model's run: (dataset, its first rows, reward.py's options; 128 sequences a step)
+    pairs, rankings, ratings, thumbs = (
+        ("preference", R // 2, "--batch_size 64"),
+        ("ranking", R // 4, f"--batch_size 32 --eval_dataset_name {WORLD}/preference"),
+        ("ratings", R, "--batch_size 128"),
+        ("binary", R, "--batch_size 128"),
+    )
+    tables = {  # title: [(label, run, responses judged, prompts annotated)]
+        f"Reward models at {R:,} responses judged": [
+            ("pairs", pairs, R, R // 2),
+            ("rankings of 4", rankings, R, R // 4),
+            ("ratings", ratings, R, R // 2),
+            ("thumbs", thumbs, R, R // 2),
+        ],
+        f"Reward models at {P:,} prompts annotated": [
+            ("pairs", ("preference", P, pairs[2]), 2 * P, P),
+            ("rankings of 4", ("ranking", P, rankings[2]), 4 * P, P),
+            ("ratings", ("ratings", 2 * P, ratings[2]), 2 * P, P),
+            ("thumbs", ("binary", 2 * P, thumbs[2]), 2 * P, P),
+        ],
+        f"The rating losses on {R:,} ratings": [
+            ("regression", ratings, R, R // 2),
+            ("ordinal", ("ratings", R, "--batch_size 128 --rating_loss ordinal"), R, R // 2),
+            ("Bradley-Terry, margin", ("rating_pairs", R, "--batch_size 64 --margin_column m"), R, R // 2),
+            ("Bradley-Terry", ("rating_pairs", R, "--batch_size 64"), R, R // 2),
+        ],
+    }
     n, ups = args.policy_pairs, itertools.count()
     policy_runs = [  # (label, script, (dataset, its rows, a filter of them), options)
         ("DPO, pairs", "dpo.py", ("preference", n, None), "--batch_size 32 --num_eval_pairs 250"),
@@ -129,22 +141,23 @@ if __name__ == "__main__":
     def directory(name: str, rows: int) -> str:
         return os.path.join(data, f"{name}_{rows}")
 
-    def reward_dir(table: str, label: str) -> str:
-        """A reward model's run (without its seed); the ratings' regression is the ratings' run at equal responses."""
-        table, label = ("responses", "ratings") if (table, label) == ("ratings", "regression") else (table, label)
-        return os.path.join(out, f"reward_{table}_{label.replace(' ', '_').replace(',', '')}")
+    def reward_dir(run) -> str:
+        """A reward model's run directory, without its seed: one per dataset and loss, whichever tables show it."""
+        name, rows, options = run
+        loss = "_ordinal" * ("ordinal" in options) + "_margin" * ("margin" in options)
+        return os.path.join(out, f"reward_{name}_{rows}{loss}")
 
     commands = []  # (output directory, command line)
     for seed in args.seeds:
-        for table, label, (name, rows), *_, options in reward_runs:
-            dataset = directory(name, rows)
-            run_dir = f"{reward_dir(table, label)}_seed{seed}"
+        for run in dict.fromkeys(run for table in tables.values() for _, run, *_ in table):  # each run once
+            name, rows, options = run
+            run_dir = f"{reward_dir(run)}_seed{seed}"
             command = (
-                f"reward.py --model_name_or_path {args.sft_model} --dataset_name {dataset} --max_steps {args.steps} "
-                f"--num_epochs 1000 --eval_every 100000 --seed {seed} --output_dir {run_dir} {options}"
+                f"reward.py --model_name_or_path {args.sft_model} --dataset_name {directory(name, rows)} "
+                f"--max_steps {args.steps} --num_epochs 1000 --eval_every 100000 --seed {seed} --output_dir {run_dir} "
+                f"{options}"
             )
-            if (run_dir, command) not in commands:
-                commands.append((run_dir, command))
+            commands.append((run_dir, command))
         for label, script, (name, rows, keep), options in policy_runs:
             run_dir = os.path.join(out, f"policy_{label.split(',')[0]}_{'fifth' if keep else 'all'}_seed{seed}")
             dataset = directory(name + ("_fifth" if keep else ""), rows)
@@ -156,7 +169,7 @@ if __name__ == "__main__":
             commands.append((run_dir, command))
 
     if args.run:
-        for name, rows in {(name, rows) for _, _, (name, rows), *_ in reward_runs}:
+        for name, rows in {run[:2] for table in tables.values() for _, run, *_ in table}:
             if name == "rating_pairs":
                 rating_pairs(rows, directory(name, rows))
             else:
@@ -180,24 +193,17 @@ if __name__ == "__main__":
         return [json.load(open(f"{run_dir_prefix}_seed{s}/eval.json")) for s in args.seeds]
 
     seeds = ", ".join(map(str, args.seeds))
-    headers = {
-        "responses": f"Reward models at {R:,} responses judged",
-        "prompts": f"Reward models at {P:,} prompts annotated",
-        "ratings": f"The rating losses on {R:,} ratings",
-    }
-    for table, title in headers.items():
+    for title, table in tables.items():
         print(f"\n{title} ({args.steps} steps of 128 sequences; seeds {seeds}; the ceiling 0.899)\n")
         print("| trained on | rows | responses judged | prompts | held-out accuracy | gold agreement |")
         print("|---|---|---|---|---|---|")
-        for t, label, (name, rows), n_rows, responses, prompts, _ in reward_runs:
-            if t == table:
-                r = results(reward_dir(table, label))
-                if n_rows is None:
-                    with open(os.path.join(directory(name, rows), "train.jsonl")) as f:
-                        n_rows = sum(1 for _ in f)
-                accuracy = mean_and_error([x["rewards/accuracies"] for x in r])
-                agreement = mean_and_error([x["gold_agreement"] for x in r])
-                print(f"| {label} | {n_rows:,} | {responses:,} | {prompts:,} | {accuracy} | {agreement} |")
+        for label, run, responses, prompts in table:
+            r = results(reward_dir(run))
+            with open(os.path.join(directory(*run[:2]), "train.jsonl")) as f:
+                n_rows = sum(1 for _ in f)
+            accuracy = mean_and_error([x["rewards/accuracies"] for x in r])
+            agreement = mean_and_error([x["gold_agreement"] for x in r])
+            print(f"| {label} | {n_rows:,} | {responses:,} | {prompts:,} | {accuracy} | {agreement} |")
     print(f"\nPolicies from {args.policy_pairs:,} pairs' responses, against the SFT policy (seeds {seeds})\n")
     print("| policy | rows | steps | gold_win_rate_vs_ref | kl_to_ref | gold_score (SFT's) | eos_rate | distinct_2 |")
     print("|---|---|---|---|---|---|---|---|")
