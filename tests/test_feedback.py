@@ -270,25 +270,35 @@ def summed_logps(model, tok, prompt, completion):
     return sum(float(logprobs[len(p) - 1 + t, token]) for t, token in enumerate(c))
 
 
-def test_kto_held_out_z0_and_loss_recomputed_alone(feedback_runs, sft_model):
-    """eval.json's kl (z0) and loss from the trained policy and the SFT reference, one sequence at a time: each
-    held-out prompt with the next row's completion, the last with the first's."""
-    results = json.load(open(os.path.join(feedback_runs["kto"], "eval.json")))
+def test_kto_held_out_z0_and_loss_recomputed_alone(feedback_runs, sft_model, tmp_path):
+    """eval.json's kl (z0) and loss, recomputed one sequence at a time: each held-out prompt with the next row's
+    completion, the last with the first's. On the world the trained policy gives the mismatched pairs less probability
+    than the SFT reference does (z0 clamped to 0), so the SFT model is also evaluated against the trained policy as its
+    reference (learning rate 0), where the mean log-ratio is positive."""
+    trained, swapped = feedback_runs["kto"], str(tmp_path / "swapped")
+    args = ["--model_name_or_path", sft_model, "--ref_model_name_or_path", trained, "--learning_rate", 0]
+    args += ["--max_steps", 1, "--batch_size", 2, "--num_eval_rows", 64, "--num_eval_prompts", 4, "--max_new_tokens", 4]
+    run("kto.py", *args, "--output_dir", swapped)
     tok = AutoTokenizer.from_pretrained(sft_model)
-    policy, ref = (AutoModelForCausalLM.from_pretrained(m).eval() for m in (feedback_runs["kto"], sft_model))
+    models = {m: AutoModelForCausalLM.from_pretrained(m).eval() for m in (sft_model, trained)}
     rows = read_jsonl(f"{WORLD}/binary/test.jsonl")[:64]
-
-    def ratio(prompt, completion):
-        return summed_logps(policy, tok, prompt, completion) - summed_logps(ref, tok, prompt, completion)
-
-    kl = [ratio(r["prompt"], rows[(i + 1) % len(rows)]["completion"]) for i, r in enumerate(rows)]
-    z0 = max(0.0, sum(kl) / len(kl))
-    assert z0 > 0.1 and results["kl"] == pytest.approx(z0, rel=1e-3)
-    r = [ratio(row["prompt"], row["completion"]) for row in rows]
-    losses = [
-        1 - sig(0.1 * (x - z0)) if row["label"] else 1 - sig(0.1 * (z0 - x)) for x, row in zip(r, rows, strict=True)
-    ]
-    assert results["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    for output, policy, ref in ((trained, trained, sft_model), (swapped, sft_model, trained)):
+        ratio = [
+            [summed_logps(models[policy], tok, p, c) - summed_logps(models[ref], tok, p, c) for p, c in pairs]
+            for pairs in (
+                [(r["prompt"], rows[(i + 1) % len(rows)]["completion"]) for i, r in enumerate(rows)],  # mismatched
+                [(r["prompt"], r["completion"]) for r in rows],
+            )
+        ]
+        z0 = max(0.0, sum(ratio[0]) / len(rows))
+        results = json.load(open(os.path.join(output, "eval.json")))
+        assert results["kl"] == pytest.approx(z0, rel=1e-3, abs=1e-5)
+        losses = [
+            1 - sig(0.1 * (x - z0)) if row["label"] else 1 - sig(0.1 * (z0 - x))
+            for x, row in zip(ratio[1], rows, strict=True)
+        ]
+        assert results["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert results["kl"] > 0.1  # the swapped run's z0: not the clamp's 0
 
 
 # ---- corrections --------------------------------------------------------------------------------------------
