@@ -20,7 +20,7 @@ outside it, a note says which weights would be. `beta * r` is the implicit rewar
 
 The reference log-probs of every row, and of every step's mismatched pairs, are computed once before training (the
 steps' batches are drawn first), so only the policy is in memory while training; the reference is loaded again to
-evaluate against it. Detail 31 of docs/implementation_details.md; the steps below are numbered as its "kto.py"
+evaluate against it. Detail 32 of docs/implementation_details.md; the steps below are numbered as its "kto.py"
 list. Evaluation and outputs are dpo.py's.
 """
 
@@ -125,7 +125,7 @@ class Args:
 
 def kto_loss(logps, ref_logps, desirable, z0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
     """Per-row losses and implicit rewards beta * (log pi - log pi_ref) of KTO (Ethayarajh et al. 2024, eq. 7;
-    detail 31). Log-probs are sums over each completion's tokens; `desirable` is a boolean per row; z0 is the
+    detail 32). Log-probs are sums over each completion's tokens; `desirable` is a boolean per row; z0 is the
     reference point, a number without gradient."""
     ratios = logps - ref_logps
     losses = torch.where(

@@ -12,7 +12,7 @@ first) train on all K(K-1)/2 pairs of a prompt together, each response scored on
 prompt's pairs (Ouyang et al. 2022, section 3.5): a prompt is one example, however many responses it ranks. A
 preference pair is a ranking of two.
 
-Responses judged one at a time (detail 30) are examples of their own. Thumbs ({prompt, completion, label}, label
+Responses judged one at a time (detail 31) are examples of their own. Thumbs ({prompt, completion, label}, label
 true for up: TRL's unpaired format) train a binary classifier whose logit is the reward, P(up) = sigmoid(r).
 Ratings ({prompt, completion, rating} on the integer scale --rating_scale) train by regression of the reward on
 the rating centred on the training data's mean (SteerLM and HelpSteer2's loss), or with --rating_loss ordinal by
@@ -216,12 +216,12 @@ def is_whole(value) -> bool:
 
 def thumbs_loss(rewards, labels):
     """Per response, the logistic loss of a binary classifier whose logit is the reward, P(up) = sigmoid(r):
-    -log sigmoid(r) for a thumbs up (label 1), -log sigmoid(-r) for a thumbs down (label 0) (detail 30)."""
+    -log sigmoid(r) for a thumbs up (label 1), -log sigmoid(-r) for a thumbs down (label 0) (detail 31)."""
     return -labels * F.logsigmoid(rewards) - (1 - labels) * F.logsigmoid(-rewards)
 
 
 def rating_loss(rewards, ratings, mean_rating: float, scale: tuple[int, int], loss_type: str = "regression"):
-    """Per response (detail 30). regression: (r - (rating - mean_rating))^2. ordinal: -log P(rating | r) under the
+    """Per response (detail 31). regression: (r - (rating - mean_rating))^2. ordinal: -log P(rating | r) under the
     cumulative-logit model P(rating <= k) = sigmoid(c_k - r) (McCullagh 1980), the cut point c_k = k + 1/2 -
     mean_rating between the ratings k and k + 1. With cut points 1 apart, P(rating = k) = sigmoid(c_k - r) -
     sigmoid(c_{k-1} - r) = sigmoid(c_k - r) sigmoid(r - c_{k-1}) (1 - 1/e), computed in logs; the lowest rating
@@ -393,7 +393,7 @@ if __name__ == "__main__":
                     forward_model, [x.prompt + x.completion for x in part], tok.pad_token_id, device
                 )
             values = torch.tensor([x.value for x in part], device=device)
-            # 3. thumbs: a classifier's logistic loss; ratings: regression or the ordinal loss (detail 30)
+            # 3. thumbs: a classifier's logistic loss; ratings: regression or the ordinal loss (detail 31)
             if form == "thumbs":
                 return thumbs_loss(rewards, values).mean(), {}
             return rating_loss(rewards, values, mean_rating, args.rating_scale, args.rating_loss).mean(), {}
