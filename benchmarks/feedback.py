@@ -73,18 +73,19 @@ def subset(name: str, n: int, out: str, keep=None) -> str:
 
 
 def rating_pairs(n: int, out: str) -> str:
-    """The pairs of the first n ratings: each prompt's two responses where their ratings differ, the higher chosen,
-    the difference the margin column m (a pairs dataset for reward.py --margin_column m)."""
+    """The pairs of the first n ratings (and of the whole test split): each prompt's two responses where their
+    ratings differ, the higher chosen, the difference the margin column m (a pairs dataset for reward.py
+    --margin_column m; the runs are evaluated on the preference pairs all the same)."""
     os.makedirs(out, exist_ok=True)
-    with open(f"{WORLD}/ratings/train.jsonl") as f:
-        rows = [json.loads(line) for line in itertools.islice(f, n)]
-    with open(f"{out}/train.jsonl", "w") as g:
-        for a, b in zip(rows[0::2], rows[1::2], strict=True):
-            if a["rating"] != b["rating"]:
-                hi, lo = (a, b) if a["rating"] > b["rating"] else (b, a)
-                pair = {"prompt": a["prompt"], "chosen": hi["completion"], "rejected": lo["completion"]}
-                g.write(json.dumps({**pair, "m": float(hi["rating"] - lo["rating"])}) + "\n")
-    shutil.copy(f"{WORLD}/preference/test.jsonl", f"{out}/test.jsonl")
+    for split, limit in (("train", n), ("test", None)):
+        with open(f"{WORLD}/ratings/{split}.jsonl") as f:
+            rows = [json.loads(line) for line in itertools.islice(f, limit)]
+        with open(f"{out}/{split}.jsonl", "w") as g:
+            for a, b in zip(rows[0::2], rows[1::2], strict=True):
+                if a["rating"] != b["rating"]:
+                    hi, lo = (a, b) if a["rating"] > b["rating"] else (b, a)
+                    pair = {"prompt": a["prompt"], "chosen": hi["completion"], "rejected": lo["completion"]}
+                    g.write(json.dumps({**pair, "m": float(hi["rating"] - lo["rating"])}) + "\n")
     return out
 
 
@@ -99,10 +100,11 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     out, data = args.output_dir, os.path.join(args.output_dir, "data")
     R, P = args.responses, args.prompts
+    on_pairs = f"--eval_dataset_name {WORLD}/preference"  # for the datasets that are not the world's pairs
     # a reward model's run: (dataset, its first rows, reward.py's options; 128 sequences a step)
     pairs, rankings, ratings, thumbs = (
         ("preference", R // 2, "--batch_size 64"),
-        ("ranking", R // 4, f"--batch_size 32 --eval_dataset_name {WORLD}/preference"),
+        ("ranking", R // 4, f"--batch_size 32 {on_pairs}"),
         ("ratings", R, "--batch_size 128"),
         ("binary", R, "--batch_size 128"),
     )
@@ -122,8 +124,8 @@ if __name__ == "__main__":
         f"The rating losses on {R:,} ratings": [
             ("regression", ratings, R, R // 2),
             ("ordinal", ("ratings", R, "--batch_size 128 --rating_loss ordinal"), R, R // 2),
-            ("Bradley-Terry, margin", ("rating_pairs", R, "--batch_size 64 --margin_column m"), R, R // 2),
-            ("Bradley-Terry", ("rating_pairs", R, "--batch_size 64"), R, R // 2),
+            ("Bradley-Terry, margin", ("rating_pairs", R, f"--batch_size 64 --margin_column m {on_pairs}"), R, R // 2),
+            ("Bradley-Terry", ("rating_pairs", R, f"--batch_size 64 {on_pairs}"), R, R // 2),
         ],
     }
     n, ups = args.policy_pairs, itertools.count()
