@@ -70,6 +70,12 @@ def stages(args, model, chat, out):
             f"--judge_model_name_or_path {model} --dataset_name {chat}/heldout_pairs --judge_batch_size 32"
             for mode in ("pairwise", "direct")
         },
+        # the same PPO and DPO with LoRA adapters (r 16 on every projection) at a learning rate 20 times higher
+        "ppo_lora": f"ppo.py {policy} --reward_model_name_or_path {out}/reward --dataset_name {chat}/prompts "
+        "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 2e-4 --lora_r 16 --lora_alpha 32",
+        "dpo_lora": f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name "
+        f"{chat}/prompts --max_steps 100 --batch_size 8 --micro_batch_size 8 --learning_rate 1e-4 --max_length 128 "
+        f"--num_eval_pairs {args.heldout_pairs} {evals} --lora_r 16 --lora_alpha 32",
     }
 
 
@@ -127,7 +133,8 @@ def table(out, times):
                          f"{r['test_labeller_confidence']:.3f} |")  # fmt: skip
     lines += ["", "| policy (vs the SFT policy) | wall time | gold_win_rate_vs_ref | kl_to_ref | gold_score (SFT's) | "
               "rm_score | eos_rate | distinct_2 | mean_length |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, label in (("ppo", "`ppo.py`"), ("dpo", "`dpo.py`"), ("rlaif_direct", "`rlaif.py`, direct"),
+    for name, label in (("ppo", "`ppo.py`"), ("ppo_lora", "`ppo.py`, LoRA"), ("dpo", "`dpo.py`"),
+                        ("dpo_lora", "`dpo.py`, LoRA"), ("rlaif_direct", "`rlaif.py`, direct"),
                         ("rlaif_pairwise", "`rlaif.py`, pairwise")):  # fmt: skip
         r = result(out, name)
         if r:

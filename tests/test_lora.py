@@ -144,28 +144,28 @@ def test_every_script_writes_a_plain_model_and_its_adapter(lora_runs, script):
 
 
 def test_the_first_step_starts_from_the_reference(lora_runs):
-    """Before the first update the policy is its reference: PPO's KL, RLOO's and DPO's margins are 0."""
+    """Before the first update the policy is its reference: PPO's and RLOO's KL and the implicit rewards of DPO and
+    online RLAIF are 0 (exactly where both log-probs come from one forward's shapes; DPO's reference log-probs were
+    computed before training in other batches, whose padding moves a sum by float rounding)."""
     first = {s: read_jsonl(lora_runs / s / "metrics.jsonl")[0] for s in ("ppo", "rloo", "dpo", "rlaif")}
     assert first["ppo"]["step"] == 1 and first["ppo"]["objective/kl"] == 0
     assert first["rloo"]["objective/kl"] == 0
-    assert first["dpo"]["rewards/margins"] == 0 and first["dpo"]["rewards/chosen"] == 0
     assert first["rlaif"]["rewards/margins"] == 0
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first["dpo"][key] == pytest.approx(0, abs=1e-6)
 
 
 def test_the_reference_and_reward_model_are_not_second_copies(sft_model, lora_runs, tmp_path):
-    """ppo.py prints the parameters it holds: with LoRA one policy base and one reward base (and adapters), without
-    it four models."""
+    """ppo.py prints the parameters it holds: with LoRA one policy base and one reward-model base (and adapters),
+    where full fine-tuning holds four models."""
     args = ["--model_name_or_path", sft_model, "--reward_model_name_or_path", lora_runs / "reward", "--max_steps", 1]
     args += ["--batch_size", 4, "--micro_batch_size", 4, "--response_length", 4, "--num_eval_prompts", 2]
-    args += ["--max_new_tokens", 4, "--eval_every", 1000]
-    held = {}
-    for name, extra in (("full", []), ("lora", ["--lora_r", 8])):
-        stdout = run("ppo.py", *args, *extra, "--output_dir", tmp_path / name).stdout
-        line = next(x for x in stdout.splitlines() if "parameters in memory" in x)
-        held[name] = float(line.split("M parameters in memory")[0])
+    args += ["--max_new_tokens", 4, "--eval_every", 1000, "--lora_r", 8]
+    stdout = run("ppo.py", *args, "--output_dir", tmp_path / "out").stdout
+    line = next(x for x in stdout.splitlines() if "parameters in memory" in x)
+    held = float(line.split("M parameters in memory")[0])
     n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(sft_model).parameters()) / 1e6
-    assert held["full"] == pytest.approx(4 * n, rel=0.01)
-    assert 2 * n < held["lora"] < 2.1 * n
+    assert 2 * n < held < 2.1 * n  # two bases and their adapters, not 4 n
 
 
 def test_killed_and_resumed_with_lora_ends_with_the_same_adapters(sft_model, small_sft, tmp_path):
