@@ -237,7 +237,7 @@ def test_lora_dpo_on_two_ranks_takes_the_steps_of_one_process(sft_model, tmp_pat
     assert adapters[0].keys() == adapters[1].keys()
     assert max(float((adapters[0][k] - adapters[1][k]).abs().max()) for k in adapters[0]) < TOLERANCE
     first = read_jsonl(tmp_path / "two" / "metrics.jsonl")[0]
-    assert first["rewards/margins"] == 0  # the reference is the policy with its adapters off, on every rank
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-6)  # the reference: the policy, its adapters off
 
 
 def test_two_nodes_of_one_process_take_the_steps_of_one_node_of_two(small_sft, tmp_path):
