@@ -400,6 +400,32 @@ def assign(param: torch.Tensor, value: torch.Tensor):
         param.copy_(value)
 
 
+# ---- the reference of a LoRA policy ----------------------------------------------------------------------
+class WithoutAdapters:
+    """A LoRA model (plumbing.add_lora) called with its adapters switched off: the model it started from, with no
+    second copy of its weights in memory. The reference of a LoRA policy (detail 26 holds: the same weights, the
+    same dtype), and PPO's reward model under its value model's adapters. Every other attribute is the model's."""
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper  # a head's trained copy (modules_to_save)
+
+        adapted = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+        self.model, self.layers = model, [m for m in model.modules() if isinstance(m, adapted)]
+
+    def __call__(self, *args, **kwargs):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 # ---- evaluation --------------------------------------------------------------------------------------------
 def plain_text(x) -> str:
     """A prompt or response as a reader outside the chat template reads it (the gold scorer, an AI labeller): plain

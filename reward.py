@@ -79,6 +79,15 @@ class Args:
     """weight of the reward-centering regulariser mean((r_c + r_r)^2) (pairs and rankings); 0.01 in Eisenstein et al."""
     rating_loss: Literal["regression", "ordinal"] = "regression"
     """how ratings train the reward: squared error to the centred rating, or the cumulative-logit (ordinal) model"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the SFT model (hub id or local directory) whose backbone the reward model starts from"""
@@ -272,10 +281,10 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
+            "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
             "max_length eval_every num_normalisation_rows",
-            "[0, inf)": "learning_rate weight_decay save_every warmup_steps center_rewards_coef",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps center_rewards_coef",
+            "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
             "(-inf, inf)": "seed rating_scale",
         },
@@ -335,6 +344,7 @@ if __name__ == "__main__":
         plumbing.fail(f"{args.model_name_or_path} does not give a one-output score head")
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+    model = plumbing.add_lora(model, args, heads=["score"], bf16=bf16)  # with --lora_r: adapters and the head
     plumbing.shard_model(model)  # under torchrun: FSDP2
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     eval_kind = "pairs" if len(evals[0].responses) == 2 else f"rankings of {len(evals[0].responses)}"
@@ -350,7 +360,8 @@ if __name__ == "__main__":
         total_steps = min(total_steps, args.max_steps)
     micro = min(args.micro_batch_size, args.batch_size)
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
+    trained = [p for p in model.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
+    optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -437,7 +448,7 @@ if __name__ == "__main__":
             stats.append(share * torch.stack([loss.detach(), *train_metrics.values()]))
         stats = common.reduce_sum(torch.stack(stats).sum(0))  # the batch's means
         step += 1
-        grad_norm = common.clip_grad_norm(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(trained, args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -484,7 +495,7 @@ if __name__ == "__main__":
     weights = plumbing.full_state_dict(model)  # under torchrun gathered from the shards; None in one process
 
     def write(tmp):
-        model.save_pretrained(tmp, state_dict=weights)
+        plumbing.save_model(model, tmp, weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)
