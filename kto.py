@@ -72,6 +72,15 @@ class Args:
     """AdamW weight decay (torch's default)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the SFT model: the policy starts from it and, unless --ref_model_name_or_path, is the reference"""
@@ -176,11 +185,11 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
             "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length beta num_eval_rows "
             "desirable_weight undesirable_weight",
-            "[0, inf)": "learning_rate weight_decay save_every warmup_steps",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps",
+            "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
             "(-inf, inf)": "seed",
         },
@@ -224,10 +233,14 @@ if __name__ == "__main__":
     _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, _ = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
-    policy = plumbing.shard_model(plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device))
+    policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    policy = plumbing.shard_model(plumbing.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
 
     def load_ref():
-        """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 26)."""
+        """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 26). With LoRA
+        the policy itself with its adapters off (detail 30), unless another reference is named."""
+        if args.lora_r and not args.ref_model_name_or_path:
+            return common.WithoutAdapters(policy)
         ref = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
         return plumbing.shard_model(ref.eval().requires_grad_(False))  # eval(): no dropout, as the policy's (below)
 
@@ -282,7 +295,8 @@ if __name__ == "__main__":
     plumbing.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(policy.parameters(), **adamw, fused=True)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
+    optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -334,7 +348,7 @@ if __name__ == "__main__":
             stats.append(row_stats(losses, rewards, desirable))
         stats = common.reduce_sum(torch.cat(stats).sum(0))  # the batch's sums
         step += 1
-        grad_norm = common.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(trained, args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -373,7 +387,7 @@ if __name__ == "__main__":
     weights = plumbing.full_state_dict(policy)  # under torchrun gathered from the shards; None in one process
 
     def write(tmp):
-        policy.save_pretrained(tmp, state_dict=weights)
+        plumbing.save_model(policy, tmp, weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)

@@ -102,7 +102,7 @@ def test_the_merged_output_equals_the_adapted_model_and_its_adapter_loads_in_pef
 
 @pytest.fixture(scope="module")
 def lora_runs(sft_model, tmp_path_factory):
-    """Every training script with --lora_r 8 for a step or two on the world, two side by side at a time."""
+    """Every training script with --lora_r 8 for a step or two on the world, two or three side by side at a time."""
     out = tmp_path_factory.mktemp("lora")
     small = world_subset(out / "pairs", "preference", 64, 16)
     lora = "--lora_r 8 --lora_alpha 16 --log_every 1 --eval_every 1000"
@@ -122,11 +122,13 @@ def lora_runs(sft_model, tmp_path_factory):
         f"rloo.py {policy} --reward_model_name_or_path {out}/reward --output_dir {out}/rloo --total_episodes 8 "
         "--batch_size 4 --micro_batch_size 4 --response_length 8",
         f"rlaif.py {policy} --output_dir {out}/rlaif {rollout}",
+        f"kto.py {policy} --dataset_name {world_subset(out / 'thumbs', 'binary', 64, 16)} --output_dir {out}/kto "
+        "--max_steps 2 --batch_size 8 --micro_batch_size 8",
     )
     return out
 
 
-@pytest.mark.parametrize("script", ["sft", "reward", "dpo", "ppo", "rloo", "rlaif"])
+@pytest.mark.parametrize("script", ["sft", "reward", "dpo", "ppo", "rloo", "rlaif", "kto"])
 def test_every_script_writes_a_plain_model_and_its_adapter(lora_runs, script):
     out = lora_runs / script
     cls = AutoModelForSequenceClassification if script == "reward" else AutoModelForCausalLM
@@ -147,12 +149,14 @@ def test_the_first_step_starts_from_the_reference(lora_runs):
     """Before the first update the policy is its reference: PPO's and RLOO's KL and the implicit rewards of DPO and
     online RLAIF are 0 (exactly where both log-probs come from one forward's shapes; DPO's reference log-probs were
     computed before training in other batches, whose padding moves a sum by float rounding)."""
-    first = {s: read_jsonl(lora_runs / s / "metrics.jsonl")[0] for s in ("ppo", "rloo", "dpo", "rlaif")}
+    first = {s: read_jsonl(lora_runs / s / "metrics.jsonl")[0] for s in ("ppo", "rloo", "dpo", "rlaif", "kto")}
     assert first["ppo"]["step"] == 1 and first["ppo"]["objective/kl"] == 0
     assert first["rloo"]["objective/kl"] == 0
     assert first["rlaif"]["rewards/margins"] == 0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert first["dpo"][key] == pytest.approx(0, abs=1e-6)
+    for key in ("rewards/desirable", "rewards/undesirable", "rewards/margins"):  # KTO's, computed the same way
+        assert first["kto"][key] == pytest.approx(0, abs=1e-6)
 
 
 def test_the_reference_and_reward_model_are_not_second_copies(sft_model, lora_runs, tmp_path):
