@@ -153,6 +153,32 @@ def tokenize_pairs(tok, rows, max_length: int, extra_columns=()) -> list[Pair]:
     return out
 
 
+class Unpaired(NamedTuple):
+    """A tokenised response judged alone: its rating, or its thumbs (1.0 up, 0.0 down)."""
+
+    prompt: array
+    completion: array  # ends with EOS
+    value: float
+    row: int
+
+
+def tokenize_unpaired(tok, rows, column: str, max_length: int, is_valid, what: str) -> list[Unpaired]:
+    """The responses of {prompt, completion, column} rows, every value passing is_valid (else one line: it is not
+    `what`); those over max_length tokens are dropped, counted."""
+    out = []
+    for i, row in enumerate(rows):
+        if not is_valid(row[column]):
+            plumbing.fail(f"column {column!r} must hold {what}, not {row[column]!r:.40}")
+        p, c = encode_prompt(tok, row["prompt"]), encode_completion(tok, row["prompt"], row["completion"])
+        if len(p) + len(c) <= max_length:
+            out.append(Unpaired(array("i", p), array("i", c), float(row[column]), i))
+    if len(out) < len(rows):
+        print(f"note: {len(rows) - len(out)} of {len(rows)} responses longer than max_length {max_length} dropped")
+    if not out:
+        plumbing.fail(f"no response fits in max_length {max_length}")
+    return out
+
+
 # ---- padding and batching ------------------------------------------------------------------------------
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
     """(ids, mask) as tensors: left padding for generation, right padding for training (detail 2). Widths are
@@ -372,6 +398,32 @@ def assign(param: torch.Tensor, value: torch.Tensor):
 
             value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
         param.copy_(value)
+
+
+# ---- the reference of a LoRA policy ----------------------------------------------------------------------
+class WithoutAdapters:
+    """A LoRA model (plumbing.add_lora) called with its adapters switched off: the model it started from, with no
+    second copy of its weights in memory. The reference of a LoRA policy (detail 26 holds: the same weights, the
+    same dtype), and PPO's reward model under its value model's adapters. Every other attribute is the model's."""
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper  # a head's trained copy (modules_to_save)
+
+        adapted = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+        self.model, self.layers = model, [m for m in model.modules() if isinstance(m, adapted)]
+
+    def __call__(self, *args, **kwargs):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------

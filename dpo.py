@@ -74,6 +74,15 @@ class Args:
     """AdamW weight decay (torch's default)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the SFT model: the policy starts from it and, unless --ref_model_name_or_path, is the reference"""
@@ -195,11 +204,11 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
             "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length "
             "beta num_eval_pairs",
-            "[0, inf)": "learning_rate weight_decay save_every warmup_steps simpo_gamma rpo_alpha",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps simpo_gamma rpo_alpha",
+            "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
             "[0, 0.5)": "label_smoothing",
             "(-inf, inf)": "seed",
@@ -227,11 +236,15 @@ if __name__ == "__main__":
     eval_prompt_rows = [prompt_rows[i] for i in kept]  # the rows the prompts came from, for the probe
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
-    policy = plumbing.shard_model(plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device))
+    policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    policy = plumbing.shard_model(plumbing.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
     needs_ref = args.loss_type != "simpo"
 
     def load_ref():
-        """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 26)."""
+        """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 26). With LoRA
+        the policy itself with its adapters off, unless another reference is named."""
+        if args.lora_r and not args.ref_model_name_or_path:
+            return common.WithoutAdapters(policy)
         ref = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
         return plumbing.shard_model(ref.eval().requires_grad_(False))  # eval(): no dropout, as the policy's (below)
 
@@ -269,7 +282,8 @@ if __name__ == "__main__":
     plumbing.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(policy.parameters(), **adamw, fused=True)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
+    optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -336,7 +350,7 @@ if __name__ == "__main__":
             stats.append(pair_stats(losses, chosen_rewards, rejected_rewards))
         stats = common.reduce_sum(torch.cat(stats).sum(0)) / len(indices)  # the batch's mean statistics
         step += 1
-        grad_norm = common.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(trained, args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -389,7 +403,7 @@ if __name__ == "__main__":
     weights = plumbing.full_state_dict(policy)  # under torchrun gathered from the shards; None in one process
 
     def write(tmp):
-        policy.save_pretrained(tmp, state_dict=weights)
+        plumbing.save_model(policy, tmp, weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)

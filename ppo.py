@@ -95,6 +95,15 @@ class Args:
     """weight of the value loss"""
     entropy_coef: float = 0.0
     """weight of an entropy bonus (0: entropy only reported)"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the policy PPO starts from: the SFT policy, which is also the frozen reference of the KL penalty"""
@@ -257,13 +266,13 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
             "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes "
             "num_mini_batches num_ppo_epochs response_length rollout_temperature cliprange "
             "max_prompt_length num_periodic_eval_prompts log_samples_every target_kl kl_horizon "
             "cliprange_value",
-            "[0, inf)": "learning_rate weight_decay save_every kl_coef vf_coef entropy_coef",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every kl_coef vf_coef entropy_coef",
+            "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "gamma lam",
             "(-inf, inf)": "seed missing_eos_score",
         },
@@ -291,24 +300,33 @@ if __name__ == "__main__":
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
-    # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
-    ref_name = args.ref_model_name_or_path or args.model_name_or_path
-    ref_policy = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device)
-    scorer_dtype = torch.bfloat16 if bf16 else torch.float32
     rm_name = args.reward_model_name_or_path
-    reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, scorer_dtype)
     value_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device)  # detail 12
-    if reward_model.config.num_labels != 1 or not hasattr(reward_model, "score"):
+    if value_model.config.num_labels != 1 or not hasattr(value_model, "score"):
         plumbing.fail(
             f"{rm_name} is not a reward model: expected a sequence classifier with one label "
-            f"(reward.py's output), got {type(reward_model).__name__} with {reward_model.config.num_labels}"
+            f"(reward.py's output), got {type(value_model).__name__} with {value_model.config.num_labels}"
         )
-    for model in (ref_policy, reward_model):
-        model.requires_grad_(False)
+    # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
+    # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
+    models = [policy, value_model]
+    if args.lora_r:  # detail 30: adapters on both; with them off the same weights are the reference and the reward
+        policy = plumbing.add_lora(policy, args, bf16=bf16)  # model, one copy of each base in memory
+        value_model = plumbing.add_lora(value_model, args, heads=["score"], bf16=bf16)  # the value head: a copy
+        reward_model = common.WithoutAdapters(value_model)
+    else:
+        scorer_dtype = torch.bfloat16 if bf16 else torch.float32
+        reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, scorer_dtype)
+        models.append(reward_model.requires_grad_(False))
+    if args.lora_r and not args.ref_model_name_or_path:
+        ref_policy = common.WithoutAdapters(policy)
+    else:
+        ref_name = args.ref_model_name_or_path or args.model_name_or_path
+        ref_policy = plumbing.load_model(AutoModelForCausalLM, ref_name, tok, device).requires_grad_(False)
+        models.append(ref_policy)
     # detail 9: dropout off everywhere. eval() mode for every model, also while training: gradients still flow,
     # and the log-probs of the update match those of the rollout exactly.
-    for model in (policy, ref_policy, reward_model, value_model):
+    for model in models:
         plumbing.shard_model(model.eval())  # under torchrun: FSDP2
     plumbing.seed_sampling(args.seed)
     # the training forwards are compiled on CUDA; sampling and the rollout forwards run eagerly
@@ -320,13 +338,14 @@ if __name__ == "__main__":
         plumbing.fail(
             f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
         )
-    params = list(policy.parameters()) + list(value_model.parameters())
+    params = [p for model in (policy, value_model) for p in model.parameters() if p.requires_grad]  # not the frozen
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     optimizer = torch.optim.AdamW(params, **adamw, fused=True)
+    held = {id(p): p.numel() for m in (policy, ref_policy, value_model, reward_model) for p in m.parameters()}
     print(
-        f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M + value "
-        f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.2f}M parameters; {num_steps} steps of "
-        f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} minibatches"
+        f"{sum(held.values()) / 1e6:.2f}M parameters in memory, {sum(p.numel() for p in params) / 1e6:.2f}M trained; "
+        f"{num_steps} steps of {args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_mini_batches} "
+        "minibatches"
     )
 
     def evaluate_policy(n):
@@ -512,9 +531,9 @@ if __name__ == "__main__":
     weights = {m: plumbing.full_state_dict(m) for m in (policy, value_model)}  # None in one process
 
     def write(tmp):
-        policy.save_pretrained(tmp, state_dict=weights[policy])
+        plumbing.save_model(policy, tmp, weights[policy])
         tok.save_pretrained(tmp)
-        value_model.save_pretrained(os.path.join(tmp, "value_model"), state_dict=weights[value_model])
+        plumbing.save_model(value_model, os.path.join(tmp, "value_model"), weights[value_model])
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
             plumbing.write_jsonl(os.path.join(tmp, name), rows)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)

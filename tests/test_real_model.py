@@ -146,3 +146,55 @@ def test_one_round_of_critique_and_revision_writes_a_dataset_sft_accepts(smollm2
         "--max_steps", 1, "--batch_size", 1, "--micro_batch_size", 1, "--max_length", 256, "--eval_every", 1000,
         "--num_eval_prompts", 1, "--max_new_tokens", 4, "--gold_scorer", "None")  # fmt: skip
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "sl").get_input_embeddings().num_embeddings == 49_153
+
+
+@pytest.fixture(scope="module")
+def lora_runs(smollm2, chat, tmp_path_factory):
+    """Every training script with --lora_r 8 on SmolLM2 (the default target modules: the seven projections of each
+    Llama block), a step each, two side by side at a time; the reward model's LoRA run is PPO's and RLOO's."""
+    out = tmp_path_factory.mktemp("real_lora")
+    small = "--max_steps 1 --batch_size 4 --micro_batch_size 2 --learning_rate 1e-4 --max_length 96 --lora_r 8"
+    evals = " ".join(map(str, EVAL))
+    run_side_by_side(
+        f"sft.py --model_name_or_path {smollm2} --dataset_name {chat}/sft --output_dir {out}/sft --eval_every 1000 "
+        f"{small} {evals}",
+        f"reward.py --model_name_or_path {smollm2} --dataset_name {chat}/preference --sft_dataset_name {chat}/sft "
+        f"--num_normalisation_rows 8 --eval_every 1000 --output_dir {out}/reward {small} --gold_scorer None",
+    )
+    rollouts = "--max_steps 1 --batch_size 4 --micro_batch_size 2 --response_length 8 --eval_every 1000 --lora_r 8"
+    policy = f"--model_name_or_path {smollm2} --dataset_name {chat}/prompts {rollouts} {evals}"
+    run_side_by_side(
+        f"dpo.py --model_name_or_path {smollm2} --dataset_name {chat}/preference --eval_prompts_name {chat}/prompts "
+        f"--num_eval_pairs 4 --eval_every 1000 --output_dir {out}/dpo {small} {evals}",
+        f"ppo.py {policy} --reward_model_name_or_path {out}/reward --output_dir {out}/ppo",
+    )
+    run_side_by_side(
+        f"rloo.py {policy} --reward_model_name_or_path {out}/reward --rloo_k 2 --output_dir {out}/rloo",
+        f"rlaif.py {policy} --judge_model_name_or_path {smollm2} --judge_mode direct --judge_batch_size 4 "
+        f"--output_dir {out}/rlaif",
+    )
+    return out
+
+
+def test_every_script_with_lora_writes_a_merged_model_and_its_adapter(smollm2, lora_runs):
+    for name in ("sft", "reward", "dpo", "ppo", "rloo", "rlaif"):
+        cls = AutoModelForSequenceClassification if name == "reward" else AutoModelForCausalLM
+        model = cls.from_pretrained(lora_runs / name)  # plain transformers, no peft
+        assert type(model).__name__.startswith("Llama"), name
+        assert not any("lora" in n or "base_layer" in n for n, _ in model.named_parameters()), name
+        adapter = json.load(open(lora_runs / name / "adapter" / "adapter_config.json"))
+        assert adapter["r"] == 8, name
+        assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}, name  # fmt: skip
+        if name != "reward":
+            assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(), name  # tied
+            assert os.path.exists(lora_runs / name / "eval.json"), name
+    # the frozen embeddings are the base model's, and only the adapted projections moved
+    base = AutoModelForCausalLM.from_pretrained(smollm2)
+    sft = AutoModelForCausalLM.from_pretrained(lora_runs / "sft")
+    vocab = base.get_input_embeddings().weight.shape[0]
+    assert torch.equal(sft.get_input_embeddings().weight[:vocab], base.get_input_embeddings().weight)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sft.state_dict()[q], base.state_dict()[q])
+    first = {n: json.loads(open(lora_runs / n / "metrics.jsonl").readline()) for n in ("ppo", "rloo")}
+    assert first["ppo"]["objective/kl"] == 0 and first["rloo"]["objective/kl"] == 0  # the reference: adapters off

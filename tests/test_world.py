@@ -83,6 +83,39 @@ def test_rankings_are_noisy_at_the_documented_rate():
     assert abs(agree - expected) < 4 * math.sqrt(expected * (1 - expected) / len(rows)) + 0.005
 
 
+def test_ratings_and_thumbs_judge_the_preference_pairs_responses_through_the_same_noise():
+    """ratings/ and binary/ hold each preference pair's two responses, chosen then rejected. An annotator's utility is
+    u = gold + T (g - Euler's gamma), g a standard Gumbel draw; a rating is round(4 + 3u) clipped to 1-7, thumbs up
+    when u > THUMBS_THRESHOLD: the observed shares match those the formula predicts, response by response."""
+    T, gamma = annotators.LABEL_TEMPERATURE, annotators.EULER_GAMMA
+
+    def p_above(x, gold):  # P(u > x) = P(Gumbel > (x - gold) / T + gamma), for each gold rating
+        return 1 - np.exp(-np.exp(-((x - gold) / T + gamma)))
+
+    for split in ("train", "test"):
+        pairs = read_jsonl(f"{WORLD}/preference/{split}.jsonl")
+        ratings, thumbs = (read_jsonl(f"{WORLD}/{name}/{split}.jsonl") for name in ("ratings", "binary"))
+        expected = [(p["prompt"], p[k]) for p in pairs for k in ("chosen", "rejected")]
+        assert [(r["prompt"], r["completion"]) for r in ratings] == expected
+        assert [(r["prompt"], r["completion"]) for r in thumbs] == expected
+    gold = np.array([gold_score(r["completion"]) for r in thumbs])  # the train split's
+    up = np.array([r["label"] for r in thumbs])
+    assert up.dtype == bool and 0.45 < up.mean() < 0.55  # about half up
+    want = p_above(annotators.THUMBS_THRESHOLD, gold)
+    assert abs(up.mean() - want.mean()) < 4 * math.sqrt(want.mean() * (1 - want.mean()) / len(up))
+    ratings = np.array([r["rating"] for r in ratings])
+    assert set(ratings) == set(range(1, 8))
+    for k in range(1, 8):  # P(rating = k) = P(u > (k - 4.5) / 3) - P(u > (k - 3.5) / 3), the ends open
+        high = p_above((k - 4.5) / 3, gold) if k > 1 else 1.0
+        low = p_above((k - 3.5) / 3, gold) if k < 7 else 0.0
+        p = (high - low).mean()
+        assert abs((ratings == k).mean() - p) < 4 * math.sqrt(p * (1 - p) / len(ratings)), k
+    # about half of the demonstrations get a thumbs up, as the threshold was chosen
+    demos = read_jsonl(f"{WORLD}/sft/train.jsonl")
+    rows = annotators.label_responses([d["prompt"] for d in demos], [d["completion"] for d in demos], seed=3)
+    assert 0.48 < np.mean([r["label"] for r in rows]) < 0.55
+
+
 def test_annotators_label_any_responses():
     """The simulated annotator behind the world's labels, for a policy's own samples: reproducible by seed, and
     following the gold rater where it is clear."""
@@ -97,6 +130,12 @@ def test_annotators_label_any_responses():
     ranked = annotators.rank_responses(["p"] * 50, [[spam, bad, good]] * 50, seed=2)
     assert all(sorted(r["responses"]) == sorted([spam, bad, good]) for r in ranked)
     assert sum(r["responses"][0] == good for r in ranked) > 45
+    rated = annotators.rate_responses(["p"] * 150, [good, bad, spam] * 50, seed=3)
+    assert rated == annotators.rate_responses(["p"] * 150, [good, bad, spam] * 50, seed=3)
+    mean_rating = [np.mean([r["rating"] for r in rated[i::3]]) for i in range(3)]  # gold 0.83, -0.80, -0.38
+    assert mean_rating[0] > 6 and mean_rating[1] < 2.5 and 2.5 < mean_rating[2] < 3.5
+    thumbs = annotators.label_responses(["p"] * 100, [good, bad] * 50, seed=4)
+    assert sum(r["label"] for r in thumbs[0::2]) >= 48 and sum(r["label"] for r in thumbs[1::2]) <= 2
 
 
 def test_base_model_and_tokenizer_load_with_plain_transformers():
@@ -129,4 +168,4 @@ def test_make_world_is_deterministic(tmp_path):
         }
 
     first, second = build(tmp_path / "a"), build(tmp_path / "b")
-    assert first == second and len(first) >= 12
+    assert first == second and len(first) >= 16
