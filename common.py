@@ -5,6 +5,7 @@ The algorithms themselves live in their scripts; run plumbing (loading, checkpoi
 "Detail N" refers to docs/implementation_details.md.
 """
 
+import math
 import os
 from array import array
 from contextlib import contextmanager, nullcontext
@@ -326,6 +327,20 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
         step_pos = step_pos[:, -1:] + 1
     responses = torch.cat(tokens, 1)
     return torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=eos_id)
+
+
+# ---- the learning rate --------------------------------------------------------------------------------------
+def warmup_cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """The learning rate's factor: linear from 0 over warmup_steps, then a half cosine to 0 at total_steps, as
+    transformers' get_cosine_schedule_with_warmup (written out here: importing it also imports peft)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---- several processes: the collectives ---------------------------------------------------------------

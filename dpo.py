@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM
 
 import common
 import plumbing
@@ -277,7 +277,7 @@ if __name__ == "__main__":
     trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = common.warmup_cosine_schedule(optimizer, warmup, total_steps)
 
     def loss_on(pairs, indices, ref_table):
         """3. Per-pair losses and implicit rewards for a micro-batch, under the policy's current weights."""

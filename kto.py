@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM
 
 import common
 import plumbing
@@ -298,7 +298,7 @@ if __name__ == "__main__":
     trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = common.warmup_cosine_schedule(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
     def evaluate_rows():

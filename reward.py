@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, get_cosine_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification
 
 import common
 import plumbing
@@ -363,7 +363,7 @@ if __name__ == "__main__":
     trained = [p for p in model.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = common.warmup_cosine_schedule(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
     def evaluate_pairs():
