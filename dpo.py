@@ -229,7 +229,7 @@ if __name__ == "__main__":
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, _ = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    policy = plumbing.shard_model(plumbing.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
+    policy = plumbing.shard_model(common.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
     needs_ref = args.loss_type != "simpo"
 
     def load_ref():

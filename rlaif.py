@@ -418,7 +418,7 @@ if __name__ == "__main__":
     prompt_texts = [common.plain_text(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    policy = plumbing.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
+    policy = common.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     if args.lora_r:  # the reference: the policy with its adapters off (detail 30), or a copy in its dtype (detail 26)
         ref_policy = common.WithoutAdapters(policy)
     else:

@@ -222,7 +222,7 @@ if __name__ == "__main__":
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     eval_prompts, _ = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    policy = plumbing.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
+    policy = common.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
     # log-prob alike (KL 0 before the first update), or with LoRA the policy with its adapters off (detail 30); the
     # reward model only scores, in bf16 when autocast is

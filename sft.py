@@ -156,7 +156,7 @@ if __name__ == "__main__":
     evals = tokenize(tok, eval_rows, columns, args.max_length, "eval")
     # a directory with a config and no weights (the world's base model) is initialised at random (seed above)
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
-    model = plumbing.add_lora(model, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
+    model = common.add_lora(model, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     plumbing.shard_model(model)  # under torchrun: FSDP2 (then every rank samples from its own seed)
     plumbing.seed_sampling(args.seed)
     print(
