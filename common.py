@@ -1,10 +1,11 @@
 """What the algorithms visibly use: what a dataset's text may be and how it becomes tokens, padding, log-probs,
-sampling, the collectives of several processes, and evaluation.
+sampling, the learning-rate schedule, the collectives of several processes, LoRA's adapters, and evaluation.
 
 The algorithms themselves live in their scripts; run plumbing (loading, checkpoints, logs) in plumbing.py.
 "Detail N" refers to docs/implementation_details.md.
 """
 
+import math
 import os
 from array import array
 from contextlib import contextmanager, nullcontext
@@ -328,6 +329,20 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
     return torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=eos_id)
 
 
+# ---- the learning rate --------------------------------------------------------------------------------------
+def warmup_cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """The learning rate's factor: linear from 0 over warmup_steps, then a half cosine to 0 at total_steps, as
+    transformers' get_cosine_schedule_with_warmup (written out here: importing it also imports peft)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 # ---- several processes: the collectives ---------------------------------------------------------------
 # torchrun sets RANK and WORLD_SIZE for each process it starts, and every rank runs the whole script on its share
 # of every batch (details 28 and 29). `python script.py` is one process, rank 0 of 1: each helper is the identity.
@@ -400,9 +415,44 @@ def assign(param: torch.Tensor, value: torch.Tensor):
         param.copy_(value)
 
 
-# ---- the reference of a LoRA policy ----------------------------------------------------------------------
+# ---- LoRA: the adapters, and the model without them ---------------------------------------------------------
+def add_lora(model, args, heads=(), bf16=False):
+    """LoRA (Hu et al. 2021) in place: adapters of rank args.lora_r on the layers args.lora_target_modules names (by
+    default every linear layer inside the transformer blocks, by the model's own module names), in fp32, the base
+    frozen (bf16 on CUDA with bf16). Each of the `heads` (e.g. "score") gets a copy trained in full, used while the
+    adapters are on; the original serves with them off (WithoutAdapters). Without --lora_r: the model."""
+    if not args.lora_r:
+        return model
+    from peft import LoraConfig, inject_adapter_in_model
+
+    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]
+    linear = {
+        n.split(".")[-1] for b in blocks for n, m in b.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
+    }
+    targets = list(args.lora_target_modules or sorted(linear))
+    if not set(targets) <= linear:
+        plumbing.fail(
+            f"--lora_target_modules {sorted(set(targets) - linear)}: not among the model's layers {sorted(linear)}"
+        )
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=list(heads) or None,
+    )
+    inject_adapter_in_model(config, model)  # every other weight is frozen
+    for p in model.parameters():
+        if bf16 and not p.requires_grad and p.device.type == "cuda":
+            p.data = p.data.to(torch.bfloat16)
+    model.lora_config = config
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"note: LoRA r={args.lora_r} on {', '.join(targets)}: {trained / 1e6:.3f}M parameters trained")
+    return model
+
+
 class WithoutAdapters:
-    """A LoRA model (plumbing.add_lora) called with its adapters switched off: the model it started from, with no
+    """A LoRA model (add_lora) called with its adapters switched off: the model it started from, with no
     second copy of its weights in memory. The reference of a LoRA policy (detail 26 holds: the same weights, the
     same dtype), and PPO's reward model under its value model's adapters. Every other attribute is the model's."""
 

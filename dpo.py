@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM
 
 import common
 import plumbing
@@ -237,7 +237,7 @@ if __name__ == "__main__":
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    policy = plumbing.shard_model(plumbing.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
+    policy = plumbing.shard_model(common.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
     needs_ref = args.loss_type != "simpo"
 
     def load_ref():
@@ -285,7 +285,7 @@ if __name__ == "__main__":
     trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = common.warmup_cosine_schedule(optimizer, warmup, total_steps)
 
     def loss_on(pairs, indices, ref_table):
         """3. Per-pair losses and implicit rewards for a micro-batch, under the policy's current weights."""

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM
 
 import common
 import plumbing
@@ -242,7 +242,7 @@ if __name__ == "__main__":
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    policy = plumbing.shard_model(plumbing.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
+    policy = plumbing.shard_model(common.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
 
     def load_ref():
         """The frozen reference, in the policy's dtype: at step 0 the implicit rewards are 0 (detail 26). With LoRA
@@ -306,7 +306,7 @@ if __name__ == "__main__":
     trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = common.warmup_cosine_schedule(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
     def evaluate_rows():

@@ -205,40 +205,7 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
     return model.to(device)
 
 
-# ---- LoRA: low-rank adapters through peft, imported only when --lora_r > 0 --------------------------------
-def add_lora(model, args, heads=(), bf16=False):
-    """LoRA (Hu et al. 2021) in place: adapters of rank args.lora_r on the layers args.lora_target_modules names (by
-    default every linear layer inside the transformer blocks, by the model's own module names), in fp32, the base
-    frozen (bf16 on CUDA with bf16). Each of the `heads` (e.g. "score") gets a copy trained in full, used while the
-    adapters are on; the original serves with them off (common.WithoutAdapters). Without --lora_r: the model."""
-    if not args.lora_r:
-        return model
-    from peft import LoraConfig, inject_adapter_in_model
-
-    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]
-    linear = {
-        n.split(".")[-1] for b in blocks for n, m in b.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
-    }
-    targets = list(args.lora_target_modules or sorted(linear))
-    if not set(targets) <= linear:
-        fail(f"--lora_target_modules {sorted(set(targets) - linear)}: not among the model's layers {sorted(linear)}")
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-        modules_to_save=list(heads) or None,
-    )
-    inject_adapter_in_model(config, model)  # every other weight is frozen
-    for p in model.parameters():
-        if bf16 and not p.requires_grad and p.device.type == "cuda":
-            p.data = p.data.to(torch.bfloat16)
-    model.lora_config = config
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"note: LoRA r={args.lora_r} on {', '.join(targets)}: {trained / 1e6:.3f}M parameters trained")
-    return model
-
-
+# ---- LoRA: saving a model with adapters ---------------------------------------------------------------------
 def merged_weights(model, weights=None) -> dict:
     """A LoRA model's weights as the plain model's: each adapted layer's W + (lora_alpha / r) B A, each head's
     trained copy, under the plain names (what save_pretrained writes; `weights`: the gathered ones under torchrun)."""

@@ -311,8 +311,8 @@ if __name__ == "__main__":
     # log-prob alike (KL 0 before the first update); the reward model only scores, in bf16 when autocast is
     models = [policy, value_model]
     if args.lora_r:  # detail 30: adapters on both; with them off the same weights are the reference and the reward
-        policy = plumbing.add_lora(policy, args, bf16=bf16)  # model, one copy of each base in memory
-        value_model = plumbing.add_lora(value_model, args, heads=["score"], bf16=bf16)  # the value head: a copy
+        policy = common.add_lora(policy, args, bf16=bf16)  # model, one copy of each base in memory
+        value_model = common.add_lora(value_model, args, heads=["score"], bf16=bf16)  # the value head: a copy
         reward_model = common.WithoutAdapters(value_model)
     else:
         scorer_dtype = torch.bfloat16 if bf16 else torch.float32

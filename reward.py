@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, get_cosine_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification
 
 import common
 import plumbing
@@ -344,7 +344,7 @@ if __name__ == "__main__":
         plumbing.fail(f"{args.model_name_or_path} does not give a one-output score head")
     # detail 6: a fresh head, N(0, 1/sqrt(d_model + 1)); the Llama-family head has no bias (it would be 0)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
-    model = plumbing.add_lora(model, args, heads=["score"], bf16=bf16)  # with --lora_r: adapters and the head
+    model = common.add_lora(model, args, heads=["score"], bf16=bf16)  # with --lora_r: adapters and the head
     plumbing.shard_model(model)  # under torchrun: FSDP2
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     eval_kind = "pairs" if len(evals[0].responses) == 2 else f"rankings of {len(evals[0].responses)}"
@@ -363,7 +363,7 @@ if __name__ == "__main__":
     trained = [p for p in model.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = common.warmup_cosine_schedule(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
     def evaluate_pairs():

@@ -426,7 +426,7 @@ if __name__ == "__main__":
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    policy = plumbing.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
+    policy = common.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     if args.lora_r:  # the reference: the policy with its adapters off (detail 30), or a copy in its dtype (detail 26)
         ref_policy = common.WithoutAdapters(policy)
     else:

@@ -230,7 +230,7 @@ if __name__ == "__main__":
     if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
         probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
-    policy = plumbing.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
+    policy = common.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     # detail 26: the reference in the policy's own dtype, so that under the same autocast the two compute a token's
     # log-prob alike (KL 0 before the first update), or with LoRA the policy with its adapters off (detail 30); the
     # reward model only scores, in bf16 when autocast is

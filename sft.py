@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM
 
 import common
 import plumbing
@@ -156,7 +156,7 @@ if __name__ == "__main__":
     evals = tokenize(tok, eval_rows, columns, args.max_length, "eval")
     # a directory with a config and no weights (the world's base model) is initialised at random (seed above)
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
-    model = plumbing.add_lora(model, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
+    model = common.add_lora(model, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     plumbing.shard_model(model)  # under torchrun: FSDP2 (then every rank samples from its own seed)
     plumbing.seed_sampling(args.seed)
     print(
@@ -175,7 +175,7 @@ if __name__ == "__main__":
     trained = [p for p in model.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
     warmup = min(args.warmup_steps, int(total_steps * args.max_warmup_fraction))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = common.warmup_cosine_schedule(optimizer, warmup, total_steps)
 
     @torch.inference_mode()
     def eval_loss():

@@ -176,6 +176,21 @@ def test_encode_completion_ends_with_one_eos():
     assert tok.decode(head).endswith("Assistant:")
 
 
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (30, 300), (5, 5), (10, 4)])
+def test_warmup_cosine_schedule_is_transformers_own(warmup, total):
+    """The same learning rate at every step as transformers' get_cosine_schedule_with_warmup, to the bit."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4) for _ in range(2))
+    ours, theirs = (
+        common.warmup_cosine_schedule(ours, warmup, total),
+        get_cosine_schedule_with_warmup(theirs, warmup, total),
+    )
+    for _ in range(total + 3):
+        assert ours.get_last_lr() == theirs.get_last_lr()
+        ours.optimizer.step(), ours.step(), theirs.optimizer.step(), theirs.step()
+
+
 def test_distinct_n():
     assert common.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
     assert common.distinct_n(["x x x x"], 2) == pytest.approx(1 / 3)

@@ -40,7 +40,7 @@ def logprobs(model, ids):
 
 
 def test_only_the_adapters_and_the_heads_copies_are_trained():
-    policy = plumbing.add_lora(tiny(), LORA)
+    policy = common.add_lora(tiny(), LORA)
     trained = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     # by default every linear layer inside the transformer blocks, named as the model names them (not lm_head)
@@ -48,18 +48,18 @@ def test_only_the_adapters_and_the_heads_copies_are_trained():
                                                       "down_proj"}  # fmt: skip
     rank = LORA.lora_r * 7 * policy.config.num_hidden_layers  # A: r x d_in, B: d_out x r, per adapted layer
     assert 0 < sum(p.numel() for n, p in policy.named_parameters() if p.requires_grad) < rank * 2 * 1024
-    reward = plumbing.add_lora(tiny(AutoModelForSequenceClassification, num_labels=1), LORA, heads=["score"])
+    reward = common.add_lora(tiny(AutoModelForSequenceClassification, num_labels=1), LORA, heads=["score"])
     trained = [n for n, p in reward.named_parameters() if p.requires_grad]
     assert "score.modules_to_save.default.weight" in trained  # the head in full, as a copy
     assert all(".lora_" in n or n.startswith("score.modules_to_save.") for n in trained)
     assert not reward.score.original_module.weight.requires_grad
     with pytest.raises(SystemExit, match="not among the model's layers"):
-        plumbing.add_lora(tiny(), SimpleNamespace(**{**vars(LORA), "lora_target_modules": ("qkv",)}))
+        common.add_lora(tiny(), SimpleNamespace(**{**vars(LORA), "lora_target_modules": ("qkv",)}))
 
 
 def test_the_reference_is_the_policy_with_its_adapters_off_and_no_second_copy():
     base = tiny()
-    policy = plumbing.add_lora(tiny(), LORA)
+    policy = common.add_lora(tiny(), LORA)
     ids = torch.randint(0, 1000, (3, 12))
     assert torch.equal(logprobs(policy, ids), logprobs(base, ids))  # B = 0: before training, one function
     perturb_adapters(policy)
@@ -76,7 +76,7 @@ def test_the_reference_is_the_policy_with_its_adapters_off_and_no_second_copy():
 def test_the_merged_output_equals_the_adapted_model_and_its_adapter_loads_in_peft(tmp_path):
     base = tiny()
     base.save_pretrained(tmp_path / "base")
-    policy = plumbing.add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LORA)
+    policy = common.add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LORA)
     perturb_adapters(policy)
     plumbing.save_model(policy, str(tmp_path / "out"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers
@@ -89,7 +89,7 @@ def test_the_merged_output_equals_the_adapted_model_and_its_adapter_loads_in_pef
         )
         torch.testing.assert_close(adapted(ids).logits, policy(ids).logits, atol=1e-5, rtol=1e-5)
     # a reward model: its head's trained copy is the merged model's head, and the adapter's
-    reward = plumbing.add_lora(tiny(AutoModelForSequenceClassification, num_labels=1), LORA, heads=["score"])
+    reward = common.add_lora(tiny(AutoModelForSequenceClassification, num_labels=1), LORA, heads=["score"])
     perturb_adapters(reward)
     with torch.no_grad():
         reward.score.modules_to_save.default.weight.add_(1.0)
