@@ -395,6 +395,17 @@ def gathered(*models):
             unit.set_reshard_after_forward(True, recurse=False)
 
 
+def seed_sampling(seed: int):
+    """Each rank samples from seed + rank * 100003 (detail 27), set once the models are made alike on every rank."""
+    if DISTRIBUTED:
+        torch.manual_seed(seed + RANK * 100003)
+
+
+def barrier():
+    if DISTRIBUTED:
+        torch.distributed.barrier()
+
+
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """Clip the gradients' global norm (over all ranks' shards); the norm before clipping, a plain tensor."""
     return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -415,7 +426,7 @@ def assign(param: torch.Tensor, value: torch.Tensor):
         param.copy_(value)
 
 
-# ---- LoRA: the adapters, and the model without them ---------------------------------------------------------
+# ---- LoRA: the adapters, the model without them, the merged weights --------------------------------------
 def add_lora(model, args, heads=(), bf16=False):
     """LoRA (Hu et al. 2021) in place: adapters of rank args.lora_r on the layers args.lora_target_modules names (by
     default every linear layer inside the transformer blocks, by the model's own module names), in fp32, the base
@@ -474,6 +485,22 @@ class WithoutAdapters:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
+
+
+def merged_weights(model, weights=None) -> dict:
+    """A LoRA model's weights as the plain model's, under the plain names: each adapted layer's W + (lora_alpha / r)
+    B A (Hu et al. eq. 3) in fp32, each head's trained copy (`weights`: under torchrun, the gathered ones)."""
+    weights = model.state_dict() if weights is None else weights
+    scale, merged = model.lora_config.lora_alpha / model.lora_config.r, {}
+    for name, w in weights.items():
+        layer, _, param = name.partition(".base_layer.")
+        if param == "weight":  # the frozen weight of an adapted layer
+            a, b = weights[f"{layer}.lora_A.default.weight"], weights[f"{layer}.lora_B.default.weight"]
+            w = w.float() + scale * (b.float() @ a.float())
+        if ".lora_" not in name and ".original_module." not in name:
+            name = f"{layer}.{param}" if param else name.replace(".modules_to_save.default.", ".")
+            merged[name] = w.float() if w.is_floating_point() else w
+    return merged
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ if __name__ == "__main__":
         f"reference log-probs precomputed for {len(used)} train rows, {len(prompts)} mismatched pairs and "
         f"{len(evals)} eval rows"
     )
-    plumbing.seed_sampling(args.seed)
+    common.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer

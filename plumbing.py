@@ -1,6 +1,6 @@
-"""Run plumbing that no algorithm depends on: one-line errors and argument checks, data and model loading, device
-and precision, FSDP2 wrapping, checkpoints and resume, atomic saves, tracking. A reader can skip this file: what
-the algorithms use (tokens, log-probs, sampling, evaluation, the collectives) is in common.py."""
+"""Run plumbing no algorithm depends on: one-line errors and argument checks, loading data and models, device and
+precision, FSDP2 wrapping, checkpoints and resume, atomic saves, tracking. A reader can skip this file; what the
+algorithms use (tokens, log-probs, sampling, evaluation, the collectives, LoRA) is in common.py."""
 
 import atexit
 import importlib
@@ -29,8 +29,8 @@ RESUME_MAY_CHANGE = ("resume", "output_dir", "save_every", "skip_nonfinite", "tr
 
 # ---- one-line errors and argument checks -------------------------------------------------------------
 def fail(message: str):
-    """A user's mistake ends the run with one line naming it. Under torchrun rank 0 says it (torchrun then stops the
-    others); a mistake that only another rank meets is said by that rank after a wait."""
+    """End the run with one line naming the user's mistake: rank 0 says it (torchrun then stops the others); a
+    mistake only another rank meets is said by that rank after a wait."""
     if common.RANK > 0:
         time.sleep(10)
         print(f"error (rank {common.RANK}): {message}", file=sys.__stderr__, flush=True)
@@ -45,9 +45,8 @@ def describe(e: Exception) -> str:
 
 
 def check_ranges(args, ranges: dict[str, str]):
-    """One line naming the first argument outside its interval, before anything loads. `ranges` maps an interval to
-    the fields it bounds: {"(0, inf)": "batch_size beta", "[0, 1)": "adam_betas"}; None passes (it means off). Every
-    numeric field of the Args dataclass must be named once: a misspelt or forgotten field raises at every run."""
+    """Fail on the first argument outside its interval ({"(0, inf)": "batch_size beta", ...}; None means off). Every
+    numeric field of the Args must be named exactly once, so a misspelt field raises at every run, not silently."""
     named = [(name, interval) for interval, names in ranges.items() for name in names.split()]
     hints = typing.get_type_hints(type(args))
     numeric = {n for n, t in hints.items() if {int, float} & {*typing.get_args(t), t} or typing.get_origin(t) is tuple}
@@ -57,9 +56,8 @@ def check_ranges(args, ranges: dict[str, str]):
         lo, hi = (float(x) for x in interval[1:-1].split(","))
         value = getattr(args, name)
         for v in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
-            above = lo < v if interval[0] == "(" else lo <= v
-            below = v < hi if interval[-1] == ")" else v <= hi
-            if not (math.isfinite(v) and above and below):
+            inside = (lo < v if interval[0] == "(" else lo <= v) and (v < hi if interval[-1] == ")" else v <= hi)
+            if not (math.isfinite(v) and inside):
                 fail(f"--{name} must be in {interval}, got {value}")
 
 
@@ -106,11 +104,12 @@ def does_not_exist(name: str) -> str:
 
 def read_json_rows(path: str) -> list[dict]:
     """The rows of a .jsonl file, or of a .json file holding a list of objects (or lines, as `datasets` reads it)."""
-    text = read_text(path, "dataset")
-    try:
-        rows = json.loads(text) if path.endswith(".json") else None
-    except json.JSONDecodeError:
-        rows = None
+    text, rows = read_text(path, "dataset"), None
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            pass
     if rows is None:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -124,8 +123,8 @@ def read_json_rows(path: str) -> list[dict]:
 
 
 def read_splits(name: str) -> dict:
-    """{split: rows} of a .json(l) file (all "train"), of a directory of train/test/validation .json(l) files (read
-    with the json module: importing `datasets` pulls in pyarrow and pandas), or else through `datasets`."""
+    """{split: rows} of a .json(l) file (all "train"), of a directory of train/test/validation .json(l) files (the
+    json module: importing `datasets` pulls in pyarrow and pandas), or else through `datasets`."""
     files = [f for f in os.listdir(name) if not f.startswith(".") and f != "README.md"] if os.path.isdir(name) else []
     splits = {os.path.splitext(f)[0]: os.path.join(name, f) for f in files}
     if os.path.isfile(name) and name.endswith((".json", ".jsonl")):
@@ -144,9 +143,8 @@ def read_splits(name: str) -> dict:
 
 
 def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
-    """(train rows, eval rows, column set) of a hub dataset, a local directory or a .json/.jsonl file: the first of
-    the accepted `columns` sets it has, every row checked. The eval rows are its "test" or "validation" split, else
-    a seeded `eval_fraction` of train."""
+    """(train rows, eval rows, column set): the first accepted set of `columns` the dataset has, every row checked.
+    The eval rows are its "test" or "validation" split, else a seeded `eval_fraction` of train."""
     if is_local(name) and not os.path.exists(name):
         fail(f"dataset {does_not_exist(name)}")
     if os.path.isfile(name) and os.path.getsize(name) == 0:
@@ -174,9 +172,8 @@ def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05
 
 # ---- models, device, precision -----------------------------------------------------------------------
 def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False, init_without_weights=False, **kwargs):
-    """A transformers model (safetensors only, no code from the hub) with embeddings that fit the tokenizer and the
-    head `cls` (an Auto class) builds, unless `new_head` allows a fresh one; random weights for a config alone where
-    `init_without_weights` allows it."""
+    """A transformers model (safetensors only, no hub code) whose embeddings fit the tokenizer, with the head of `cls`
+    (an Auto class) or, with `new_head`, a fresh one; with `init_without_weights`, random weights for a config."""
     from safetensors import SafetensorError
     from transformers import AutoConfig
 
@@ -205,47 +202,9 @@ def load_model(cls, name: str, tok, device, dtype=torch.float32, new_head=False,
     return model.to(device)
 
 
-# ---- LoRA: saving a model with adapters ---------------------------------------------------------------------
-def merged_weights(model, weights=None) -> dict:
-    """A LoRA model's weights as the plain model's: each adapted layer's W + (lora_alpha / r) B A, each head's
-    trained copy, under the plain names (what save_pretrained writes; `weights`: the gathered ones under torchrun)."""
-    weights = model.state_dict() if weights is None else weights
-    scale, merged = model.lora_config.lora_alpha / model.lora_config.r, {}
-    for name, w in weights.items():
-        layer, _, param = name.partition(".base_layer.")
-        if param == "weight":  # the frozen weight of an adapted layer, merged in fp32
-            a, b = weights[f"{layer}.lora_A.default.weight"], weights[f"{layer}.lora_B.default.weight"]
-            w = w.float() + scale * (b.float() @ a.float())
-        if ".lora_" not in name and ".original_module." not in name:
-            name = f"{layer}.{param}" if param else name.replace(".modules_to_save.default.", ".")
-            merged[name] = w.float() if w.is_floating_point() else w
-    return merged
-
-
-def save_model(model, directory: str, weights=None):
-    """save_pretrained(directory); a LoRA model merged (plain transformers loads it as any other), and its adapter
-    with the heads' trained copies in directory/adapter, as peft writes them (PeftModel.from_pretrained reads it)."""
-    if getattr(model, "lora_config", None) is None:
-        return model.save_pretrained(directory, state_dict=weights)
-    from safetensors.torch import save_file
-
-    model.save_pretrained(directory, state_dict=merged_weights(model, weights))
-    weights = model.state_dict() if weights is None else weights
-    adapter = {
-        "base_model.model." + name.replace(".modules_to_save.default.", ".").replace(".default.", "."): w.contiguous()
-        for name, w in weights.items()
-        if ".lora_" in name or ".modules_to_save." in name
-    }
-    os.makedirs(os.path.join(directory, "adapter"))
-    model.lora_config.base_model_name_or_path = model.name_or_path
-    model.lora_config.save_pretrained(os.path.join(directory, "adapter"))
-    save_file(adapter, os.path.join(directory, "adapter", "adapter_model.safetensors"))
-
-
 def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, kernel_cache: int = 16):
-    """(device, autocast context, compile?, bf16?): bf16 autocast and torch.compile default (None) to on with CUDA,
-    off on the CPU. On the CPU fp32 matmuls go to oneDNN (with `kernel_cache` compiled kernels) where it keeps them
-    fp32; the setting RLHF_CPU_MATMUL=mkl keeps torch's default, MKL (benchmarks/README.md compares them)."""
+    """(device, autocast context, compile?, bf16?): bf16 autocast and torch.compile on with CUDA, off on the CPU
+    unless set. On the CPU, fp32 matmuls go to oneDNN where it keeps them fp32 (RLHF_CPU_MATMUL=mkl: torch's MKL)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16, compile = (device.type == "cuda" if x is None else x for x in (bf16, compile))
     if device.type == "cuda":
@@ -258,8 +217,17 @@ def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, k
         x = torch.full((64, 64), 1 + 2**-10)
         if abs((x @ x)[0, 0].item() - 64 * (1 + 2**-10) ** 2) > 1e-4:  # it rounds to bf16 here: back to MKL
             torch.backends.mkldnn.matmul.fp32_precision = "none"
-    if common.DISTRIBUTED:
-        device = start_processes(device)
+    if common.DISTRIBUTED:  # join torchrun's processes (NCCL on GPUs, gloo on the CPU); only rank 0 prints
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+        if common.RANK > 0:  # tqdm's bars, notes and warnings once; the others' errors still reach the terminal
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+            sys.excepthook = lambda *e: traceback.print_exception(*e, file=sys.__stderr__)
     onednn = " (fp32 matmuls by oneDNN)" * (torch.backends.mkldnn.matmul.fp32_precision == "bf16")
     where = f", {common.WORLD_SIZE} processes (FSDP2)" if common.DISTRIBUTED else ""
     print(
@@ -268,38 +236,16 @@ def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, k
     return device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), compile, bf16
 
 
-# ---- several processes: torchrun and FSDP2 (the collectives the algorithms call are in common.py) ---------
-def start_processes(device):
-    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU); the rank's device. Only rank 0 prints; the
-    others' errors (fail, and tracebacks) still reach the terminal."""
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
-    if common.RANK > 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # tqdm's bars, notes and warnings: once, by rank 0
-        sys.excepthook = lambda *e: traceback.print_exception(*e, file=sys.__stderr__)
-    return device
-
-
+# ---- several processes: FSDP2 (the collectives the algorithms call are in common.py) ----------------------
 def check_global_batch(batch_size: int):
     if batch_size % common.WORLD_SIZE:
         fail(f"--batch_size {batch_size} (the global batch) does not split evenly over {common.WORLD_SIZE} processes")
 
 
-def seed_sampling(seed: int):
-    """Each rank samples from seed + rank * 100003 (detail 27), set once the models are made alike on every rank."""
-    if common.DISTRIBUTED:
-        torch.manual_seed(seed + common.RANK * 100003)
-
-
 def shard_model(model):
-    """FSDP2 under torchrun: each decoder layer (transformers' _no_split_modules) is a unit gathered just before its
-    forward and freed after, the rest one more (a classifier's backbone and score head two); frozen models too.
-    Gradients are summed over ranks, not averaged: each rank's loss is already its share of the step's."""
+    """FSDP2 under torchrun: each decoder layer (_no_split_modules) a unit gathered just before its forward and freed
+    after, the rest one more (a classifier's backbone and head two); frozen models too. Gradients are summed over
+    ranks, not averaged: each rank's loss is already its share of the step's."""
     if not common.DISTRIBUTED:
         return model
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -314,17 +260,15 @@ def shard_model(model):
         if any(p.requires_grad for p in unit.parameters()):  # a plain sum (gloo has no pre-multiplied one)
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
-        with torch.inference_mode(
-            False
-        ):  # the buffer of gathered weights is made at the first gather: not in a rollout
+        with torch.inference_mode(False):  # the gathered weights' buffer is made at the first gather: not in a rollout
             unit.unshard()
             unit.reshard()
     return model
 
 
 def full_state_dict(model):
-    """For save_pretrained(state_dict=...): under torchrun the whole model's weights gathered onto rank 0's CPU
-    (every rank must call it; the others get None), tied names sharing one tensor again; in one process None."""
+    """Under torchrun, the whole model's weights gathered onto rank 0's CPU for saving (every rank calls it; the
+    others get None), tied names sharing one tensor again; in one process None."""
     if not common.DISTRIBUTED:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -342,27 +286,45 @@ def full_state_dict(model):
 
 
 # ---- outputs, checkpoints, logs ------------------------------------------------------------------------
-def read_run_info(path: str) -> dict:
-    """The run.json a script wrote ({"script", "args"}), or {} where there is none or it is not JSON."""
-    try:
-        return dict(json.load(open(path, encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return {}
+def save_model(model, directory: str, weights=None):
+    """save_pretrained(directory); a LoRA model merged (common.merged_weights: plain transformers loads it), and its
+    adapter with the heads' trained copies in directory/adapter, as peft writes them."""
+    if getattr(model, "lora_config", None) is None:
+        return model.save_pretrained(directory, state_dict=weights)
+    from safetensors.torch import save_file
+
+    model.save_pretrained(directory, state_dict=common.merged_weights(model, weights))
+    weights = model.state_dict() if weights is None else weights
+    adapter = {
+        "base_model.model." + name.replace(".modules_to_save.default.", ".").replace(".default.", "."): w.contiguous()
+        for name, w in weights.items()
+        if ".lora_" in name or ".modules_to_save." in name
+    }
+    os.makedirs(os.path.join(directory, "adapter"))
+    model.lora_config.base_model_name_or_path = model.name_or_path
+    model.lora_config.save_pretrained(os.path.join(directory, "adapter"))
+    save_file(adapter, os.path.join(directory, "adapter", "adapter_model.safetensors"))
 
 
 def check_output_dir(args, script: str):
     """Refuse to overwrite what is not a run of this script; with --resume, require its checkpoint and arguments."""
     output_dir, checkpoint = args.output_dir, os.path.join(args.output_dir, CHECKPOINT)
+
+    def run_info(directory: str) -> dict:  # the run.json a script wrote there ({"script", "args"}), or {}
+        try:
+            return dict(json.load(open(os.path.join(directory, "run.json"), encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return {}
+
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         fail(f"--output_dir {output_dir!r} is a file")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
-        infos = [os.path.join(d, "run.json") for d in (output_dir, checkpoint)]
-        previous = next((read_run_info(i).get("script") for i in infos if os.path.isfile(i)), None)
+        previous = run_info(output_dir).get("script") or run_info(checkpoint).get("script")
         if previous != script:
             what = f"the output of {previous}" if previous else "files that no run of this project wrote"
             fail(f"--output_dir {output_dir!r} already holds {what}; choose another directory or remove it")
     if getattr(args, "resume", False):  # a script without checkpoints has no --resume
-        saved = read_run_info(os.path.join(checkpoint, "run.json")).get("args")
+        saved = run_info(checkpoint).get("args")
         if not os.path.isfile(os.path.join(checkpoint, "state.pt")) or not isinstance(saved, dict):
             fail(f"--resume: no checkpoint in {output_dir!r} (write them with --save_every)")
         now = json.loads(json.dumps(vars(args), default=str))  # as run.json holds them
@@ -381,7 +343,7 @@ def write_atomic(target: str, script: str, args, write, write_shards=None):
     if common.RANK == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    barrier()
+    common.barrier()
     if write_shards is not None:
         write_shards(tmp)
     if common.RANK == 0:
@@ -391,12 +353,7 @@ def write_atomic(target: str, script: str, args, write, write_shards=None):
             os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def barrier():
-    if common.DISTRIBUTED:
-        torch.distributed.barrier()
+    common.barrier()
 
 
 def save_checkpoint(output_dir: str, script: str, args, models: dict, optimizer, scheduler, state: dict):

@@ -328,7 +328,7 @@ if __name__ == "__main__":
     # and the log-probs of the update match those of the rollout exactly.
     for model in models:
         plumbing.shard_model(model.eval())  # under torchrun: FSDP2
-    plumbing.seed_sampling(args.seed)
+    common.seed_sampling(args.seed)
     # the training forwards are compiled on CUDA; sampling and the rollout forwards run eagerly
     forward_policy, value_backbone = (torch.compile(m) if use_compile else m for m in (policy, value_model.base_model))
     num_steps = args.total_episodes // args.batch_size

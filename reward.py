@@ -17,11 +17,12 @@ true for up: TRL's unpaired format) train a binary classifier whose logit is the
 Ratings ({prompt, completion, rating} on the integer scale --rating_scale) train by regression of the reward on
 the rating centred on the training data's mean (SteerLM and HelpSteer2's loss), or with --rating_loss ordinal by
 the cumulative-logit model P(rating <= k) = sigmoid(k + 1/2 - mean - r), cut points a rating apart. Regression is
-the default because it needs nothing but ratings: Bradley-Terry on the pairs of a prompt's different ratings, the
-difference as the margin (the pairs' path trains them, --margin_column), needs two rated responses to a prompt and
-leaves out every tie, and on the world's 1-7 ratings (two a prompt) it ordered held-out pairs no better than
-regression did, within a standard error, while the ordinal loss did worse (docs/results.md, "Every form of feedback
-at equal effort"). Whatever the form, the model is evaluated on held-out pairs (--eval_dataset_name), one yardstick.
+the default because it needs nothing but ratings, one a response. Where a prompt has two or more rated responses,
+Bradley-Terry on the pairs of its different ratings, the difference as the margin (the pairs' path trains them,
+--margin_column), is the better use of them: on the world's 1-7 ratings it ordered held-out pairs better than
+regression, over three seeds, though it leaves out every tie; the ordinal loss did no better than regression
+(docs/results.md, "Every form of feedback at equal effort"). Whatever the form, the model is evaluated on
+held-out pairs (--eval_dataset_name), one yardstick.
 
 The score head sits on the last real token (EOS), initialised N(0, 1/sqrt(d_model + 1)) (detail 6 of
 docs/implementation_details.md; the steps below are numbered as its "reward.py" list). After training the

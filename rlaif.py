@@ -58,8 +58,7 @@ def judge_query(preamble, principle, prompt, a, b):
 
 
 def rating_query(preamble, principle, prompt, response):
-    """The labeller's question about one response alone (--judge_mode direct): the principle is the question,
-    with its scale of 1 to 9."""
+    """The labeller's question about one response alone (--judge_mode direct): the principle asks it, 1 to 9."""
     return f"{preamble}\n\nPrompt: {prompt.strip()}\nResponse: {response.strip()}\n\n{principle} Answer with one digit."
 
 
@@ -187,8 +186,7 @@ def load_constitution(path, flag):
 
 
 def answer_token_ids(tok, answers=("A", "B")):
-    """The token ids of the answers ("A" and "B", or the digits of a rating), as the labeller would write them
-    after the question: the first token of each."""
+    """The first token id of each answer ("A" and "B", or a rating's digits) as the labeller would write it."""
     question = [{"role": "user", "content": "?"}]
     ids = []
     for answer in answers:
@@ -221,9 +219,8 @@ def answer_logprobs(judge, questions, answer_ids, pad_id, device, batch_size, au
 
 
 def debiased_preference(logprobs_ab, logprobs_ba):
-    """p(the first response is better), averaged over both orders. logprobs_ab are the answer log-probs with
-    the first response shown as A; logprobs_ba with it shown as B. A labeller that always answers "A"
-    gives p = 0.5: no preference."""
+    """p(the first response is better), averaged over both orders (it is shown as A, then as B): a labeller that
+    always answers "A" gives p = 0.5, no preference."""
     return 0.5 * (logprobs_ab.exp()[:, 0] + logprobs_ba.exp()[:, 1])
 
 
@@ -403,7 +400,7 @@ if __name__ == "__main__":
     judge_tok = common.load_tokenizer(args.judge_model_name_or_path)
     judge = plumbing.load_model(AutoModelForCausalLM, args.judge_model_name_or_path, judge_tok, device, judge_dtype)
     plumbing.shard_model(judge.eval().requires_grad_(False))  # under torchrun: FSDP2
-    plumbing.seed_sampling(args.seed)
+    common.seed_sampling(args.seed)
     answer_token_ids(judge_tok, RATINGS if args.judge_mode == "direct" else "AB")  # can it answer? (else: one line)
 
     def ask_labeller(prompts, firsts, seconds):
@@ -439,16 +436,12 @@ if __name__ == "__main__":
     if args.max_steps is not None:
         num_steps = min(num_steps, args.max_steps)
     if num_steps == 0 or len(prompts) < args.batch_size:
-        plumbing.fail(
-            f"total_episodes {args.total_episodes} / {len(prompts)} prompts give no batch of {args.batch_size}"
-        )
+        episodes = f"total_episodes {args.total_episodes} / {len(prompts)} prompts"
+        plumbing.fail(f"{episodes} give no batch of {args.batch_size}")
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     trained = [p for p in policy.parameters() if p.requires_grad]  # what is frozen is not in the optimizer
     optimizer = torch.optim.AdamW(trained, **adamw, fused=True)
-    print(
-        f"online AI feedback: {num_steps} steps of {args.batch_size} prompts x 2 samples, "
-        f"labeller {args.judge_model_name_or_path}"
-    )
+    print(f"online AI feedback: {num_steps} steps of {args.batch_size} prompts x 2 samples")
 
     def evaluate_policy(n):
         return common.evaluate(
@@ -498,10 +491,8 @@ if __name__ == "__main__":
         weights = (~skipped).float().to(device)
         n_kept = float(common.reduce_sum(weights.sum()))
         if n_kept == 0:
-            plumbing.fail(
-                f"step {step}: every labeller question is over judge_max_length {args.judge_max_length} "
-                "tokens: nothing to learn from"
-            )
+            too_long = f"every labeller question is over --judge_max_length {args.judge_max_length}"
+            plumbing.fail(f"step {step}: {too_long}: nothing to learn from")
         ordered = [(a, b) if pa >= 0.5 else (b, a) for a, b, pa in zip(firsts, seconds, p.tolist(), strict=True)]
         chosen, rejected = (list(x) for x in zip(*ordered, strict=True))
 
@@ -514,9 +505,8 @@ if __name__ == "__main__":
                 ref_logps = common.completion_logps(ref_policy, both_prompts, both, tok.pad_token_id, device)[0]
             with autocast:
                 logps, lengths = common.completion_logps(forward_policy, both_prompts, both, tok.pad_token_id, device)
-            losses, h = dpo_losses(
-                logps.float(), ref_logps.float(), lengths, len(chosen[sl]), args.loss_type, args.beta
-            )
+            n_pairs = len(chosen[sl])
+            losses, h = dpo_losses(logps.float(), ref_logps.float(), lengths, n_pairs, args.loss_type, args.beta)
             w = weights[sl]
             ((losses * w).sum() / n_kept).backward()  # divided by the whole batch's count: ranks' gradients add up
             margins = args.beta * h.detach()
@@ -560,13 +550,8 @@ if __name__ == "__main__":
     labeller = {k: float(np.mean([s[k] for s in labeller_stats])) for k in labeller_stats[0]}
     if "agreement" in labeller:
         labeller["labeller_gold_agreement"] = labeller.pop("agreement")
-    results = {
-        **metrics,
-        **labeller,
-        "steps": num_steps,
-        "episodes": episodes,
-        "train_seconds": round(train_seconds, 1),
-    }
+    results = {**metrics, **labeller, "steps": num_steps, "episodes": episodes}
+    results["train_seconds"] = round(train_seconds, 1)
     print(json.dumps(results, indent=2))
     for s in samples[:4]:
         print(f"  {s['prompt']} ->{s['response']}" + (f"   [gold {s['gold']}]" if "gold" in s else ""))

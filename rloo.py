@@ -251,7 +251,7 @@ if __name__ == "__main__":
         model.requires_grad_(False)
     for model in (policy, *frozen):  # detail 9: dropout off, also while training
         plumbing.shard_model(model.eval())  # under torchrun: FSDP2
-    plumbing.seed_sampling(args.seed)
+    common.seed_sampling(args.seed)
     forward_policy = torch.compile(policy) if use_compile else policy  # sampling and rollout forwards: eager
     num_steps = args.total_episodes // args.batch_size
     if args.max_steps is not None:

@@ -158,7 +158,7 @@ if __name__ == "__main__":
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
     model = common.add_lora(model, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     plumbing.shard_model(model)  # under torchrun: FSDP2 (then every rank samples from its own seed)
-    plumbing.seed_sampling(args.seed)
+    common.seed_sampling(args.seed)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"data: {len(train)} train / {len(evals)} eval rows ({columns})"

@@ -129,7 +129,7 @@ if __name__ == "__main__":
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
     device, autocast, _, _ = plumbing.device_and_autocast(args.bf16, compile=False, kernel_cache=32)
     rng = random.Random(args.seed)  # the request pair of each round of each response
-    plumbing.seed_sampling(args.seed)
+    common.seed_sampling(args.seed)
     requests = load_revision_requests(args.revision_requests)
     train_rows, _, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     tok = common.load_tokenizer(args.model_name_or_path)

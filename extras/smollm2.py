@@ -44,30 +44,39 @@ def gguf_path() -> str:
     return path
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
-    path = gguf_path()
-    source = {"gguf_file": GGUF_FILE, "bytes": os.path.getsize(path)}
-    done = os.path.join(args.output_dir, "source.json")
-    if os.path.isfile(done) and json.load(open(done)) == source:
-        print(f"{args.output_dir} already holds {GGUF_FILE}")
-        sys.exit()
+def already_made(output_dir: str, source: dict) -> bool:
+    """Whether output_dir holds a conversion of `source`; one line where it holds anything but a conversion."""
+    done = os.path.join(output_dir, "source.json")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(done):
+        fail(f"--output_dir {output_dir!r} holds files no conversion wrote; choose another directory or remove it")
+    try:
+        return json.load(open(done)) == source
+    except (OSError, ValueError):
+        return False
+
+
+def convert(folder: str, gguf_file: str, output_dir: str, source: dict, script: str, args):
+    """folder/gguf_file dequantised into a save_pretrained directory at output_dir, with source.json = `source`."""
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
             fail(f"reading a GGUF file needs the package {package}: pip install -r extras/requirements.txt")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = os.path.dirname(path)
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     except Exception as e:
-        fail(f"could not read {path}: {describe(e)}")
+        fail(f"could not read {os.path.join(folder, gguf_file)}: {describe(e)}")
     config = gguf_model.config
     del config.quantization_config  # dequantised already: the saved model is plain fp32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())  # tied embeddings: the head is the embedding, in both
+    with torch.device("meta"):  # no second copy of the weights: the new model takes the loaded tensors
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)  # strict: every weight, tied or the model's own
+    for name, buffer in gguf_model.named_buffers():  # and those the state dict leaves out (rotary frequencies)
+        module, _, leaf = name.rpartition(".")
+        model.get_submodule(module)._buffers[leaf] = buffer
+    model.tie_weights()
 
     def write(tmp):
         model.save_pretrained(tmp)
@@ -75,6 +84,16 @@ if __name__ == "__main__":
         with open(os.path.join(tmp, "source.json"), "w") as f:
             json.dump(source, f)
 
-    write_atomic(args.output_dir, "extras/smollm2.py", args, write)
+    write_atomic(output_dir, script, args, write)
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.output_dir}: {type(model).__name__}, {n / 1e6:.1f}M parameters, {len(tok)} tokens")
+    print(f"wrote {output_dir}: {type(model).__name__}, {n / 1e6:.1f}M parameters, {len(tok)} tokens")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, use_underscores=True)
+    path = gguf_path()
+    source = {"gguf_file": GGUF_FILE, "bytes": os.path.getsize(path)}
+    if already_made(args.output_dir, source):
+        print(f"{args.output_dir} already holds {GGUF_FILE}")
+        sys.exit()
+    convert(os.path.dirname(path), GGUF_FILE, args.output_dir, source, "extras/smollm2.py", args)

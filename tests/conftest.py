@@ -9,6 +9,11 @@ import pytest
 
 # offline, before any hub library is imported (they read these once): a hub name fails at once
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+# Under pytest-xdist (README: `-n 2`) every worker and every script it runs has one torch thread: two workers fill
+# two cores, and more threads than cores make OpenMP's waiting threads spin (several times slower).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = os.path.join(ROOT, "data", "world")
 sys.path.insert(0, ROOT)
@@ -52,12 +57,33 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def made_once(tmp_path_factory, name, make):
+    """make(directory) -> a JSON-able result, called once per test session: under pytest-xdist the first worker
+    that needs it makes it in a directory all workers share, holding a lock; the others wait and read its result."""
+    if not WORKER:
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock  # a dependency of huggingface_hub
+
+    shared = tmp_path_factory.getbasetemp().parent  # the session's directory, above each worker's own
+    with FileLock(str(shared / f"{name}.lock")):
+        done = shared / f"{name}.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        (shared / name).mkdir(exist_ok=True)
+        result = make(shared / name)
+        done.write_text(json.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def sft_model(tmp_path_factory):
     """The world's SFT policy, trained from scratch for 300 steps (~90 s): the start of every learning test."""
-    out = tmp_path_factory.mktemp("chain") / "sft"
-    run("sft.py", "--output_dir", out, "--max_steps", 300, "--eval_every", 1000, "--num_eval_prompts", 128)
-    return str(out)
+
+    def make(out):
+        run("sft.py", "--output_dir", out / "sft", "--max_steps", 300, "--eval_every", 1000, "--num_eval_prompts", 128)
+        return str(out / "sft")
+
+    return made_once(tmp_path_factory, "sft_model", make)
 
 
 def run_side_by_side(*commands: str):
@@ -99,7 +125,10 @@ def preference_models(sft_model, tmp_path_factory):
     """The world's reward model (200 steps of 32 pairs), one trained on its rankings of 4 instead (100 steps of 32
     rankings, evaluated on the held-out pairs) and the DPO policy (120 steps), all from the session's SFT model,
     trained side by side."""
-    out = tmp_path_factory.mktemp("chain")
+    return made_once(tmp_path_factory, "preference_models", lambda out: train_preference_models(sft_model, out))
+
+
+def train_preference_models(sft_model, out):
     dpo_data = world_subset(out / "preference", "preference", None, 250)  # DPO evaluates on 250 held-out pairs
     # (reward.py's accuracy on all 1,000)
     run_side_by_side(
@@ -126,7 +155,10 @@ def online_runs(sft_model, reward_model, tmp_path_factory):
     data/world/judge_model), side by side. Twice the scripts' default learning rates (the runs have a quarter to
     a third of the defaults' steps) and 256 evaluation prompts: over seeds 0-3 the gold win rates were 0.71-0.72
     (PPO), 0.66-0.79 (RLOO) and 0.65-0.76 (RLAIF), with a binomial standard error of 0.03."""
-    out = tmp_path_factory.mktemp("online")
+    return made_once(tmp_path_factory, "online_runs", lambda out: train_online(sft_model, reward_model, out))
+
+
+def train_online(sft_model, reward_model, out):
     policy = f"--model_name_or_path {sft_model} --num_eval_prompts 256 --eval_every 1000"
     run_side_by_side(
         f"ppo.py {policy} --reward_model_name_or_path {reward_model} --output_dir {out}/ppo --total_episodes 512 "
