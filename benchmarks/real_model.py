@@ -121,23 +121,25 @@ def model_and_chat(model, out):
     return model, chat
 
 
+def pairs_to_label(chat, name, split, n, labelled):
+    """chat/name: the first n pairs of the chat preference data's split, as the `labelled` split; label mode labels
+    both splits, so the other is a one-pair stub."""
+    if os.path.isdir(os.path.join(chat, name)):
+        return
+    os.makedirs(os.path.join(chat, name))
+    with open(os.path.join(chat, "preference", f"{split}.jsonl")) as f:
+        pairs = f.readlines()[:n]
+    for part in ("train", "test"):
+        with open(os.path.join(chat, name, f"{part}.jsonl"), "w") as f:
+            f.writelines(pairs if part == labelled else pairs[:1])
+
+
 def prepare(args, out):
-    """The model and the chat data; the labeller's pairs are held-out pairs only."""
+    """The model and the chat data; the labellers' agreement is measured on held-out pairs only."""
     model, chat = model_and_chat(args.model, out)
-    if not os.path.isdir(os.path.join(chat, "heldout_pairs")):
-        os.makedirs(os.path.join(chat, "heldout_pairs"))
-        with open(os.path.join(chat, "preference", "test.jsonl")) as f:
-            pairs = f.readlines()[: args.heldout_pairs]
-        for split, rows in (("train", pairs[:1]), ("test", pairs)):  # label mode labels both splits: train is a stub
-            with open(os.path.join(chat, "heldout_pairs", f"{split}.jsonl"), "w") as f:
-                f.writelines(rows)
-    if args.judge_model and not os.path.isdir(os.path.join(chat, "judge_pairs")):  # the pairs the labeller labels
-        os.makedirs(os.path.join(chat, "judge_pairs"))
-        with open(os.path.join(chat, "preference", "train.jsonl")) as f:
-            pairs = f.readlines()[: args.judge_pairs]
-        for split, rows in (("train", pairs), ("test", pairs[:1])):  # the held-out pairs are the human-labelled ones
-            with open(os.path.join(chat, "judge_pairs", f"{split}.jsonl"), "w") as f:
-                f.writelines(rows)
+    pairs_to_label(chat, "heldout_pairs", "test", args.heldout_pairs, labelled="test")
+    if args.judge_model:  # the training pairs the second labeller labels (its held-out pairs: the human-labelled)
+        pairs_to_label(chat, "judge_pairs", "train", args.judge_pairs, labelled="train")
     return model, chat
 
 
@@ -158,10 +160,9 @@ def length_bias(out, name):
 
 
 def result(out, name):
-    path = os.path.join(out, name, "eval.json")
-    if name.startswith("labeller") or name in ("judge_pairwise", "judge_direct", "judge_labels"):
-        path = os.path.join(out, name, "labelling.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    """A stage's results: eval.json, or labelling.json for rlaif.py's label mode; None where it has not run."""
+    paths = [os.path.join(out, name, f) for f in ("eval.json", "labelling.json")]
+    return next((json.load(open(p)) for p in paths if os.path.exists(p)), None)
 
 
 def table(out, times):
