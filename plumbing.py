@@ -224,7 +224,10 @@ def device_and_autocast(bf16: bool | None = None, compile: bool | None = None, k
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
+        # at exit the models still hold the group, so its worker threads outlive destroy_process_group; one that has
+        # just finished the last collective still frees its tensors, which takes the GIL and, once the interpreter is
+        # being torn down, aborts the process (pytorch/pytorch#179291): a moment's sleep lets it finish first
+        atexit.register(lambda: (dist.destroy_process_group(), time.sleep(0.2)))
         if common.RANK > 0:  # tqdm's bars, notes and warnings once; the others' errors still reach the terminal
             sys.stdout = sys.stderr = open(os.devnull, "w")
             sys.excepthook = lambda *e: traceback.print_exception(*e, file=sys.__stderr__)

@@ -45,6 +45,12 @@ class Args:
     """run the stages (otherwise only read their results)"""
     stages: tuple[str, ...] = ()
     """run only these stages (by name: sft, reward, dpo, ppo, ppo_lora, ...; empty: all of them)"""
+    judge_model: str | None = None
+    """a second labeller (extras/qwen_coder.py's directory): its agreement on the held-out pairs (judge_pairwise,
+    judge_direct), then distilled RLAIF: the reward stage's pairs labelled by it (judge_labels), a reward model on
+    those labels (reward_judge) and PPO against it (ppo_judge); None: not run"""
+    judge_pairs: int = 1600
+    """judge_labels: the training pairs it labels (the reward stage's 100 steps of 16)"""
 
 
 def stages(args, model, chat, out):
@@ -79,6 +85,28 @@ def stages(args, model, chat, out):
         "dpo_lora": f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name "
         f"{chat}/prompts --max_steps 100 --batch_size 8 --micro_batch_size 8 --learning_rate 1e-4 --max_length 128 "
         f"--num_eval_pairs {args.heldout_pairs} {evals} --lora_r 16 --lora_alpha 32",
+        **(judge_stages(args, model, chat, out, policy) if args.judge_model else {}),
+    }
+
+
+def judge_stages(args, model, chat, out, policy):
+    """The second labeller's stages: as SmolLM2's labeller stages, then RLAIF distilled into a reward model (the
+    reward stage's arguments on the labeller's labels, evaluated on the human-labelled held-out pairs) and PPO."""
+    judge = f"--judge_model_name_or_path {args.judge_model} --judge_batch_size 8"
+    return {
+        **{
+            f"judge_{mode}": f"rlaif.py --mode label --judge_mode {mode} --model_name_or_path {model} {judge} "
+            f"--dataset_name {chat}/heldout_pairs"
+            for mode in ("pairwise", "direct")
+        },
+        "judge_labels": f"rlaif.py --mode label --judge_mode pairwise --model_name_or_path {model} {judge} "
+        f"--dataset_name {chat}/judge_pairs",
+        "reward_judge": f"reward.py --model_name_or_path {out}/sft --dataset_name {out}/judge_labels --label_column "
+        f"label --eval_dataset_name {chat}/preference --sft_dataset_name {chat}/sft --max_steps 100 --batch_size 16 "
+        "--micro_batch_size 8 --learning_rate 2e-5 --warmup_steps 10 --max_length 128 --num_normalisation_rows 256 "
+        "--eval_every 100000",
+        "ppo_judge": f"ppo.py {policy} --reward_model_name_or_path {out}/reward_judge --dataset_name {chat}/prompts "
+        "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 1e-5",
     }
 
 
@@ -93,24 +121,48 @@ def model_and_chat(model, out):
     return model, chat
 
 
+def pairs_to_label(chat, name, split, n, labelled):
+    """chat/name: the first n pairs of the chat preference data's split, as the `labelled` split; label mode labels
+    both splits, so the other is a one-pair stub."""
+    if os.path.isdir(os.path.join(chat, name)):
+        return
+    os.makedirs(os.path.join(chat, name))
+    with open(os.path.join(chat, "preference", f"{split}.jsonl")) as f:
+        pairs = f.readlines()[:n]
+    for part in ("train", "test"):
+        with open(os.path.join(chat, name, f"{part}.jsonl"), "w") as f:
+            f.writelines(pairs if part == labelled else pairs[:1])
+
+
 def prepare(args, out):
-    """The model and the chat data; the labeller's pairs are held-out pairs only."""
+    """The model and the chat data; the labellers' agreement is measured on held-out pairs only."""
     model, chat = model_and_chat(args.model, out)
-    if not os.path.isdir(os.path.join(chat, "heldout_pairs")):
-        os.makedirs(os.path.join(chat, "heldout_pairs"))
-        with open(os.path.join(chat, "preference", "test.jsonl")) as f:
-            pairs = f.readlines()[: args.heldout_pairs]
-        for split, rows in (("train", pairs[:1]), ("test", pairs)):  # label mode labels both splits: train is a stub
-            with open(os.path.join(chat, "heldout_pairs", f"{split}.jsonl"), "w") as f:
-                f.writelines(rows)
+    pairs_to_label(chat, "heldout_pairs", "test", args.heldout_pairs, labelled="test")
+    if args.judge_model:  # the training pairs the second labeller labels (its held-out pairs: the human-labelled)
+        pairs_to_label(chat, "judge_pairs", "train", args.judge_pairs, labelled="train")
     return model, chat
 
 
+def length_bias(out, name):
+    """Over the labelled held-out pairs whose responses differ in length (words): how often the labeller picked the
+    longer, and how often the gold rater prefers it."""
+    from common import plain_text
+    from data.gold import score
+
+    rows = [json.loads(line) for line in open(os.path.join(out, name, "test.jsonl"))]
+    rows = [r for r in rows if len(plain_text(r["chosen"]).split()) != len(plain_text(r["rejected"]).split())]
+    prompts = [plain_text(r["prompt"]) for r in rows]
+    chosen, rejected = ([plain_text(r[k]) for r in rows] for k in ("chosen", "rejected"))
+    picked_longer = [len(c.split()) > len(r.split()) for c, r in zip(chosen, rejected, strict=True)]
+    gold_c, gold_r = score(prompts, chosen), score(prompts, rejected)
+    gold_longer = [(gc > gr) == p for gc, gr, p in zip(gold_c, gold_r, picked_longer, strict=True)]
+    return sum(picked_longer) / len(rows), sum(gold_longer) / len(rows), len(rows)
+
+
 def result(out, name):
-    path = os.path.join(out, name, "eval.json")
-    if name.startswith("labeller"):
-        path = os.path.join(out, name, "labelling.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    """A stage's results: eval.json, or labelling.json for rlaif.py's label mode; None where it has not run."""
+    paths = [os.path.join(out, name, f) for f in ("eval.json", "labelling.json")]
+    return next((json.load(open(p)) for p in paths if os.path.exists(p)), None)
 
 
 def table(out, times):
@@ -127,18 +179,27 @@ def table(out, times):
         lines.append(f"| `reward.py` | {wall('reward')} | rewards/accuracies {reward['rewards/accuracies']:.3f} "
                      f"(the gold rater {reward['gold_label_agreement']:.3f}), gold_agreement "
                      f"{reward['gold_agreement']:.3f} |")  # fmt: skip
-    for mode in ("pairwise", "direct"):
-        r = result(out, f"labeller_{mode}")
-        if r:
-            lines.append(f"| labeller, {mode} | {wall(f'labeller_{mode}')} | gold_agreement "
-                         f"{r['test_gold_agreement']:.3f}, label_agreement {r['test_label_agreement']:.3f}, "
-                         f"flip rate {r['test_labeller_flip_rate']:.2f}, confidence "
-                         f"{r['test_labeller_confidence']:.3f} |")  # fmt: skip
+    for name, label in (("labeller", "labeller"), ("judge", "second labeller")):
+        for mode in ("pairwise", "direct"):
+            r = result(out, f"{name}_{mode}")
+            if r:
+                longer, gold_longer, n = length_bias(out, f"{name}_{mode}")
+                lines.append(f"| {label}, {mode} | {wall(f'{name}_{mode}')} | gold_agreement "
+                             f"{r['test_gold_agreement']:.3f}, label_agreement {r['test_label_agreement']:.3f}, "
+                             f"flip rate {r['test_labeller_flip_rate']:.2f}, confidence "
+                             f"{r['test_labeller_confidence']:.3f}, picks the longer {longer:.3f} of {n} pairs "
+                             f"(the gold rater {gold_longer:.3f}) |")  # fmt: skip
+    reward_judge = result(out, "reward_judge")
+    if reward_judge:
+        lines.append(f"| `reward.py`, the second labeller's labels | {wall('reward_judge')} | rewards/accuracies "
+                     f"{reward_judge['rewards/accuracies']:.3f} (on the human labels), gold_agreement "
+                     f"{reward_judge['gold_agreement']:.3f} |")  # fmt: skip
     lines += ["", "| policy (vs the SFT policy) | wall time | gold_win_rate_vs_ref | kl_to_ref | gold_score (SFT's) | "
               "rm_score | eos_rate | distinct_2 | mean_length |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, label in (("ppo", "`ppo.py`"), ("ppo_lora", "`ppo.py`, LoRA"), ("dpo", "`dpo.py`"),
                         ("dpo_lora", "`dpo.py`, LoRA"), ("rlaif_direct", "`rlaif.py`, direct"),
-                        ("rlaif_pairwise", "`rlaif.py`, pairwise")):  # fmt: skip
+                        ("rlaif_pairwise", "`rlaif.py`, pairwise"),
+                        ("ppo_judge", "`ppo.py`, the second labeller's reward model")):  # fmt: skip
         r = result(out, name)
         if r:
             rm_score = f"{r['rm_score']:.2f}" if "rm_score" in r else ""

@@ -1,12 +1,13 @@
 """The offline world's datasets as chat messages, for an instruct model (extras/smollm2.py's SmolLM2):
 
-    python data/chat_world.py                       # -> runs/world_chat/{sft,preference,ranking,prompts}
+    python data/chat_world.py       # -> runs/world_chat/{sft,preference,ranking,ratings,binary,prompts}
 
 Each prompt becomes a system message asking for the review's continuation and a user message with the opening
 (the instruction is the policy's; rlaif.py's labeller reads the user's turn only); each response (completion, chosen,
-rejected, a ranking's responses) the assistant's reply, without the leading space that continued the text. The
-gold rater reads the responses only, so data.gold:score scores the replies as it scores the continuations.
-Every script reads these files unchanged: conversational rows are rendered with the tokenizer's chat template.
+rejected, a ranking's responses) the assistant's reply, without the leading space that continued the text; a
+rating or a thumbs label stays as it is. The gold rater reads the responses only, so data.gold:score scores the
+replies as it scores the continuations. Every script reads these files unchanged: conversational rows are rendered
+with the tokenizer's chat template.
 """
 
 import json
@@ -14,7 +15,7 @@ import os
 import sys
 
 INSTRUCTION = "Continue the user's movie review with two to four sentences."
-SPLITS = ("sft", "preference", "ranking", "prompts")
+SPLITS = ("sft", "preference", "ranking", "ratings", "binary", "prompts")
 
 
 def user(prompt: str) -> list[dict]:
@@ -27,7 +28,7 @@ def assistant(response: str) -> list[dict]:
 
 def to_chat(row: dict) -> dict:
     """One row of the world (any of its datasets) with its prompt and responses as chat messages."""
-    out = {"prompt": user(row["prompt"])}
+    out = dict(row, prompt=user(row["prompt"]))  # a rating or a label as it is
     for key in ("completion", "chosen", "rejected"):
         if key in row:
             out[key] = assistant(row[key])

@@ -9,8 +9,8 @@ import pytest
 
 # offline, before any hub library is imported (they read these once): a hub name fails at once
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
-# Under pytest-xdist (README: `-n 2`) every worker and every script it runs has one torch thread: two workers fill
-# two cores, and more threads than cores make OpenMP's waiting threads spin (several times slower).
+# Under pytest-xdist (README's `-n 2`) every worker and every script it runs has one torch thread: more threads
+# than cores make OpenMP's threads spin.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"

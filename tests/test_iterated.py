@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ENV, ROOT, read_jsonl, world_subset
+from conftest import ENV, ROOT, WORLD, read_jsonl, world_subset, write_jsonl
 
 
 def test_two_rounds_of_iterated_rlhf(sft_model, reward_model, tmp_path):
@@ -47,11 +47,16 @@ def test_the_real_model_recipe_asks_only_for_flags_the_scripts_have(tmp_path):
     import real_model
 
     recipe = real_model.Args(output_dir=str(tmp_path), model="runs/smollm2", heldout_pairs=5)
+    recipe.judge_model, recipe.judge_pairs = "runs/qwen_coder", 3  # the second labeller's stages too
     model, chat = real_model.prepare(recipe, str(tmp_path))
     assert len(read_jsonl(os.path.join(chat, "heldout_pairs", "test.jsonl"))) == 5
+    train = read_jsonl(os.path.join(WORLD, "preference", "train.jsonl"))
+    judge_pairs = read_jsonl(os.path.join(chat, "judge_pairs", "train.jsonl"))  # the world's first training pairs
+    assert [r["chosen"][0]["content"].strip() for r in judge_pairs] == [r["chosen"].strip() for r in train[:3]]
     assert read_jsonl(os.path.join(chat, "heldout_pairs", "test.jsonl"))[0]["prompt"][0]["role"] == "system"
     lines = real_model.stages(recipe, model, chat, str(tmp_path))
     assert list(lines)[:6] == ["sft", "reward", "dpo", "ppo", "rlaif_direct", "rlaif_pairwise"]
+    assert list(lines)[-5:] == ["judge_pairwise", "judge_direct", "judge_labels", "reward_judge", "ppo_judge"]
     for name, line in lines.items():
         script, *rest = shlex.split(line)
         module = __import__(script.removesuffix(".py"))
@@ -61,9 +66,18 @@ def test_the_real_model_recipe_asks_only_for_flags_the_scripts_have(tmp_path):
     result = {"gold_win_rate_vs_ref": 0.625, "kl_to_ref": 1.5, "gold_score": 0.3, "gold_score_ref": 0.1,
               "rm_score": 2.0, "eos_rate": 1.0, "distinct_2": 0.2, "mean_length": 20.0}  # fmt: skip
     json.dump(result, open(tmp_path / "ppo" / "eval.json", "w"))
-    assert "| `ppo.py` | 2 min | **0.625** | 1.50 | 0.300 (0.100) | 2.00 | 1.00 | 0.200 | 20.0 |" in (
-        real_model.table(str(tmp_path), {"ppo": 120.0})
-    )
+    os.makedirs(tmp_path / "judge_pairwise")  # a labelling: one pair of equal lengths, one where it picked the longer
+    figures = {"test_gold_agreement": 0.75, "test_label_agreement": 0.5, "test_labeller_flip_rate": 0.125,
+               "test_labeller_confidence": 0.8}  # fmt: skip
+    json.dump(figures, open(tmp_path / "judge_pairwise" / "labelling.json", "w"))
+    prompt = [{"role": "user", "content": "So I went to see The Silent Harbor."}]
+    pairs = [(" A wonderful film.", " A dull film."), (" A wonderful film, and the cast is great.", " It is awful.")]
+    labelled = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": c}],
+                 "rejected": [{"role": "assistant", "content": r}], "label": 0.9} for c, r in pairs]  # fmt: skip
+    write_jsonl(tmp_path / "judge_pairwise" / "test.jsonl", labelled)
+    table = real_model.table(str(tmp_path), {"ppo": 120.0})
+    assert "| `ppo.py` | 2 min | **0.625** | 1.50 | 0.300 (0.100) | 2.00 | 1.00 | 0.200 | 20.0 |" in table
+    assert "flip rate 0.12, confidence 0.800, picks the longer 1.000 of 1 pairs (the gold rater 1.000) |" in table
 
 
 def test_the_constitutional_ai_recipe_asks_only_for_flags_the_scripts_have(tmp_path):

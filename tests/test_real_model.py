@@ -47,7 +47,7 @@ def chat(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(smollm2, chat, tmp_path_factory):
-    """sft.py and sl_cai.py side by side, then reward.py and dpo.py, then ppo.py and rlaif.py: all on
+    """sft.py and sl_cai.py side by side, then reward.py, dpo.py and kto.py, then ppo.py and rlaif.py: all on
     SmolLM2 (rlaif.py with SmolLM2 itself as the labeller, rating each response: d-RLAIF)."""
     out = tmp_path_factory.mktemp("real")
     small = "--max_steps 2 --batch_size 4 --micro_batch_size 2 --learning_rate 1e-5 --max_length 96"
@@ -63,6 +63,8 @@ def runs(smollm2, chat, tmp_path_factory):
         f"--num_normalisation_rows 8 --eval_every 1000 --output_dir {out}/reward {small} --gold_scorer None",
         f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name {chat}/prompts "
         f"--num_eval_pairs 4 --eval_every 1000 --output_dir {out}/dpo {small} {evals}",
+        f"kto.py --model_name_or_path {out}/sft --dataset_name {chat}/binary --eval_prompts_name {chat}/prompts "
+        f"--num_eval_rows 4 --eval_every 1000 --output_dir {out}/kto {small} {evals}",
     )
     rollouts = "--max_steps 1 --batch_size 4 --micro_batch_size 2 --response_length 8 --eval_every 1000"
     run_side_by_side(
@@ -75,7 +77,7 @@ def runs(smollm2, chat, tmp_path_factory):
 
 
 def test_every_script_writes_a_model_plain_transformers_loads(runs):
-    for name in ("sft", "dpo", "ppo", "rlaif"):
+    for name in ("sft", "dpo", "kto", "ppo", "rlaif"):
         model = AutoModelForCausalLM.from_pretrained(runs / name)
         assert type(model).__name__ == "LlamaForCausalLM", name
         results = json.load(open(runs / name / "eval.json"))
@@ -90,7 +92,7 @@ def test_every_script_writes_a_model_plain_transformers_loads(runs):
 def test_the_added_pad_token_is_new(smollm2, runs):
     original = AutoTokenizer.from_pretrained(smollm2)
     assert original.pad_token_id == original.eos_token_id  # what detail 1 warns against, as shipped
-    for name in ("sft", "reward", "dpo", "ppo", "rlaif"):
+    for name in ("sft", "reward", "dpo", "kto", "ppo", "rlaif"):
         tok = AutoTokenizer.from_pretrained(runs / name)
         assert tok.pad_token_id != tok.eos_token_id, name
         assert tok.pad_token_id not in set(original.get_vocab().values()), name  # no id the model already used
@@ -99,7 +101,7 @@ def test_the_added_pad_token_is_new(smollm2, runs):
 
 
 def test_tied_weights_stay_tied_after_resizing_and_saving(smollm2, runs):
-    for name in ("sft", "dpo", "ppo"):
+    for name in ("sft", "dpo", "kto", "ppo"):
         model = AutoModelForCausalLM.from_pretrained(runs / name)
         assert model.config.tie_word_embeddings, name
         assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(), name
@@ -151,7 +153,7 @@ def test_one_round_of_critique_and_revision_writes_a_dataset_sft_accepts(smollm2
 @pytest.fixture(scope="module")
 def lora_runs(smollm2, chat, tmp_path_factory):
     """Every training script with --lora_r 8 on SmolLM2 (the default target modules: the seven projections of each
-    Llama block), a step each, two side by side at a time; the reward model's LoRA run is PPO's and RLOO's."""
+    Llama block), a step each, two or three side by side at a time; the reward model's LoRA run is PPO's and RLOO's."""
     out = tmp_path_factory.mktemp("real_lora")
     small = "--max_steps 1 --batch_size 4 --micro_batch_size 2 --learning_rate 1e-4 --max_length 96 --lora_r 8"
     evals = " ".join(map(str, EVAL))
@@ -172,12 +174,14 @@ def lora_runs(smollm2, chat, tmp_path_factory):
         f"rloo.py {policy} --reward_model_name_or_path {out}/reward --rloo_k 2 --output_dir {out}/rloo",
         f"rlaif.py {policy} --judge_model_name_or_path {smollm2} --judge_mode direct --judge_batch_size 4 "
         f"--output_dir {out}/rlaif",
+        f"kto.py --model_name_or_path {smollm2} --dataset_name {chat}/binary --eval_prompts_name {chat}/prompts "
+        f"--num_eval_rows 4 --eval_every 1000 --output_dir {out}/kto {small} {evals}",
     )
     return out
 
 
 def test_every_script_with_lora_writes_a_merged_model_and_its_adapter(smollm2, lora_runs):
-    for name in ("sft", "reward", "dpo", "ppo", "rloo", "rlaif"):
+    for name in ("sft", "reward", "dpo", "kto", "ppo", "rloo", "rlaif"):
         cls = AutoModelForSequenceClassification if name == "reward" else AutoModelForCausalLM
         model = cls.from_pretrained(lora_runs / name)  # plain transformers, no peft
         assert type(model).__name__.startswith("Llama"), name
