@@ -520,18 +520,25 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(1, len(grams))
 
 
+def bind_probe(probe, rows: list[dict]):
+    """probe(rows, responses) -> metrics, bound to the eval prompts' dataset rows (evaluate() passes the responses
+    to the first len(responses) prompts); tried at once, so that rows without its fields fail before training."""
+    if probe is None:
+        return None
+    probe(rows, [""] * len(rows))
+    return lambda responses: probe(rows[: len(responses)], responses)
+
+
 @torch.inference_mode()
-def evaluate(
-    policy, tok, prompts, args, autocast=None, ref=None, gold_scorer=None, reward_model=None, probe=None, rows=None
-):
+def evaluate(policy, tok, prompts, args, autocast=None, ref=None, gold_scorer=None, reward_model=None, probe=None):
     """Sample once per held-out prompt from the policy (and from the reference, on the same prompts) with the
     script's max_new_tokens, eval_temperature and eval_batch_size, and score the samples. Returns (metrics,
     samples), with the keys every script's eval.json shares: eos_rate, mean_length, distinct_2; given a reference,
     kl_to_ref (mean over samples of sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples: an unbiased
     estimate of KL(pi || pi_ref)); given a reward model, rm_score; given the task's gold_scorer (prompts,
     responses) -> scores, gold_score and, with a reference, gold_score_ref and gold_win_rate_vs_ref (pairwise on
-    the same prompt, ties count half); given a probe (rows, responses) -> metrics and the prompts' dataset rows,
-    the probe's metrics of the samples (with a reference, also of its samples, as name_ref)."""
+    the same prompt, ties count half); given a probe bound to the prompts' rows (bind_probe), its metrics of the
+    samples (with a reference, also of its samples, as name_ref)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]  # this rank's shards
     if reduce_sum(torch.stack([~torch.isfinite(p).all() for p in local]).any().float()) > 0:  # an update blew up
         plumbing.fail("the policy's weights are not finite (an update exploded): stopped before saving the model")
@@ -585,7 +592,7 @@ def evaluate(
             metrics["gold_score_ref"] = float(ref_scores.mean())
             metrics["gold_win_rate_vs_ref"] = float(np.mean((scores > ref_scores) + 0.5 * (scores == ref_scores)))
     if probe is not None:  # a world's own held-out metrics, read from the rows' fields (data.sycophancy:probe)
-        metrics.update(probe(rows, texts))
+        metrics.update(probe(texts))
         if ref is not None:
-            metrics.update({f"{k}_ref": v for k, v in probe(rows, ref_texts).items()})
+            metrics.update({f"{k}_ref": v for k, v in probe(ref_texts).items()})
     return metrics, samples

@@ -110,9 +110,8 @@ class Args:
     """the task's true score of samples, "module:function" taking (prompts, responses) and returning one score
     each; the offline world's gold rater by default; None turns it off"""
     probe: str | None = "data.sycophancy:probe"
-    """held-out metrics defined by the eval prompts' own fields, "module:function" taking (rows, responses) and
-    returning named metrics; by default the offline world's sycophancy probe, which reports nothing for prompts
-    without its fields (facts, opinion, case); None turns it off"""
+    """held-out metrics of the eval prompts' own fields, "module:function" (rows, responses) -> metrics:
+    by default the world's sycophancy probe, which reports nothing for prompts without its fields; None: off"""
     log_every: int = 20
     """steps between logged training metrics"""
     # ---- run ----
@@ -204,7 +203,6 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "kto.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    probe = plumbing.load_function(args.probe, "probe")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile)
     log, history = plumbing.start_tracking(args, "kto")
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
@@ -238,9 +236,7 @@ if __name__ == "__main__":
     _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, kept = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
-    eval_prompt_rows = [prompt_rows[i] for i in kept]  # the rows the prompts came from, for the probe
-    if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
-        probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
+    probe = common.bind_probe(plumbing.load_function(args.probe, "probe"), [prompt_rows[i] for i in kept])
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     policy = plumbing.shard_model(common.add_lora(policy, args, bf16=bf16))  # --lora_r: adapters, the rest frozen
 
@@ -383,15 +379,7 @@ if __name__ == "__main__":
     row_results = evaluate_rows()
     ref_model = load_ref()
     metrics, samples = common.evaluate(
-        policy,
-        tok,
-        eval_prompts,
-        args,
-        autocast,
-        ref=ref_model,
-        gold_scorer=gold_scorer,
-        probe=probe,
-        rows=eval_prompt_rows,
+        policy, tok, eval_prompts, args, autocast, ref=ref_model, gold_scorer=gold_scorer, probe=probe
     )
     results = {**metrics, **row_results, "steps": step, "train_seconds": round(train_seconds, 1)}
     print(json.dumps(results, indent=2))

@@ -132,9 +132,8 @@ class Args:
     """the task's true score of samples, "module:function" taking (prompts, responses) and returning one score
     each; the offline world's gold rater by default; None turns it off"""
     probe: str | None = "data.sycophancy:probe"
-    """held-out metrics defined by the eval prompts' own fields, "module:function" taking (rows, responses) and
-    returning named metrics; by default the offline world's sycophancy probe, which reports nothing for prompts
-    without its fields (facts, opinion, case); None turns it off"""
+    """held-out metrics of the eval prompts' own fields, "module:function" (rows, responses) -> metrics:
+    by default the world's sycophancy probe, which reports nothing for prompts without its fields; None: off"""
     log_every: int = 4
     """steps between logged training metrics"""
     log_samples_every: int = 16
@@ -287,7 +286,6 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "ppo.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    probe = plumbing.load_function(args.probe, "probe")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     log, history = plumbing.start_tracking(args, "ppo")
 
@@ -296,9 +294,7 @@ if __name__ == "__main__":
     train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     prompts, _ = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     eval_prompts, kept = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
-    eval_prompt_rows = [eval_rows[i] for i in kept]  # the rows the prompts came from, for the probe
-    if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
-        probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
+    probe = common.bind_probe(plumbing.load_function(args.probe, "probe"), [eval_rows[i] for i in kept])
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     rm_name = args.reward_model_name_or_path
     value_model = plumbing.load_model(AutoModelForSequenceClassification, rm_name, tok, device)  # detail 12
@@ -359,7 +355,6 @@ if __name__ == "__main__":
             gold_scorer=gold_scorer,
             reward_model=reward_model,
             probe=probe,
-            rows=eval_prompt_rows[:n],
         )
 
     # ---- ALGO LOGIC: the PPO loop ------------------------------------------------------------------------

@@ -146,9 +146,8 @@ class Args:
     """the task's true score of responses, "module:function" taking (prompts, responses) and returning one score
     each: the labeller's agreement with it, and the evaluation (the offline world's gold rater; None: off)"""
     probe: str | None = "data.sycophancy:probe"
-    """online: held-out metrics defined by the eval prompts' own fields, "module:function" taking (rows, responses) and
-    returning named metrics; by default the offline world's sycophancy probe, which reports nothing for prompts
-    without its fields (facts, opinion, case); None turns it off"""
+    """online: held-out metrics of the eval prompts' own fields, "module:function" (rows, responses) -> metrics:
+    by default the world's sycophancy probe, which reports nothing for prompts without its fields; None: off"""
     log_every: int = 4
     """online: steps between logged training metrics"""
     # ---- run ----
@@ -391,7 +390,6 @@ if __name__ == "__main__":
     plumbing.seed_everything(args.seed)
     plumbing.check_output_dir(args, "rlaif.py")
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    probe = plumbing.load_function(args.probe, "probe")
     device, autocast, use_compile, bf16 = plumbing.device_and_autocast(args.bf16, args.compile, kernel_cache=32)
     rng = random.Random(args.seed)  # the principle of each comparison
     flag = "rating_constitution" if args.judge_mode == "direct" else "constitution"  # questions, or principles
@@ -419,9 +417,7 @@ if __name__ == "__main__":
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [common.plain_text(train_rows[i]["prompt"]) for i in kept]
     eval_prompts, kept = common.encode_prompts(tok, eval_rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
-    eval_prompt_rows = [eval_rows[i] for i in kept]  # the rows the prompts came from, for the probe
-    if probe is not None:  # a probe set without the probe's fields fails here, in one line, not after training
-        probe(eval_prompt_rows, [""] * len(eval_prompt_rows))
+    probe = common.bind_probe(plumbing.load_function(args.probe, "probe"), [eval_rows[i] for i in kept])
     policy = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device)
     policy = common.add_lora(policy, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
     if args.lora_r:  # the reference: the policy with its adapters off (detail 30), or a copy in its dtype (detail 26)
@@ -445,15 +441,7 @@ if __name__ == "__main__":
 
     def evaluate_policy(n):
         return common.evaluate(
-            policy,
-            tok,
-            eval_prompts[:n],
-            args,
-            autocast,
-            ref=ref_policy,
-            gold_scorer=gold_scorer,
-            probe=probe,
-            rows=eval_prompt_rows[:n],
+            policy, tok, eval_prompts[:n], args, autocast, ref=ref_policy, gold_scorer=gold_scorer, probe=probe
         )
 
     order, curve, labeller_stats, first_step, elapsed = [], [], [], 1, 0.0

@@ -339,7 +339,7 @@ def main():
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
     rows = [rows[i] for i in kept]
     metrics, samples = common.evaluate(
-        model, tok, prompts, args, autocast, gold_scorer=gold_scorer, probe=probe, rows=rows
+        model, tok, prompts, args, autocast, gold_scorer=gold_scorer, probe=common.bind_probe(probe, rows)
     )
     for s in samples[:3]:
         print(f"  {s['prompt']} ->{s['response']}")
