@@ -315,7 +315,6 @@ class Args:
 def main():
     import json
 
-    import torch
     import tyro
     from transformers import AutoModelForCausalLM
 
@@ -331,7 +330,7 @@ def main():
         },
     )
     gold_scorer = plumbing.load_function(args.gold_scorer, "gold_scorer")
-    torch.manual_seed(args.seed)
+    plumbing.seed_everything(args.seed)
     device, autocast, _, _ = plumbing.device_and_autocast()
     tok = common.load_tokenizer(args.model_name_or_path)
     _, rows, _ = plumbing.load_splits(args.dataset_name, [["prompt", *FIELDS]], seed=args.seed)
