@@ -122,7 +122,7 @@ def sample_items(args) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     device, autocast, _, _ = plumbing.device_and_autocast(args.bf16, compile=False)
-    rows = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)[0][: args.num_prompts]
+    rows = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)[0][: args.num_prompts]
     tok = common.load_tokenizer(args.model_name_or_path)
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
     prompt_ids, kept = common.encode_prompts(tok, rows, args.max_prompt_length)
@@ -142,7 +142,7 @@ def sample_items(args) -> list[dict]:
 
 
 def read_items(path: str, form: str) -> list[dict]:
-    items = plumbing.read_json_rows(path)
+    items = common.read_json_rows(path)
     if not items or any(r.get("item") != n or common.text_problem(r.get("prompt")) for n, r in enumerate(items)):
         plumbing.fail(f"{path} is not a list of {{item, prompt, responses}} rows numbered from 0")
     sizes = {len(r["responses"]) if isinstance(r.get("responses"), list) else 0 for r in items}

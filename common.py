@@ -1,10 +1,12 @@
-"""What the algorithms visibly use: what a dataset's text may be and how it becomes tokens, padding, log-probs,
-sampling, the learning-rate schedule, the collectives of several processes, LoRA's adapters, and evaluation.
+"""What the algorithms visibly use: reading a dataset, what its rows may hold and how their text becomes tokens,
+padding, log-probs, sampling, the learning-rate schedule, the collectives of several processes, LoRA's adapters, and
+evaluation.
 
-The algorithms themselves live in their scripts; run plumbing (loading, checkpoints, logs) in plumbing.py.
+The algorithms themselves live in their scripts; run plumbing (errors, models, checkpoints, logs) in plumbing.py.
 "Detail N" refers to docs/implementation_details.md.
 """
 
+import json
 import math
 import os
 from array import array
@@ -17,29 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 import plumbing
 
-
-# ---- tokenisation --------------------------------------------------------------------------------------
-def load_tokenizer(name: str):
-    """The tokenizer, with a dedicated pad token added if it has none or pads with EOS (detail 1)."""
-    from transformers import AutoTokenizer
-
-    if plumbing.is_local(name) and not os.path.isdir(name):
-        plumbing.fail(
-            f"model {name!r} is not a directory" if os.path.exists(name) else f"model {plumbing.does_not_exist(name)}"
-        )
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        plumbing.fail(f"could not load a tokenizer from {name!r}: {plumbing.describe(e)}")
-    if tok.eos_token_id is None:
-        plumbing.fail(f"the tokenizer of {name!r} has no EOS token")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
-        print(f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added {tok.pad_token}")
-    return tok
-
-
-# a dataset's text: plumbing.load_splits checks every row with check_rows before anything is tokenised
+# ---- datasets: the files a script reads, and what their rows may hold -----------------------------------
+# load_splits checks every row with check_rows before anything is tokenised
 TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "text")  # a string, or a list of chat messages
 ROLES = ("system", "user", "assistant")  # the roles of a chat message in a dataset
 
@@ -73,6 +54,97 @@ def check_rows(name: str, split: str, rows: list[dict], columns: list[str]):
                 problem = None  # a numeric column is checked where it is read
             if problem:
                 plumbing.fail(f"dataset {name!r}: row {i} of {split}, column {c!r}: {problem}")
+
+
+def read_json_rows(path: str) -> list[dict]:
+    """The rows of a .jsonl file, or of a .json file holding a list of objects (or lines, as `datasets` reads it)."""
+    text, rows = plumbing.read_text(path, "dataset"), None
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    if rows is None:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                plumbing.fail(f"dataset {path!r}, line {n}: not JSON ({e.msg})")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        plumbing.fail(f"dataset {path!r} must hold one JSON object per row")
+    return rows
+
+
+def read_splits(name: str) -> dict:
+    """{split: rows} of a .json(l) file (all "train"), of a directory of train/test/validation .json(l) files (the
+    json module: importing `datasets` pulls in pyarrow and pandas), or else through `datasets`."""
+    files = [f for f in os.listdir(name) if not f.startswith(".") and f != "README.md"] if os.path.isdir(name) else []
+    splits = {os.path.splitext(f)[0]: os.path.join(name, f) for f in files}
+    if os.path.isfile(name) and name.endswith((".json", ".jsonl")):
+        return {"train": read_json_rows(name)}
+    if files and all(f.endswith((".json", ".jsonl")) for f in files) and set(splits) <= {"train", "test", "validation"}:
+        return {split: read_json_rows(path) for split, path in splits.items()}
+    from datasets import load_dataset
+
+    ext = os.path.splitext(name)[1].lstrip(".")  # a local csv, parquet or txt file: its builder and the file
+    builder, data_files = ({"txt": "text"}.get(ext, ext), name) if os.path.isfile(name) else (name, None)
+    try:
+        return {split: rows.to_list() for split, rows in load_dataset(builder, data_files=data_files).items()}
+    except Exception as e:  # the datasets library raises many types; the first line says what went wrong
+        where = "" if plumbing.is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
+        plumbing.fail(f"could not load dataset {name!r}{where}: {plumbing.describe(e)}")
+
+
+def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
+    """(train rows, eval rows, column set): the first accepted set of `columns` the dataset has, every row checked.
+    The eval rows are its "test" or "validation" split, else a seeded `eval_fraction` of train."""
+    if plumbing.is_local(name) and not os.path.exists(name):
+        plumbing.fail(f"dataset {plumbing.does_not_exist(name)}")
+    if os.path.isfile(name) and os.path.getsize(name) == 0:
+        plumbing.fail(f"dataset {name!r} is empty")
+    splits = read_splits(name)
+    train = splits.get("train")
+    if not train:
+        plumbing.fail(
+            f"dataset {name!r} is empty" if train == [] else f"dataset {name!r} has no 'train' split ({list(splits)})"
+        )
+    names = list(dict.fromkeys(k for row in train for k in row))
+    found = next((c for c in columns if set(c) <= set(names)), None)
+    if found is None:
+        expected = " or ".join("{" + ", ".join(c) + "}" for c in columns)
+        plumbing.fail(f"dataset {name!r} has columns {names}; expected one of {expected}")
+    eval_name = next((s for s in ("test", "validation") if splits.get(s)), None)
+    for split in filter(None, ("train", eval_name)):
+        check_rows(name, split, splits[split], found)
+    if eval_name:
+        return train, splits[eval_name], found
+    if len(train) < 2:
+        plumbing.fail(f"dataset {name!r} has {len(train)} row and no test split: nothing to hold out")
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_eval = math.ceil(eval_fraction * len(train))
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], found
+
+
+# ---- tokenisation: a row's text becomes token ids -------------------------------------------------------
+def load_tokenizer(name: str):
+    """The tokenizer, with a dedicated pad token added if it has none or pads with EOS (detail 1)."""
+    from transformers import AutoTokenizer
+
+    if plumbing.is_local(name) and not os.path.isdir(name):
+        plumbing.fail(
+            f"model {name!r} is not a directory" if os.path.exists(name) else f"model {plumbing.does_not_exist(name)}"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        plumbing.fail(f"could not load a tokenizer from {name!r}: {plumbing.describe(e)}")
+    if tok.eos_token_id is None:
+        plumbing.fail(f"the tokenizer of {name!r} has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+        print(f"note: the tokenizer of {name!r} had no pad token distinct from EOS; added {tok.pad_token}")
+    return tok
 
 
 def encode_prompt(tok, prompt) -> list[int]:
@@ -115,7 +187,7 @@ def encode_completion(tok, prompt, completion) -> list[int]:
 
 
 def encode_demonstration(tok, row, columns: list[str]) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of a demonstration in the column set plumbing.load_splits found:
+    """(prompt ids, completion ids) of a demonstration in the column set load_splits found:
     {prompt, completion}, {messages} (the last message is the completion) or {text} (no prompt: [] or [BOS])."""
     if columns == ["messages"]:
         prompt, completion = row["messages"][:-1], row["messages"][-1:]

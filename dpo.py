@@ -223,12 +223,10 @@ if __name__ == "__main__":
 
     # ---- 1. data and models -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
-    train_rows, eval_rows, _ = plumbing.load_splits(
-        args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed
-    )
+    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed)
     train = common.tokenize_pairs(tok, train_rows, args.max_length)
     evals = common.tokenize_pairs(tok, eval_rows[: args.num_eval_pairs], args.max_length)
-    _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
+    _, prompt_rows, _ = common.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, kept = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
     probe = common.bind_probe(plumbing.load_function(args.probe, "probe"), [prompt_rows[i] for i in kept])

@@ -210,7 +210,7 @@ if __name__ == "__main__":
     # ---- 1. data and models -------------------------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
     columns = ["prompt", "completion", "label"]
-    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [columns], seed=args.seed)
+    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [columns], seed=args.seed)
 
     def tokenize(rows):
         """The rows' responses, each label a boolean (one line otherwise)."""
@@ -233,7 +233,7 @@ if __name__ == "__main__":
             f"(undesirable_weight x n_undesirable) = {ratio:.3g}, outside the paper's [1, 4/3]; --desirable_weight "
             f"{low:.3g} to {4 / 3 * low:.3g} would be in it"
         )
-    _, prompt_rows, _ = plumbing.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
+    _, prompt_rows, _ = common.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, kept = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")
     probe = common.bind_probe(plumbing.load_function(args.probe, "probe"), [prompt_rows[i] for i in kept])

@@ -1,6 +1,6 @@
-"""Run plumbing no algorithm depends on: one-line errors and argument checks, loading data and models, device and
-precision, FSDP2 wrapping, checkpoints and resume, atomic saves, tracking. A reader can skip this file; what the
-algorithms use (tokens, log-probs, sampling, evaluation, the collectives, LoRA) is in common.py."""
+"""Run plumbing no algorithm depends on: one-line errors and argument checks, loading models, device and precision,
+FSDP2 wrapping, checkpoints and resume, atomic saves, tracking. A reader can skip this file; what the algorithms use
+(tokens, log-probs, sampling, evaluation, the collectives, LoRA) is in common.py."""
 
 import atexit
 import importlib
@@ -100,74 +100,6 @@ def does_not_exist(name: str) -> str:
     made_by = MADE_BY.get(name.rstrip("/"))
     hint = f": `python {made_by}` writes it" if made_by else ": run the script that writes it first"
     return f"{name!r} does not exist" + (hint if name.startswith("runs/") else "")
-
-
-def read_json_rows(path: str) -> list[dict]:
-    """The rows of a .jsonl file, or of a .json file holding a list of objects (or lines, as `datasets` reads it)."""
-    text, rows = read_text(path, "dataset"), None
-    if path.endswith(".json"):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    if rows is None:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            try:
-                rows += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as e:
-                fail(f"dataset {path!r}, line {n}: not JSON ({e.msg})")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        fail(f"dataset {path!r} must hold one JSON object per row")
-    return rows
-
-
-def read_splits(name: str) -> dict:
-    """{split: rows} of a .json(l) file (all "train"), of a directory of train/test/validation .json(l) files (the
-    json module: importing `datasets` pulls in pyarrow and pandas), or else through `datasets`."""
-    files = [f for f in os.listdir(name) if not f.startswith(".") and f != "README.md"] if os.path.isdir(name) else []
-    splits = {os.path.splitext(f)[0]: os.path.join(name, f) for f in files}
-    if os.path.isfile(name) and name.endswith((".json", ".jsonl")):
-        return {"train": read_json_rows(name)}
-    if files and all(f.endswith((".json", ".jsonl")) for f in files) and set(splits) <= {"train", "test", "validation"}:
-        return {split: read_json_rows(path) for split, path in splits.items()}
-    from datasets import load_dataset
-
-    ext = os.path.splitext(name)[1].lstrip(".")  # a local csv, parquet or txt file: its builder and the file
-    builder, data_files = ({"txt": "text"}.get(ext, ext), name) if os.path.isfile(name) else (name, None)
-    try:
-        return {split: rows.to_list() for split, rows in load_dataset(builder, data_files=data_files).items()}
-    except Exception as e:  # the datasets library raises many types; the first line says what went wrong
-        where = "" if is_local(name) else " (a hub id: is the machine offline? HF_HUB_OFFLINE=1 fails fast)"
-        fail(f"could not load dataset {name!r}{where}: {describe(e)}")
-
-
-def load_splits(name: str, columns: list[list[str]], eval_fraction: float = 0.05, seed: int = 0):
-    """(train rows, eval rows, column set): the first accepted set of `columns` the dataset has, every row checked.
-    The eval rows are its "test" or "validation" split, else a seeded `eval_fraction` of train."""
-    if is_local(name) and not os.path.exists(name):
-        fail(f"dataset {does_not_exist(name)}")
-    if os.path.isfile(name) and os.path.getsize(name) == 0:
-        fail(f"dataset {name!r} is empty")
-    splits = read_splits(name)
-    train = splits.get("train")
-    if not train:
-        fail(f"dataset {name!r} is empty" if train == [] else f"dataset {name!r} has no 'train' split ({list(splits)})")
-    names = list(dict.fromkeys(k for row in train for k in row))
-    found = next((c for c in columns if set(c) <= set(names)), None)
-    if found is None:
-        expected = " or ".join("{" + ", ".join(c) + "}" for c in columns)
-        fail(f"dataset {name!r} has columns {names}; expected one of {expected}")
-    eval_name = next((s for s in ("test", "validation") if splits.get(s)), None)
-    for split in filter(None, ("train", eval_name)):
-        common.check_rows(name, split, splits[split], found)
-    if eval_name:
-        return train, splits[eval_name], found
-    if len(train) < 2:
-        fail(f"dataset {name!r} has {len(train)} row and no test split: nothing to hold out")
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_eval = math.ceil(eval_fraction * len(train))
-    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], found
 
 
 # ---- models, device, precision -----------------------------------------------------------------------

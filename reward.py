@@ -308,7 +308,7 @@ if __name__ == "__main__":
         "ratings": ["prompt", "completion", "rating"],
         "thumbs": ["prompt", "completion", "label"],
     }
-    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, list(forms.values()), seed=args.seed)
+    train_rows, eval_rows, columns = common.load_splits(args.dataset_name, list(forms.values()), seed=args.seed)
     form = next(f for f, c in forms.items() if c == columns)
     unpaired = form in ("ratings", "thumbs")  # responses judged one at a time
     eval_name = args.eval_dataset_name
@@ -328,11 +328,11 @@ if __name__ == "__main__":
         train = tokenize_rankings(tok, train_rows, columns, args.max_length, extra)
     if eval_name:  # another dataset's held-out split, pairs or rankings
         accepted = [["prompt", "chosen", "rejected"], ["prompt", "responses"]]
-        _, eval_rows, columns = plumbing.load_splits(eval_name, accepted, seed=args.seed)
+        _, eval_rows, columns = common.load_splits(eval_name, accepted, seed=args.seed)
     evals = tokenize_rankings(tok, eval_rows, columns, args.max_length)
     # the demonstrations of the normalisation (step 4), read now: a mistake in them fails before training
     accepted = [["prompt", "completion"], ["messages"]]
-    demos, _, demo_columns = plumbing.load_splits(args.sft_dataset_name, accepted, seed=args.seed)
+    demos, _, demo_columns = common.load_splits(args.sft_dataset_name, accepted, seed=args.seed)
     demos = demos[: args.num_normalisation_rows]
     seqs = [sum(common.encode_demonstration(tok, row, demo_columns), []) for row in demos]
     seqs = [s for s in seqs if len(s) <= args.max_length]

@@ -21,9 +21,8 @@ p(y1 better) = sigmoid(rating(y1) - rating(y2)), for labellers whose pairwise an
                  and writes a preference dataset with a soft `label` column (p(chosen is better) >= 0.5) that
                  reward.py (--label_column label) and dpo.py read: distilled RLAIF.
 
-Constitutional AI's first stage, critique and revision into an SFT dataset, is sl_cai.py. Reported: the
-labeller's agreement with the gold scorer or with given labels, how often its choice flips when the order is
-swapped, and its mean confidence.
+Reported: the labeller's agreement with the gold scorer or given labels, how often its choice flips when the order
+is swapped, its mean confidence. Constitutional AI's first stage (critique and revision) is sl_cai.py.
 """
 
 import json
@@ -244,9 +243,8 @@ def label_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng
 
 
 def rate_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng, args, device, autocast):
-    """d-RLAIF (Lee et al. 2023, detail 24): the labeller rates each response alone under the pair's principle;
-    a rating is the expected digit, sum_k k p(k), under the softmax of its logits over the digits 1-9, and
-    p(first better) = sigmoid(rating(first) - rating(second)). No order to be biased by: nothing flips."""
+    """d-RLAIF (Lee et al. 2023, detail 24): each response rated alone, the expected digit sum_k k p(k) under the
+    softmax over the digits 1-9; p(first better) = sigmoid(rating(first) - rating(second)); nothing flips."""
     chosen_principles = [rng.choice(principles) for _ in prompt_texts]  # one principle per comparison
     preamble = args.preamble or DIRECT_PREAMBLE
     questions = [
@@ -265,9 +263,8 @@ def rate_pairs(judge, judge_tok, prompt_texts, firsts, seconds, principles, rng,
 
 
 def labeller_metrics(p, flipped, skipped, reference_first_better=None):
-    """Agreement with a reference (gold rater or given labels; ties in the reference count half), flip rate
-    and mean confidence, over the pairs that were labelled; and the share of questions skipped (over
-    judge_max_length), the same figure per split in label mode and per run in online mode."""
+    """Agreement with a reference (gold rater or given labels; its ties count half), flip rate and mean confidence
+    over the labelled pairs; and the share of questions skipped (over judge_max_length)."""
     keep = ~skipped
     metrics = {
         "labeller_flip_rate": float(flipped[keep].float().mean()),
@@ -291,8 +288,7 @@ def gold_first_better(gold_scorer, prompts, firsts, seconds):
 def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
     """Two responses per prompt from the policy: (first_ids, second_ids) lists, each cut after its EOS."""
     ids, mask = (t.to(device) for t in common.pad(prompt_ids, tok.pad_token_id, "left"))
-    ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
-    eos = tok.eos_token_id
+    ids, mask, eos = ids.repeat(2, 1), mask.repeat(2, 1), tok.eos_token_id
     with autocast, common.gathered(policy):  # under torchrun the whole policy, on each rank's own prompts
         raw = common.sample(policy, ids, mask, args.response_length, args.rollout_temperature, eos, stop_at_eos=True)
     responses, response_mask, _ = common.truncate_after_eos(raw, eos, tok.pad_token_id)
@@ -301,9 +297,8 @@ def sample_pairs(policy, tok, prompt_ids, args, device, autocast):
 
 
 def dpo_losses(logps, ref_logps, lengths, n, loss_type, beta):
-    """Per-pair losses and log-ratio differences h of DPO (Rafailov et al. 2023, eq. 7) on summed response
-    log-probs, or IPO (Azar et al. 2023, eq. 17) on per-token averages, as in dpo.py (detail 18). The first n
-    entries of each tensor are the chosen responses, the next n the rejected."""
+    """Per-pair losses and log-ratio differences h of DPO (Rafailov et al. 2023, eq. 7; summed log-probs) or IPO
+    (Azar et al. 2023, eq. 17; per-token averages), as dpo.py (detail 18): the first n rows chosen, then rejected."""
     ratios = (logps - ref_logps) / (lengths if loss_type == "ipo" else 1)
     h = ratios[:n] - ratios[n:]
     return (-F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2), h
@@ -314,7 +309,7 @@ def label_dataset(args, ask_labeller, gold_scorer, device, autocast):
     """Label every pair of each split (given, or two samples of the policy per prompt) and write
     {prompt, chosen, rejected, label} rows: distilled RLAIF."""
     accepted = [["prompt", "chosen", "rejected"], ["prompt"]]  # pairs, or prompts to sample pairs for
-    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, accepted, seed=args.seed)
+    train_rows, eval_rows, columns = common.load_splits(args.dataset_name, accepted, seed=args.seed)
     policy = None
     if columns == ["prompt"]:  # only prompts: the policy samples the pairs (given pairs need no policy)
         tok = common.load_tokenizer(args.model_name_or_path)
@@ -412,7 +407,7 @@ if __name__ == "__main__":
 
     # ---- TRY NOT TO MODIFY: online mode's data and models ---------------------------------------------
     log, history = plumbing.start_tracking(args, "rlaif_online")
-    train_rows, eval_rows, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
+    train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     tok = common.load_tokenizer(args.model_name_or_path)
     prompts, kept = common.encode_prompts(tok, train_rows, args.max_prompt_length)
     prompt_texts = [common.plain_text(train_rows[i]["prompt"]) for i in kept]

@@ -151,7 +151,7 @@ if __name__ == "__main__":
     # ---- TRY NOT TO MODIFY: data and model ------------------------------------------------------------
     tok = common.load_tokenizer(args.model_name_or_path)
     accepted = [["prompt", "completion"], ["messages"], ["text"]]  # the column sets a demonstration may have
-    train_rows, eval_rows, columns = plumbing.load_splits(args.dataset_name, accepted, seed=args.seed)
+    train_rows, eval_rows, columns = common.load_splits(args.dataset_name, accepted, seed=args.seed)
     train = tokenize(tok, train_rows, columns, args.max_length)
     evals = tokenize(tok, eval_rows, columns, args.max_length, "eval")
     # a directory with a config and no weights (the world's base model) is initialised at random (seed above)

@@ -131,7 +131,7 @@ if __name__ == "__main__":
     rng = random.Random(args.seed)  # the request pair of each round of each response
     common.seed_sampling(args.seed)
     requests = load_revision_requests(args.revision_requests)
-    train_rows, _, _ = plumbing.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
+    train_rows, _, _ = common.load_splits(args.dataset_name, [["prompt"]], seed=args.seed)
     tok = common.load_tokenizer(args.model_name_or_path)
     if tok.chat_template is None:
         plumbing.fail(

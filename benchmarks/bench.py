@@ -254,7 +254,6 @@ def child(args):
 
     sys.path.insert(0, ROOT)
     import common  # the module the scripts import: their forwards are counted, PPO's sampling timed, through it
-    import plumbing
 
     name = args.child
     models = prepare(args)
@@ -297,7 +296,7 @@ def child(args):
         sys.exit(f"{name}: {len(rounds)} steps, not more than the {warm} warm-up steps: raise --steps")
     wall = rounds[-1] - rounds[warm - 1]
     if name.startswith("ppo"):  # as the peer: prompt tokens + response_length per episode
-        prompts = [row["prompt"] for row in plumbing.load_splits(data(args.world, "prompts"), [["prompt"]])[0][:400]]
+        prompts = [row["prompt"] for row in common.load_splits(data(args.world, "prompts"), [["prompt"]])[0][:400]]
         tok = common.load_tokenizer(models["policy"])
         mean_prompt = sum(len(common.encode_prompt(tok, p)) for p in prompts) / len(prompts)
         token_count = n * args.batch_size * (mean_prompt + args.response_length)

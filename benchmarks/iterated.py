@@ -141,13 +141,14 @@ def label_ceiling(rows: list[dict]) -> float:
 
 def run_rounds(args, kl_coef: float, out: str):
     """The rounds of one kl_coef; each round's figures are appended to out/rounds.jsonl."""
+    import common
     import plumbing
     from data.annotators import label_pairs
 
     train_prompts, heldout = (
-        [r["prompt"] for r in rows] for rows in plumbing.load_splits(args.prompts, [["prompt"]], seed=args.seed)[:2]
+        [r["prompt"] for r in rows] for rows in common.load_splits(args.prompts, [["prompt"]], seed=args.seed)[:2]
     )
-    human = plumbing.load_splits(args.preference_data, [["prompt", "chosen", "rejected"]], seed=args.seed)[0]
+    human = common.load_splits(args.preference_data, [["prompt", "chosen", "rejected"]], seed=args.seed)[0]
     rng = random.Random(args.seed)
     policy, reward, labelled = args.sft_model, args.reward_model, list(human)
     shutil.rmtree(out, ignore_errors=True)

@@ -95,12 +95,13 @@ def side_by_side(*commands: str, jobs: int = 2):
 
 def relabel(out: str, seed: int):
     """The variant's pairs, both splits, relabelled by annotators without the approval bias, into out/."""
+    import common
     import plumbing
     from data.sycophancy import label_pairs
 
     os.makedirs(out, exist_ok=True)
     for split in ("train", "test"):
-        rows = plumbing.read_json_rows(os.path.join(ROOT, VARIANT, "preference", f"{split}.jsonl"))
+        rows = common.read_json_rows(os.path.join(ROOT, VARIANT, "preference", f"{split}.jsonl"))
         plumbing.write_jsonl(os.path.join(out, f"{split}.jsonl"), label_pairs(rows, seed, approval_bias=0.0))
 
 
@@ -117,7 +118,7 @@ def reward_row(name: str, reward_dir: str, test_rows: list[dict]) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
-    import plumbing
+    import common
 
     out = os.path.join(ROOT, args.output_dir)
     labels = {"biased": os.path.join(ROOT, VARIANT, "preference"), "unbiased": os.path.join(out, "preference_unbiased")}
@@ -156,7 +157,7 @@ if __name__ == "__main__":
         "\n|---|---|---|---|---|"
     )
     for name, data in labels.items():
-        test_rows = plumbing.read_json_rows(os.path.join(data, "test.jsonl"))
+        test_rows = common.read_json_rows(os.path.join(data, "test.jsonl"))
         x = reward_row(name, os.path.join(out, f"reward_{name}"), test_rows)
         print(
             f"| {name} | {x['accuracy']:.3f} | {x['gold_agreement']:.3f} | {x['contradicting_pairs']}: "
@@ -183,7 +184,7 @@ if __name__ == "__main__":
             )
     curves = {}
     for name in labels:
-        curves[f"PPO, {name} labels"] = plumbing.read_json_rows(os.path.join(out, f"ppo_{name}", "curve.jsonl"))
+        curves[f"PPO, {name} labels"] = common.read_json_rows(os.path.join(out, f"ppo_{name}", "curve.jsonl"))
     print("\n| run | episodes | kl_to_ref | rm_score | honesty | sides_with_user_rate | sides_against_facts_rate |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in curves.items():

@@ -333,7 +333,7 @@ def main():
     plumbing.seed_everything(args.seed)
     device, autocast, _, _ = plumbing.device_and_autocast()
     tok = common.load_tokenizer(args.model_name_or_path)
-    _, rows, _ = plumbing.load_splits(args.dataset_name, [["prompt", *FIELDS]], seed=args.seed)
+    _, rows, _ = common.load_splits(args.dataset_name, [["prompt", *FIELDS]], seed=args.seed)
     prompts, kept = common.encode_prompts(tok, rows[: args.num_eval_prompts], args.max_prompt_length, "eval")
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device).eval()
     rows = [rows[i] for i in kept]

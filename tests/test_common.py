@@ -1,4 +1,4 @@
-"""common.py (and plumbing.py's data loading) against plain, independent formulas."""
+"""common.py (its data loading included) against plain, independent formulas."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,6 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import common
-import plumbing
 from conftest import WORLD
 
 PAD, EOS = 0, 1
@@ -221,14 +220,14 @@ def test_local_json_rows_are_the_rows_datasets_gives(tmp_path):
     (tmp_path / "hub").mkdir()
     arrow.to_parquet(str(tmp_path / "hub" / "train.parquet"))
     columns = [["messages"], ["prompt", "completion"]]
-    from_jsonl = plumbing.load_splits(str(tmp_path / "rows.jsonl"), columns, seed=3)
+    from_jsonl = common.load_splits(str(tmp_path / "rows.jsonl"), columns, seed=3)
     assert from_jsonl[2] == ["prompt", "completion"] and len(from_jsonl[0]) + len(from_jsonl[1]) == 200
-    assert plumbing.load_splits(str(tmp_path / "rows.json"), columns, seed=3) == from_jsonl
-    assert plumbing.load_splits(str(tmp_path / "hub"), columns, seed=3) == from_jsonl
+    assert common.load_splits(str(tmp_path / "rows.json"), columns, seed=3) == from_jsonl
+    assert common.load_splits(str(tmp_path / "hub"), columns, seed=3) == from_jsonl
     held_out = arrow.train_test_split(test_size=0.05, seed=3)
     assert from_jsonl[:2] == (held_out["train"].to_list(), held_out["test"].to_list())
     # a directory of train/test files: the test split is the eval split, as `datasets` names them
-    train, evals, _ = plumbing.load_splits(f"{WORLD}/sft", columns)
+    train, evals, _ = common.load_splits(f"{WORLD}/sft", columns)
     assert (train, evals) == tuple(load_dataset(f"{WORLD}/sft")[s].to_list() for s in ("train", "test"))
 
 
@@ -244,4 +243,4 @@ def test_json_mistakes_are_named(tmp_path):
         ("list.json", "one JSON object per row"),
     ]:
         with pytest.raises(SystemExit, match=words):
-            plumbing.load_splits(str(tmp_path / name), [["prompt"]], eval_fraction=0.5)
+            common.load_splits(str(tmp_path / name), [["prompt"]], eval_fraction=0.5)
