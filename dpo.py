@@ -95,8 +95,9 @@ class Args:
     # ---- evaluation ----
     eval_every: int = 100
     """steps between evaluations of the held-out pairs"""
-    num_eval_pairs: int | None = None
-    """held-out pairs evaluated (the first of the eval split; None: all), which the reference also scores"""
+    num_eval_rows: int | None = 256
+    """held-out pairs evaluated, every eval_every steps and at the end (the first of the eval split; None: all);
+    the reference scores them once"""
     eval_prompts_name: str = "data/world/prompts"
     """prompts whose held-out split the policy and the reference are sampled on at the end"""
     num_eval_prompts: int = 256
@@ -205,7 +206,7 @@ if __name__ == "__main__":
         {
             "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
             "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length "
-            "beta num_eval_pairs",
+            "beta num_eval_rows",
             "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps simpo_gamma rpo_alpha",
             "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
@@ -225,7 +226,7 @@ if __name__ == "__main__":
     tok = common.load_tokenizer(args.model_name_or_path)
     train_rows, eval_rows, _ = common.load_splits(args.dataset_name, [["prompt", "chosen", "rejected"]], seed=args.seed)
     train = common.tokenize_pairs(tok, train_rows, args.max_length)
-    evals = common.tokenize_pairs(tok, eval_rows[: args.num_eval_pairs], args.max_length)
+    evals = common.tokenize_pairs(tok, eval_rows[: args.num_eval_rows], args.max_length)
     _, prompt_rows, _ = common.load_splits(args.eval_prompts_name, [["prompt"]], seed=args.seed)
     max_prompt_length = args.max_length - args.max_new_tokens
     eval_prompts, kept = common.encode_prompts(tok, prompt_rows[: args.num_eval_prompts], max_prompt_length, "eval")

@@ -94,8 +94,9 @@ class Args:
     # ---- evaluation ----
     eval_every: int = 100
     """steps between evaluations of the held-out rows"""
-    num_eval_rows: int | None = None
-    """held-out rows evaluated (the first of the eval split; None: all), which the reference also scores"""
+    num_eval_rows: int | None = 256
+    """held-out rows evaluated, every eval_every steps and at the end (the first of the eval split; None: all); the
+    reference scores them once"""
     eval_prompts_name: str = "data/world/prompts"
     """prompts whose held-out split the policy and the reference are sampled on at the end"""
     num_eval_prompts: int = 256

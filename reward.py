@@ -115,6 +115,9 @@ class Args:
     # ---- evaluation ----
     eval_every: int = 125
     """steps between held-out evaluations"""
+    num_eval_rows: int | None = 256
+    """held-out pairs or rankings evaluated, every eval_every steps and at the end (the first of the eval split;
+    None: all)"""
     gold_scorer: str | None = "data.gold:score"
     """the task's true score, "module:function" taking (prompts, responses) and returning one score each: how
     often the reward model orders held-out pairs as it does (the offline world's gold rater; None: off)"""
@@ -283,7 +286,7 @@ if __name__ == "__main__":
         args,
         {
             "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every num_epochs "
-            "max_length eval_every num_normalisation_rows",
+            "max_length eval_every num_normalisation_rows num_eval_rows",
             "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps center_rewards_coef",
             "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
@@ -329,6 +332,7 @@ if __name__ == "__main__":
     if eval_name:  # another dataset's held-out split, pairs or rankings
         accepted = [["prompt", "chosen", "rejected"], ["prompt", "responses"]]
         _, eval_rows, columns = common.load_splits(eval_name, accepted, seed=args.seed)
+    eval_rows = eval_rows[: args.num_eval_rows]
     evals = tokenize_rankings(tok, eval_rows, columns, args.max_length)
     # the demonstrations of the normalisation (step 4), read now: a mistake in them fails before training
     accepted = [["prompt", "completion"], ["messages"]]

@@ -71,6 +71,9 @@ class Args:
     # ---- evaluation ----
     eval_every: int = 200
     """steps between evaluations (held-out loss and samples)"""
+    num_eval_rows: int | None = 256
+    """held-out demonstrations of the loss, every eval_every steps and at the end (the first of the eval split;
+    None: all)"""
     num_periodic_eval_prompts: int = 64
     """held-out prompts sampled at the evaluations during training (the first of the num_eval_prompts)"""
     num_eval_prompts: int = 256
@@ -134,7 +137,7 @@ if __name__ == "__main__":
         {
             "(0, inf)": "lora_alpha max_steps batch_size micro_batch_size adam_eps max_grad_norm log_every eval_every "
             "num_eval_prompts max_new_tokens eval_temperature eval_batch_size num_epochs max_length "
-            "num_periodic_eval_prompts",
+            "num_periodic_eval_prompts num_eval_rows",
             "[0, inf)": "lora_r learning_rate weight_decay save_every warmup_steps",
             "[0, 1)": "lora_dropout adam_betas",
             "[0, 1]": "max_warmup_fraction",
@@ -161,7 +164,8 @@ if __name__ == "__main__":
     common.seed_sampling(args.seed)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"data: {len(train)} train / {len(evals)} eval rows ({columns})"
+        f"data: {len(train)} train / {len(evals)} eval rows ({columns}), the held-out loss on "
+        f"{len(evals[: args.num_eval_rows])}"
     )
     forward_model = torch.compile(model) if use_compile else model  # sampling uses the eager model
 
@@ -181,14 +185,15 @@ if __name__ == "__main__":
     def eval_loss():
         """The held-out loss: mean NLL per completion token (each rank scores its share of the rows)."""
         model.eval()
-        local_evals, rows = common.shard(evals), []
+        held_out = evals[: args.num_eval_rows]
+        local_evals, rows = common.shard(held_out), []
         for i in range(0, len(local_evals), args.micro_batch_size):
             prompts, completions = zip(*local_evals[i : i + args.micro_batch_size], strict=True)
             with autocast:
                 logps, n = common.completion_logps(forward_model, prompts, completions, tok.pad_token_id, device)
             rows += zip(logps.tolist(), n.tolist(), strict=True)
         model.train()
-        logps, n = np.array(common.gather(rows)[: len(evals)]).T
+        logps, n = np.array(common.gather(rows)[: len(held_out)]).T
         return float(-logps.sum() / n.sum())
 
     def generate_samples(n):

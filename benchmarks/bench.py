@@ -13,7 +13,9 @@ is executed as __main__ with the shapes below as its arguments, and torch's glob
 every optimizer step and count the real (non-pad) tokens of every training forward. As in the peer harness:
 steps 3..32 are timed (rollouts 3..12 for PPO), examples are sequences (SFT), pairs (reward, DPO) or episodes
 (PPO), and peak memory is the process's max RSS (CPU) or max_memory_allocated (CUDA). PPO's lines add the
-rollouts' sampling speed (new tokens per second inside common.sample) and its share of the time.
+rollouts' sampling speed (new tokens per second inside common.sample) and its share of the time. What a short run
+also pays is timed apart: the seconds after the last step, the final evaluation (the held-out rows at the scripts'
+default --num_eval_rows, the samples cut to 4) and the save.
 
 The machine's peak is measured at the start: the best of a few square matmuls, fp32 on the CPU (MKL or oneDNN,
 whichever is faster), bf16 on a GPU. A step's model FLOPs count 2 per matmul parameter per token forward and 4
@@ -288,6 +290,7 @@ def child(args):
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
         finally:
             sys.stdout = stdout
+    finished = time.perf_counter()
     per_round = int(name.removeprefix("ppo_epochs")) if name.startswith("ppo") else 1  # optimizer steps per rollout
     rounds = [stamps[i] for i in range(per_round - 1, len(stamps), per_round)]  # the end of each step or rollout
     warm = args.warmup
@@ -309,6 +312,7 @@ def child(args):
         "examples_per_s": n * args.batch_size / wall,
         "tokens_per_s": token_count / wall,
         "wall_s": wall,
+        "after_training_s": finished - stamps[-1],  # the final evaluation (num_eval_rows at its default) and the save
         "torch_threads": torch.get_num_threads(),
     }
     timed = [
@@ -397,6 +401,11 @@ def main(args):
             tokens_per_s = statistics.median(r["generation_tokens_per_s"] for r in generation)
             share = statistics.median(r["generation_share"] for r in generation)
             print(f"{name}: sampling {tokens_per_s:.0f} new tokens/s, {share:.0%} of the timed time (medians)")
+    after = {name: med(name, "ours", "after_training_s") for name in args.scripts}
+    print(
+        "after the last step (the final evaluation and the save), ours: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in after.items())
+    )
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ if __name__ == "__main__":
     }
     n, ups = args.policy_pairs, itertools.count()
     policy_runs = [  # (label, script, (dataset, its rows, a filter of them), options)
-        ("DPO, pairs", "dpo.py", ("preference", n, None), "--batch_size 32 --num_eval_pairs 250"),
+        ("DPO, pairs", "dpo.py", ("preference", n, None), "--batch_size 32 --num_eval_rows 250"),
         ("KTO, their thumbs", "kto.py", ("binary", 2 * n, None), "--batch_size 64 --num_eval_rows 500"),
         (
             "KTO, a fifth of the thumbs up",
@@ -156,7 +156,8 @@ if __name__ == "__main__":
             run_dir = f"{reward_dir(run)}_seed{seed}"
             command = (
                 f"reward.py --model_name_or_path {args.sft_model} --dataset_name {directory(name, rows)} "
-                f"--max_steps {args.steps} --num_epochs 1000 --eval_every 100000 --seed {seed} --output_dir {run_dir} "
+                f"--max_steps {args.steps} --num_epochs 1000 --eval_every 100000 --num_eval_rows None --seed {seed} "
+                f"--output_dir {run_dir} "
                 f"{options}"
             )
             commands.append((run_dir, command))

@@ -179,7 +179,8 @@ def run_rounds(args, kl_coef: float, out: str):
             plumbing.write_jsonl(f"{data}/test.jsonl", test)
             script(
                 "reward.py",
-                f"--model_name_or_path {args.sft_model} --dataset_name {data} --output_dir {reward} {args.reward_args}",
+                f"--model_name_or_path {args.sft_model} --dataset_name {data} --output_dir {reward} "
+                f"--num_eval_rows None {args.reward_args}",
             )
             after = json.load(open(f"{reward}/eval.json"))["rewards/accuracies"]
         row = {"kl_coef": kl_coef, "round": r, "episodes": (r + 1) * args.episodes_per_round}

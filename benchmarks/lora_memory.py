@@ -62,7 +62,7 @@ if __name__ == "__main__":
         f"{chat}/prompts --max_steps 2 --batch_size 16 --micro_batch_size 16 --max_prompt_length 96 "
         f"--response_length 48 {evals}",
         "dpo.py": f"dpo.py --model_name_or_path {args.model} --dataset_name {chat}/preference --eval_prompts_name "
-        f"{chat}/prompts --max_steps 2 --batch_size 8 --micro_batch_size 8 --max_length 128 --num_eval_pairs 16 "
+        f"{chat}/prompts --max_steps 2 --batch_size 8 --micro_batch_size 8 --max_length 128 --num_eval_rows 16 "
         f"{evals}",
     }
     rows = []

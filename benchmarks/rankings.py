@@ -72,7 +72,7 @@ if __name__ == "__main__":
                 shutil.rmtree(out, ignore_errors=True)
                 command = (
                     f"reward.py --model_name_or_path {args.sft_model} --dataset_name {data} --eval_dataset_name "
-                    f"{WORLD}/preference --num_epochs {epochs} --output_dir {out}"
+                    f"{WORLD}/preference --num_epochs {epochs} --num_eval_rows None --output_dir {out}"
                 )
                 subprocess.run([sys.executable, *command.split()], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             rows.append((label, prompts, pairs, epochs, json.load(open(os.path.join(out, "eval.json")))))

@@ -59,13 +59,13 @@ def stages(args, model, chat, out):
     policy = f"--model_name_or_path {out}/sft --max_prompt_length 96 --response_length 48 {evals}"
     return {
         "sft": f"sft.py --model_name_or_path {model} --dataset_name {chat}/sft --max_steps 150 --batch_size 16 "
-        f"--micro_batch_size 8 --learning_rate 2e-5 --warmup_steps 10 --max_length 128 {evals}",
+        f"--micro_batch_size 8 --learning_rate 2e-5 --warmup_steps 10 --max_length 128 --num_eval_rows None {evals}",
         "reward": f"reward.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --sft_dataset_name "
         f"{chat}/sft --max_steps 100 --batch_size 16 --micro_batch_size 8 --learning_rate 2e-5 --warmup_steps 10 "
-        "--max_length 128 --num_normalisation_rows 256 --eval_every 100000",
+        "--max_length 128 --num_normalisation_rows 256 --eval_every 100000 --num_eval_rows None",
         "dpo": f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name "
         f"{chat}/prompts --max_steps 100 --batch_size 8 --micro_batch_size 8 --learning_rate 5e-6 --max_length 128 "
-        f"--num_eval_pairs {args.heldout_pairs} {evals}",
+        f"--num_eval_rows {args.heldout_pairs} {evals}",
         "ppo": f"ppo.py {policy} --reward_model_name_or_path {out}/reward --dataset_name {chat}/prompts "
         "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 1e-5",
         **{
@@ -84,7 +84,7 @@ def stages(args, model, chat, out):
         "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 2e-4 --lora_r 16 --lora_alpha 32",
         "dpo_lora": f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name "
         f"{chat}/prompts --max_steps 100 --batch_size 8 --micro_batch_size 8 --learning_rate 1e-4 --max_length 128 "
-        f"--num_eval_pairs {args.heldout_pairs} {evals} --lora_r 16 --lora_alpha 32",
+        f"--num_eval_rows {args.heldout_pairs} {evals} --lora_r 16 --lora_alpha 32",
         **(judge_stages(args, model, chat, out, policy) if args.judge_model else {}),
     }
 
@@ -104,7 +104,7 @@ def judge_stages(args, model, chat, out, policy):
         "reward_judge": f"reward.py --model_name_or_path {out}/sft --dataset_name {out}/judge_labels --label_column "
         f"label --eval_dataset_name {chat}/preference --sft_dataset_name {chat}/sft --max_steps 100 --batch_size 16 "
         "--micro_batch_size 8 --learning_rate 2e-5 --warmup_steps 10 --max_length 128 --num_normalisation_rows 256 "
-        "--eval_every 100000",
+        "--eval_every 100000 --num_eval_rows None",
         "ppo_judge": f"ppo.py {policy} --reward_model_name_or_path {out}/reward_judge --dataset_name {chat}/prompts "
         "--total_episodes 512 --batch_size 16 --micro_batch_size 16 --learning_rate 1e-5",
     }

@@ -126,14 +126,15 @@ if __name__ == "__main__":
     if args.run:
         # 1. the SFT policy
         side_by_side(
-            f"sft.py --dataset_name {VARIANT}/sft --output_dir {out}/sft {HONESTY} --seed {args.seed} {args.sft_args}"
+            f"sft.py --dataset_name {VARIANT}/sft --output_dir {out}/sft {HONESTY} --seed {args.seed} "
+            f"--num_eval_rows None {args.sft_args}"
         )
         # 2. the labels without the bias (the repair)
         relabel(labels["unbiased"], args.seed)
         # 3. a reward model on each
         side_by_side(*(
             f"reward.py --model_name_or_path {out}/sft --dataset_name {data} --sft_dataset_name {VARIANT}/sft "
-            f"--output_dir {out}/reward_{name} {HONESTY} --seed {args.seed} {args.reward_args}"
+            f"--output_dir {out}/reward_{name} {HONESTY} --seed {args.seed} --num_eval_rows None {args.reward_args}"
             for name, data in labels.items()
         ), jobs=args.jobs)  # fmt: skip
         # 4. PPO against each reward model, DPO on each label set
@@ -146,7 +147,7 @@ if __name__ == "__main__":
         ), jobs=args.jobs)  # fmt: skip
         side_by_side(*(
             f"dpo.py --model_name_or_path {out}/sft --dataset_name {data} --eval_prompts_name {VARIANT}/prompts "
-            f"{evaluation} --output_dir {out}/dpo_{name} {args.dpo_args}"
+            f"{evaluation} --num_eval_rows None --output_dir {out}/dpo_{name} {args.dpo_args}"
             for name, data in labels.items()
         ), jobs=args.jobs)  # fmt: skip
 

@@ -133,12 +133,12 @@ def train_preference_models(sft_model, out):
     # (reward.py's accuracy on all 1,000)
     run_side_by_side(
         f"reward.py --model_name_or_path {sft_model} --output_dir {out}/reward --max_steps 200 --batch_size 32 "
-        "--micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000",
+        "--micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000 --num_eval_rows None",
         f"dpo.py --model_name_or_path {sft_model} --dataset_name {dpo_data} --output_dir {out}/dpo --max_steps 120 "
         "--eval_every 1000 --learning_rate 5e-5 --num_eval_prompts 128",
         f"reward.py --model_name_or_path {sft_model} --dataset_name {WORLD}/ranking --eval_dataset_name "
         f"{WORLD}/preference --output_dir {out}/reward_ranking --max_steps 100 --batch_size 32 --micro_batch_size 32 "
-        "--learning_rate 1e-3 --eval_every 1000",
+        "--learning_rate 1e-3 --eval_every 1000 --num_eval_rows None",
     )
     return {"reward": str(out / "reward"), "dpo": str(out / "dpo"), "reward_ranking": str(out / "reward_ranking")}
 

@@ -643,7 +643,8 @@ def test_a_reward_model_learns_from_pairs_labelled_in_the_browser(driver, sft_mo
     run_side_by_side(
         f"reward.py --model_name_or_path {sft_model} --dataset_name {data}/pairs --eval_dataset_name "
         f"{WORLD}/preference --output_dir {tmp_path}/reward --max_steps 40 --num_epochs 5 --batch_size 32 "
-        f"--micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000 --num_normalisation_rows 64 --seed {seed}",
+        f"--micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000 --num_normalisation_rows 64 --seed {seed} "
+        "--num_eval_rows None",
         f"dpo.py --model_name_or_path {sft_model} --dataset_name {data}/pairs --output_dir {tmp_path}/dpo {small}",
         f"sft.py --model_name_or_path {sft_model} --dataset_name {data}/sft --output_dir {tmp_path}/sft {small}",
     )

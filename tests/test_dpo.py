@@ -137,7 +137,7 @@ def test_precomputed_and_live_reference_give_the_same_result(sft_model, small_pr
         8,
         "--max_new_tokens",
         8,
-        "--num_eval_pairs",
+        "--num_eval_rows",
         20,
     ]
     proc = run("dpo.py", *common_args, "--output_dir", tmp_path / "pre")

@@ -235,6 +235,7 @@ def feedback_runs(sft_model, tmp_path_factory):
     side by side."""
     out = tmp_path_factory.mktemp("feedback")
     rm = f"--model_name_or_path {sft_model} --max_steps 100 --eval_every 1000 --num_normalisation_rows 500"
+    rm += " --num_eval_rows None"  # the world's 1,000 held-out pairs
     run_side_by_side(
         f"reward.py {rm} --dataset_name {WORLD}/ratings --output_dir {out}/ratings",
         f"reward.py {rm} --dataset_name {WORLD}/binary --output_dir {out}/thumbs",

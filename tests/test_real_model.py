@@ -62,7 +62,7 @@ def runs(smollm2, chat, tmp_path_factory):
         f"reward.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --sft_dataset_name {chat}/sft "
         f"--num_normalisation_rows 8 --eval_every 1000 --output_dir {out}/reward {small} --gold_scorer None",
         f"dpo.py --model_name_or_path {out}/sft --dataset_name {chat}/preference --eval_prompts_name {chat}/prompts "
-        f"--num_eval_pairs 4 --eval_every 1000 --output_dir {out}/dpo {small} {evals}",
+        f"--num_eval_rows 4 --eval_every 1000 --output_dir {out}/dpo {small} {evals}",
         f"kto.py --model_name_or_path {out}/sft --dataset_name {chat}/binary --eval_prompts_name {chat}/prompts "
         f"--num_eval_rows 4 --eval_every 1000 --output_dir {out}/kto {small} {evals}",
     )
@@ -167,7 +167,7 @@ def lora_runs(smollm2, chat, tmp_path_factory):
     policy = f"--model_name_or_path {smollm2} --dataset_name {chat}/prompts {rollouts} {evals}"
     run_side_by_side(
         f"dpo.py --model_name_or_path {smollm2} --dataset_name {chat}/preference --eval_prompts_name {chat}/prompts "
-        f"--num_eval_pairs 4 --eval_every 1000 --output_dir {out}/dpo {small} {evals}",
+        f"--num_eval_rows 4 --eval_every 1000 --output_dir {out}/dpo {small} {evals}",
         f"ppo.py {policy} --reward_model_name_or_path {out}/reward --output_dir {out}/ppo",
     )
     run_side_by_side(
