@@ -157,6 +157,7 @@ if __name__ == "__main__":
     train_rows, eval_rows, columns = common.load_splits(args.dataset_name, accepted, seed=args.seed)
     train = tokenize(tok, train_rows, columns, args.max_length)
     evals = tokenize(tok, eval_rows, columns, args.max_length, "eval")
+    held_out = evals[: args.num_eval_rows]  # the rows of the held-out loss (the samples' prompts come from evals)
     # a directory with a config and no weights (the world's base model) is initialised at random (seed above)
     model = plumbing.load_model(AutoModelForCausalLM, args.model_name_or_path, tok, device, init_without_weights=True)
     model = common.add_lora(model, args, bf16=bf16)  # with --lora_r: adapters trained, the rest frozen
@@ -165,7 +166,7 @@ if __name__ == "__main__":
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"data: {len(train)} train / {len(evals)} eval rows ({columns}), the held-out loss on "
-        f"{len(evals[: args.num_eval_rows])}"
+        f"{len(held_out)}"
     )
     forward_model = torch.compile(model) if use_compile else model  # sampling uses the eager model
 
@@ -185,7 +186,6 @@ if __name__ == "__main__":
     def eval_loss():
         """The held-out loss: mean NLL per completion token (each rank scores its share of the rows)."""
         model.eval()
-        held_out = evals[: args.num_eval_rows]
         local_evals, rows = common.shard(held_out), []
         for i in range(0, len(local_evals), args.micro_batch_size):
             prompts, completions = zip(*local_evals[i : i + args.micro_batch_size], strict=True)

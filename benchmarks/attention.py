@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 
 import tyro
@@ -68,15 +69,11 @@ def child(args):
 
     name, length, implementation = args.child.split(",")
     length = int(length)
-    with open(os.devnull, "w") as quiet:  # the device note
-        stdout, sys.stdout = sys.stdout, quiet
+    with open(os.devnull, "w") as quiet, redirect_stdout(quiet):  # the scripts' matmul settings, without the note
         plumbing.device_and_autocast()
-        sys.stdout = stdout
     torch.manual_seed(0)
-    cfg = config(name)
-    cfg._attn_implementation = implementation
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=implementation).train()
-    ids = torch.randint(3, cfg.vocab_size, (args.batch_size, length))
+    model = AutoModelForCausalLM.from_config(config(name), attn_implementation=implementation).train()
+    ids = torch.randint(3, model.config.vocab_size, (args.batch_size, length))
     mask = torch.ones_like(ids)
     mask[: args.batch_size // 4, length // 2 :] = 0  # a quarter of the rows half padding
     times = []
