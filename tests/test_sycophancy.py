@@ -1,6 +1,6 @@
 """The world's sycophancy variant (data/sycophancy.py): its data, its honesty scorer and stance, the annotators'
-approval bias at its documented rate, the probe's metrics, and the probe inside a policy script's evaluation and
-of any model directory."""
+approval bias at its documented rate, a reward model learning that bias (and not learning it from the relabelled
+pairs), the probe's metrics, and the probe inside a policy script's evaluation and of any model directory."""
 
 import json
 import math
@@ -179,13 +179,12 @@ def test_other_phrasing_and_contested_pairs():
 def test_reward_model_learns_the_approval_bias_and_the_relabelled_pairs_remove_it(tmp_path):
     """The experiment's direction (docs/results.md, "Sycophancy"), at test scale: a reward model trained on the
     annotators' labels prefers the response on the user's side, where the user contradicts the facts, far more often
-    than one trained on the same pairs relabelled without the bias (the repair). Trained on the pairs where the bias
-    can act (an opinion stated, the two responses on opposite sides: 1,703 of the 6,000), from an SFT policy of the
-    variant (300 steps), 300 steps of 32 pairs each; measured on the 86 held-out pairs where the user contradicts the
-    facts and the responses take opposite sides. The world's SFT policy as the start learnt neither (0.45 and 0.34),
-    nor did 100-200 steps: the smallest run found that does. Over seeds 0, 1, 2 (the relabelling's and the reward
-    model's) the biased reward model sided with the user on 0.372, 0.663, 0.500 of those pairs and the repaired one
-    on 0.116, 0.128, 0.093: differences of 0.26-0.54 against the 0.15 asserted."""
+    than one trained on the same pairs relabelled without the bias (the repair). The smallest run found that learns
+    the bias: an SFT policy of the variant (300 steps; the world's SFT policy as the start learnt neither label set),
+    then 300 steps of 32 pairs on the pairs where the bias can act (an opinion stated, the two responses on opposite
+    sides); measured on the held-out pairs where the user contradicts the facts and the responses take opposite
+    sides. The margins were cleared on seeds 0, 1 and 2 of the relabelling and the reward models (their figures in
+    docs/results.md); this test runs seed 1."""
     sft = tmp_path / "sft"
     run("sft.py", "--dataset_name", f"{VARIANT}/sft", "--output_dir", sft, "--max_steps", 300, "--eval_every", 1000,
         "--num_eval_rows", 16, "--num_eval_prompts", 16, "--gold_scorer", "data.sycophancy:score")  # fmt: skip
