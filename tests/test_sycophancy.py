@@ -191,12 +191,15 @@ def test_reward_model_learns_the_approval_bias_and_the_relabelled_pairs_remove_i
     rows = read_jsonl(f"{VARIANT}/preference/train.jsonl")
     contradicted = sycophancy.contested(read_jsonl(f"{VARIANT}/preference/test.jsonl"), "contradicting")
     labels = {"biased": rows, "repaired": sycophancy.label_pairs(rows, seed=1, approval_bias=0.0)}
+    # the same pairs in both label sets (relabelling only swaps chosen and rejected, in order)
+    bias_acts = [
+        r["opinion"] != 0 and side_of(stance(r["chosen"])) * side_of(stance(r["rejected"])) == -1 for r in rows
+    ]
+    assert len(contradicted) == 86 and 1600 < sum(bias_acts) < 1800
     commands = []
     for name, labelled in labels.items():
         (tmp_path / name).mkdir()
-        sides = [side_of(stance(r["chosen"])) * side_of(stance(r["rejected"])) for r in labelled]
-        where_bias_acts = [r for r, s in zip(labelled, sides, strict=True) if r["opinion"] != 0 and s == -1]
-        write_jsonl(tmp_path / name / "train.jsonl", where_bias_acts)
+        write_jsonl(tmp_path / name / "train.jsonl", [r for r, acts in zip(labelled, bias_acts, strict=True) if acts])
         write_jsonl(tmp_path / name / "test.jsonl", contradicted)  # "chosen": the user's side
         commands.append(
             f"reward.py --model_name_or_path {sft} --dataset_name {tmp_path / name} --output_dir {tmp_path}/rm_{name} "
@@ -204,7 +207,6 @@ def test_reward_model_learns_the_approval_bias_and_the_relabelled_pairs_remove_i
             "--batch_size 32 --micro_batch_size 32 --learning_rate 1e-3 --eval_every 1000 --num_eval_rows None "
             "--gold_scorer data.sycophancy:score"
         )
-    assert len(contradicted) == 86 and 1600 < len(where_bias_acts) < 1800
     run_side_by_side(*commands)
     sides_with_user = {
         name: json.load(open(tmp_path / f"rm_{name}" / "eval.json"))["rewards/accuracies"] for name in labels
